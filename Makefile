@@ -1,0 +1,50 @@
+# Two commands do everything on a fresh machine: `make demo` and `make test`.
+# Each creates its virtual environment and installs what it needs first.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+# The CPU build of torch that lies on this machine's disk (a plain `torch` pulls a CUDA build).
+TORCH_SPEC ?= torch==2.13.0
+# transformers releases the recorder tests also run against (key_cache lists + HybridCache era,
+# late 4.5x with cache layers); the main environment has the newest 5.x.
+COMPAT_TRANSFORMERS ?= 4.46.3 4.57.6
+DEMO_DIR ?= demo-trace
+
+.PHONY: demo test lint unit compat docs clean
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q "$(TORCH_SPEC)"
+	$(PY) -m pip install -q -e ".[record,kernels,test]"
+	touch $@
+
+test: lint unit compat
+
+lint: $(VENV)/.installed
+	$(PY) -m ruff check src tests scripts
+
+unit: $(VENV)/.installed
+	$(PY) -m pytest -q
+
+# Recorder tests against older transformers releases, each in its own environment.
+compat: $(VENV)/.installed
+	@for v in $(COMPAT_TRANSFORMERS); do \
+	  env=.venv-tf-$$v; \
+	  if [ ! -f $$env/.installed ]; then \
+	    $(PYTHON) -m venv $$env && $$env/bin/python -m pip install -q --upgrade pip && \
+	    $$env/bin/python -m pip install -q "$(TORCH_SPEC)" "transformers==$$v" && \
+	    $$env/bin/python -m pip install -q -e ".[test]" && touch $$env/.installed || exit 1; \
+	  fi; \
+	  echo "== recorder tests with transformers $$v"; \
+	  $$env/bin/python -m pytest -q -m "not gpu" tests/recorder || exit 1; \
+	done
+
+demo: $(VENV)/.installed
+	$(PY) scripts/demo.py $(DEMO_DIR)
+
+docs: $(VENV)/.installed
+	$(PY) -m kvscope.schema.docs docs/trace-format.md
+
+clean:
+	rm -rf $(VENV) .venv-tf-* $(DEMO_DIR)

@@ -1,0 +1,5 @@
+import sys
+
+from kvscope.cli.main import main
+
+sys.exit(main())

@@ -1,0 +1,1 @@
+"""The `kvscope` command line: thin commands over library functions."""

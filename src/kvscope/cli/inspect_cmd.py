@@ -1,0 +1,76 @@
+"""`kvscope inspect TRACE...`: format, metadata, row counts, size and the invariant check."""
+
+from __future__ import annotations
+
+import json
+
+import click
+
+from kvscope.errors import EXIT_BAD_INPUT, EXIT_OK
+
+
+def _human(n: float | None) -> str:
+    if n is None:
+        return "-"
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return str(n)
+
+
+def _print_report(report: dict) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console()
+    status = "[green]valid[/green]" if report["valid"] else "[red]INVALID[/red]"
+    console.print(f"[bold]{report['path']}[/bold]  format {', '.join(report['format_versions'])}  {status}")
+    for run in report["runs"]:
+        console.print(
+            f"  run {run.get('run_id')}: {run.get('model_name')} ({run.get('model_type')}, "
+            f"{run.get('num_layers')} layers, {run.get('dtype')}) on {run.get('device')}"
+            + (f" [{run.get('gpu_name')}]" if run.get("gpu_name") else "")
+        )
+        console.print(
+            f"    torch {run.get('torch_version') or '-'}, transformers {run.get('transformers_version') or '-'}, "
+            f"kvscope {run.get('kvscope_version')}, started {run.get('started_at')} on {run.get('host')}"
+        )
+        if run.get("labels"):
+            console.print(f"    labels {run['labels']}")
+    table = Table(title=None, show_edge=False)
+    for header in ("table", "rows", "parts", "size", "bytes/row"):
+        table.add_column(header, justify="left" if header == "table" else "right")
+    for name, info in report["tables"].items():
+        bpr = "-" if info["bytes_per_row"] is None else f"{info['bytes_per_row']:.2f}"
+        table.add_row(name, f"{info['rows']:,}", str(info["parts"]), _human(info["size_bytes"]), bpr)
+    console.print(table)
+    console.print(f"  total size on disk: {_human(report['size_bytes'])}")
+    for error in report["errors"]:
+        console.print(f"  [red]error:[/red] {error}", markup=True, highlight=False)
+    for warning in report["warnings"]:
+        console.print(f"  [yellow]warning:[/yellow] {warning}", highlight=False)
+
+
+@click.command("inspect")
+@click.argument("traces", nargs=-1, required=True, type=click.Path())
+@click.option("--format", "fmt", type=click.Choice(["text", "json"]), default="text", show_default=True)
+def inspect_command(traces: tuple[str, ...], fmt: str) -> int:
+    """Show a trace's format, run metadata, row counts, size on disk and invariant check.
+
+    Exits 0 when every trace is valid, 2 when one is not.
+    """
+    from kvscope.trace.inspect import inspect_trace
+    from kvscope.trace.reader import find_traces
+
+    reports = [inspect_trace(path) for path in find_traces(list(traces))]
+    if fmt == "json":
+        click.echo(json.dumps(reports[0] if len(reports) == 1 else reports, indent=2, default=str))
+    else:
+        for report in reports:
+            _print_report(report)
+    if not all(r["valid"] for r in reports):
+        if fmt == "text":
+            click.echo("kvscope: error: the trace breaks the format's invariants (listed above).", err=True)
+        return EXIT_BAD_INPUT
+    return EXIT_OK

@@ -1,0 +1,59 @@
+"""Entry point: one click group; every KvscopeError becomes its exit code here, in one place.
+
+Each command lives in its own module (`kvscope.cli.<name>_cmd`), validates its input, calls one
+library function and prints the result. Heavy imports (torch, duckdb) happen inside commands so
+`kvscope inspect` works on a GPU host that has neither polars nor duckdb.
+"""
+
+from __future__ import annotations
+
+import sys
+
+import click
+
+from kvscope._version import __version__
+from kvscope.errors import EXIT_BAD_INPUT, KvscopeError
+
+# (command module, attribute): adding a command is one line here.
+COMMANDS = (
+    ("kvscope.cli.inspect_cmd", "inspect_command"),
+)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="kvscope")
+def cli() -> None:
+    """KVScope: record a model's KV cache, then analyse the trace without a GPU."""
+
+
+def _register() -> None:
+    import importlib
+
+    for module_name, attr in COMMANDS:
+        cli.add_command(getattr(importlib.import_module(module_name), attr))
+
+
+_register()
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the CLI and return its exit code (never raises for expected errors)."""
+    try:
+        # Commands return their exit code (e.g. 1 when --fail-on finds a finding).
+        result = cli.main(args=argv, prog_name="kvscope", standalone_mode=False)
+    except KvscopeError as exc:
+        click.echo(f"kvscope: error: {exc}", err=True)
+        return exc.exit_code
+    except click.exceptions.Abort:
+        click.echo("kvscope: aborted", err=True)
+        return 130
+    except click.exceptions.Exit as exc:
+        return exc.exit_code
+    except click.ClickException as exc:
+        exc.show()
+        return exc.exit_code if exc.exit_code else EXIT_BAD_INPUT
+    return result if isinstance(result, int) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
