@@ -73,7 +73,8 @@ class Table:
         return [c for c in self.columns if c.required]
 
     def arrow_schema(self) -> pa.Schema:
-        fields = [pa.field(c.name, c.type, nullable=c.nullable) for c in self.columns]
+        # Optional (non-contract) columns are always nullable: other writers may leave them out.
+        fields = [pa.field(c.name, c.type, nullable=c.nullable or not c.required) for c in self.columns]
         return pa.schema(
             fields,
             metadata={META_FORMAT: FORMAT_VERSION.encode(), META_TABLE: self.name.encode()},
