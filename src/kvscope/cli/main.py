@@ -7,12 +7,14 @@ library function and prints the result. Heavy imports (torch, duckdb) happen ins
 
 from __future__ import annotations
 
+import os
 import sys
+import traceback
 
 import click
 
 from kvscope._version import __version__
-from kvscope.errors import EXIT_BAD_INPUT, KvscopeError
+from kvscope.errors import EXIT_BAD_INPUT, EXIT_RUNTIME, KvscopeError
 
 # (command module, attribute): adding a command is one line here.
 COMMANDS = (
@@ -52,6 +54,12 @@ def main(argv: list[str] | None = None) -> int:
     except click.ClickException as exc:
         exc.show()
         return exc.exit_code if exc.exit_code else EXIT_BAD_INPUT
+    except Exception as exc:  # a bug, not bad input: one line for the user, the traceback on request
+        if os.environ.get("KVSCOPE_DEBUG"):
+            traceback.print_exc()
+        click.echo(f"kvscope: internal error: {type(exc).__name__}: {exc} (set KVSCOPE_DEBUG=1 for the traceback)",
+                   err=True)
+        return EXIT_RUNTIME
     return result if isinstance(result, int) else 0
 
 
