@@ -19,6 +19,10 @@ from kvscope.errors import EXIT_BAD_INPUT, EXIT_RUNTIME, KvscopeError
 # (command module, attribute): adding a command is one line here.
 COMMANDS = (
     ("kvscope.cli.inspect_cmd", "inspect_command"),
+    ("kvscope.cli.analyze_cmd", "analyze_command"),
+    ("kvscope.cli.sql_cmd", "sql_command"),
+    ("kvscope.cli.tune_cmd", "tune_command"),
+    ("kvscope.cli.diff_cmd", "diff_command"),
 )
 
 

@@ -13,6 +13,11 @@ one condition, touching only what that condition changes:
   (layer_anomaly).
 - `undeclared_sliding`: layers declared sliding that never saturate (layer_uniformity).
 - `preallocated`: static-cache style layers whose capacity far exceeds what they hold.
+- `outside_growth`: memory outside PyTorch's allocator keeps rising by the same amount after every
+  generation instead of levelling off after the warm-up (post_eos).
+
+Healthy traces load kernels and size workspaces on first use: memory outside the allocator rises
+after the first generations (130 MiB, then 20 MiB twice) and then levels off.
 """
 
 from __future__ import annotations
@@ -66,6 +71,7 @@ class SynthSpec:
     odd_layer_factor: float = 2.0
     undeclared_sliding: bool = False
     preallocated: bool = False
+    outside_growth: bool = False
     seed: int = 0
 
     def resolved_layer_types(self) -> list[str]:
@@ -186,7 +192,8 @@ def build_synthetic_trace(path: str | Path, spec: SynthSpec = SynthSpec()) -> Pa
             reserved = ((allocated + 2 * MIB - 1) // (2 * MIB)) * (2 * MIB) + 8 * MIB
             inactive_split = np.full(steps, 1 * MIB, dtype=np.int64)
             retries = np.zeros(steps, dtype=np.int64)
-        warmup = 130 * MIB if gen == 0 else 20 * MIB  # kernels and workspaces loaded on first use
+        # kernels and workspaces loaded on first use, levelling off after the first generations
+        warmup = 130 * MIB if gen == 0 else 20 * MIB if gen < 3 or spec.outside_growth else 0
         nvml_used = reserved + context_bytes + nvml_extra + warmup
         step_ns = 22_000_000 + rng.integers(0, 1_000_000, steps)
         t_ns = clock + np.cumsum(step_ns)

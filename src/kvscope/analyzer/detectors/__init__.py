@@ -1,0 +1,1 @@
+"""Built-in detectors: every module here that defines ``DETECTOR`` is registered by being here."""

@@ -1,0 +1,74 @@
+"""fragmentation: how much of what the allocator reserved is not in use, and did it retry?
+
+F_t = (reserved − allocated) / reserved per step, averaged over each generation's steps; also the
+split blocks' stranded bytes (inactive_split_bytes) and the allocator's retries (num_alloc_retries:
+a cudaMalloc failed, the cache was flushed and the allocation retried — the step before an OOM).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from kvscope.analyzer.findings import Finding, human_bytes
+from kvscope.analyzer.load import LoadedTraces
+from kvscope.analyzer.registry import Detector
+
+NAME = "fragmentation"
+
+
+@dataclass(frozen=True)
+class Config:
+    # Mean fraction of reserved memory not allocated, above which a generation is flagged; the
+    # caching allocator's rounding and block reuse keep a healthy run at a few percent.
+    max_mean_fraction: float = 0.15
+    # Retries during a generation above which it is flagged (0: any retry).
+    max_alloc_retries: int = 0
+    # Mean fraction at or above which the finding is critical rather than a warning.
+    critical_fraction: float = 0.4
+
+
+_PER_GEN = """
+    WITH s AS (
+      SELECT run_id, gen_id,
+        avg(CASE WHEN reserved_bytes > 0 THEN (reserved_bytes - allocated_bytes)::DOUBLE / reserved_bytes END) AS mean_f,
+        max(CASE WHEN reserved_bytes > 0 THEN (reserved_bytes - allocated_bytes)::DOUBLE / reserved_bytes END) AS max_f,
+        avg(CASE WHEN reserved_bytes > 0 THEN inactive_split_bytes::DOUBLE / reserved_bytes END) AS mean_split,
+        max(inactive_split_bytes) AS max_split_bytes,
+        max(reserved_bytes) AS peak_reserved,
+        max(alloc_retries) AS retries_end, min(alloc_retries) AS retries_start,
+        count(reserved_bytes) AS readings
+      FROM steps GROUP BY run_id, gen_id
+    )
+    SELECT *, greatest(retries_end - coalesce(
+        lag(retries_end) OVER (PARTITION BY run_id ORDER BY gen_id), retries_start, 0), 0) AS retries
+    FROM s WHERE readings > 0 ORDER BY run_id, gen_id
+"""
+
+
+def detect(t: LoadedTraces, cfg: Config) -> list[Finding]:
+    findings: list[Finding] = []
+    for r in t.records(_PER_GEN):
+        evidence = {"mean_fraction": r["mean_f"], "max_fraction": r["max_f"],
+                    "mean_inactive_split_fraction": r["mean_split"], "max_inactive_split_bytes": r["max_split_bytes"],
+                    "alloc_retries": r["retries"], "peak_reserved_bytes": r["peak_reserved"]}
+        if r["mean_f"] is not None and r["mean_f"] > cfg.max_mean_fraction:
+            severity = "critical" if r["mean_f"] >= cfg.critical_fraction else "warning"
+            findings.append(Finding(
+                NAME, severity, r["run_id"], r["gen_id"], None, "mean_fragmentation", r["mean_f"],
+                cfg.max_mean_fraction,
+                f"{r['mean_f']:.0%} of reserved memory is unused on average during the generation "
+                f"({human_bytes(r['max_split_bytes'])} stranded in split blocks at most); set "
+                "PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True or preallocate the cache (static cache).",
+                evidence,
+            ))
+        if r["retries"] is not None and r["retries"] > cfg.max_alloc_retries:
+            findings.append(Finding(
+                NAME, "warning", r["run_id"], r["gen_id"], None, "alloc_retries", r["retries"], cfg.max_alloc_retries,
+                f"the allocator failed and retried {r['retries']} allocation(s) during the generation, flushing its "
+                "cache each time: memory is nearly exhausted, so lower the batch or context or free memory first.",
+                evidence,
+            ))
+    return findings
+
+
+DETECTOR = Detector(NAME, Config, detect, "reserved-but-unused memory per step and allocator retries")

@@ -1,0 +1,63 @@
+"""layer_anomaly: a layer that stores more (or fewer) bytes per token than its peers.
+
+At each generation's last step, bytes per stored token of every layer, compared within the layers
+of the same layer_type with a robust z-score: z = (x − median) / (1.4826 · MAD). The median and
+MAD let a 4-layer model flag its one odd layer; when the peers are identical (MAD = 0) the scale
+falls back to `min_relative_scale` of the median, so a 2x layer scores 100, not infinity.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from kvscope.analyzer.findings import Finding, human_bytes
+from kvscope.analyzer.load import LoadedTraces
+from kvscope.analyzer.registry import Detector
+from kvscope.analyzer.summaries import layer_summary
+
+NAME = "layer_anomaly"
+
+
+@dataclass(frozen=True)
+class Config:
+    # |z| above which a layer is anomalous: three robust standard deviations from its peers.
+    z_threshold: float = 3.0
+    # Layers of a type needed for a comparison (with fewer, there is no majority to compare with).
+    min_layers: int = 3
+    # Floor of the robust scale as a fraction of the median, so identical peers give a finite z.
+    min_relative_scale: float = 0.01
+
+
+def detect(t: LoadedTraces, cfg: Config) -> list[Finding]:
+    summary = layer_summary(t)
+    rows = t.records(f"""
+        WITH x AS (
+          SELECT run_id, gen_id, layer, layer_type, k_dtype, kv_bytes, stored_tokens,
+                 kv_bytes::DOUBLE / stored_tokens / batch_size AS bpt
+          FROM {summary} WHERE stored_tokens > 0
+        ), m AS (
+          SELECT run_id, gen_id, layer_type, median(bpt) AS med, count(*) AS peers FROM x GROUP BY ALL
+        ), d AS (
+          SELECT x.*, m.med, m.peers, abs(x.bpt - m.med) AS dev
+          FROM x JOIN m USING (run_id, gen_id, layer_type)
+        ), mad AS (
+          SELECT run_id, gen_id, layer_type, median(dev) AS mad FROM d GROUP BY ALL
+        ), z AS (
+          SELECT d.*, mad.mad,
+            (d.bpt - d.med) / greatest(1.4826 * mad.mad, {cfg.min_relative_scale} * d.med, 1e-12) AS z
+          FROM d JOIN mad USING (run_id, gen_id, layer_type)
+          WHERE d.peers >= {int(cfg.min_layers)}
+        )
+        SELECT * FROM z WHERE abs(z) > {cfg.z_threshold} ORDER BY run_id, gen_id, layer
+    """)
+    return [Finding(
+        NAME, "warning", r["run_id"], r["gen_id"], r["layer"], "robust_z", r["z"], cfg.z_threshold,
+        f"layer {r['layer']} ({r['layer_type']}, {r['k_dtype']}) holds {human_bytes(r['bpt'])} per token, "
+        f"{r['bpt'] / r['med']:.2f}x the median of the {r['peers']} {r['layer_type']} layers ({human_bytes(r['med'])}); check its "
+        "cache dtype, duplicated storage or a layer-specific cache class.",
+        {"bytes_per_token": r["bpt"], "peer_median": r["med"], "peer_mad": r["mad"], "peers": r["peers"],
+         "layer_type": r["layer_type"], "k_dtype": r["k_dtype"], "ratio_to_median": r["bpt"] / r["med"]},
+    ) for r in rows]
+
+
+DETECTOR = Detector(NAME, Config, detect, "a layer whose bytes per token differ from its peers' (robust z)")

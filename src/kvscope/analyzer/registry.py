@@ -1,0 +1,158 @@
+"""The detector registry: built-in modules and the `kvscope.detectors` entry-point group.
+
+A detector is one module that defines ``DETECTOR = Detector(name, Config, detect, summary)``:
+``Config`` is a frozen dataclass of thresholds and ``detect(tables, config)`` a pure function
+returning findings. Every module in ``kvscope.analyzer.detectors`` is registered by being there;
+a user package registers its own by naming the module (or the Detector object) in its
+``[project.entry-points."kvscope.detectors"]`` table.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+import pkgutil
+import types
+import typing
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from importlib.metadata import entry_points
+from typing import Any
+
+from kvscope.analyzer.findings import Finding
+from kvscope.errors import UsageError
+
+ENTRY_POINT_GROUP = "kvscope.detectors"
+BUILTIN_PACKAGE = "kvscope.analyzer.detectors"
+
+
+@dataclass(frozen=True)
+class Detector:
+    """A named detector: its config class (frozen dataclass of thresholds) and its function."""
+
+    name: str
+    config: type
+    detect: Callable[[Any, Any], list[Finding]]
+    summary: str
+
+    def default_config(self) -> Any:
+        return self.config()
+
+    def run(self, tables: Any, config: Any | None = None) -> list[Finding]:
+        return list(self.detect(tables, config if config is not None else self.config()))
+
+
+def _as_detector(obj: Any, origin: str) -> Detector:
+    if isinstance(obj, types.ModuleType):
+        obj = getattr(obj, "DETECTOR", None)
+    if not isinstance(obj, Detector):
+        raise UsageError(f"{origin} does not provide a kvscope Detector (a module with DETECTOR = Detector(...)).")
+    return obj
+
+
+def _builtin() -> dict[str, Detector]:
+    package = importlib.import_module(BUILTIN_PACKAGE)
+    found: dict[str, Detector] = {}
+    for info in sorted(pkgutil.iter_modules(package.__path__), key=lambda i: i.name):
+        if info.name.startswith("_"):
+            continue
+        module = importlib.import_module(f"{BUILTIN_PACKAGE}.{info.name}")
+        if hasattr(module, "DETECTOR"):
+            det = _as_detector(module, f"module {module.__name__}")
+            found[det.name] = det
+    return found
+
+
+_REGISTRY: dict[str, Detector] | None = None
+
+
+def registry() -> dict[str, Detector]:
+    """Every known detector by name: built-ins first, then those of installed packages."""
+    global _REGISTRY
+    if _REGISTRY is None:
+        found = _builtin()
+        for ep in entry_points(group=ENTRY_POINT_GROUP):
+            det = _as_detector(ep.load(), f"entry point {ep.name!r} ({ep.value})")
+            found.setdefault(det.name, det)
+        _REGISTRY = found
+    return _REGISTRY
+
+
+def register(detector: Detector) -> None:
+    """Add (or replace) a detector at run time, e.g. from a test or a notebook."""
+    registry()[detector.name] = detector
+
+
+def known_names() -> list[str]:
+    return sorted(registry())
+
+
+def get_detector(name: str) -> Detector:
+    try:
+        return registry()[name]
+    except KeyError:
+        raise UsageError(f"unknown detector {name!r}; known detectors: {', '.join(known_names())}.") from None
+
+
+def select(names: Iterable[str] | None) -> list[Detector]:
+    """The named detectors (all of them when `names` is empty), in a stable order."""
+    wanted = list(names or [])
+    if not wanted:
+        return [registry()[n] for n in known_names()]
+    return [get_detector(n) for n in dict.fromkeys(wanted)]
+
+
+def _convert(raw: str, hint: Any, where: str) -> Any:
+    text = raw.strip()
+    if text.lower() in ("none", "null") and (hint is type(None) or type(None) in typing.get_args(hint)):
+        return None
+    candidates = [a for a in typing.get_args(hint) if a is not type(None)] or [hint]
+    for kind in candidates:
+        try:
+            if kind is bool:
+                if text.lower() in ("1", "true", "yes", "on"):
+                    return True
+                if text.lower() in ("0", "false", "no", "off"):
+                    return False
+                raise ValueError(text)
+            if kind is int:
+                return int(text)
+            if kind is float:
+                return float(text)
+            if kind is str:
+                return text
+        except ValueError:
+            continue
+    raise UsageError(f"{where}: {raw!r} is not a valid value ({getattr(hint, '__name__', hint)}).")
+
+
+def field_types(config_cls: type) -> dict[str, Any]:
+    hints = typing.get_type_hints(config_cls)
+    return {f.name: hints[f.name] for f in dataclasses.fields(config_cls)}
+
+
+def with_value(config: Any, field_name: str, raw: str | float | int | bool | None, where: str = "") -> Any:
+    """A copy of `config` with one field set; `raw` strings are converted to the field's type."""
+    fields = field_types(type(config))
+    if field_name not in fields:
+        raise UsageError(f"{where or type(config).__name__}: no threshold {field_name!r}; "
+                         f"fields are {', '.join(fields)}.")
+    value = _convert(raw, fields[field_name], where or field_name) if isinstance(raw, str) else raw
+    if isinstance(value, float) and fields[field_name] is int and value.is_integer():
+        value = int(value)
+    return dataclasses.replace(config, **{field_name: value})
+
+
+def parse_overrides(items: Iterable[str], detectors: Iterable[Detector]) -> dict[str, Any]:
+    """`detector.field=value` strings to one config per detector (defaults elsewhere)."""
+    configs = {d.name: d.default_config() for d in detectors}
+    for item in items:
+        key, sep, raw = item.partition("=")
+        name, dot, field_name = key.strip().partition(".")
+        if not sep or not dot or not field_name:
+            raise UsageError(f"--set {item!r}: expected detector.field=value, e.g. growth_curve.gain_threshold=0.1.")
+        if name not in configs:
+            get_detector(name)  # unknown → UsageError listing the known ones
+            raise UsageError(f"--set {item!r}: detector {name!r} is not among the selected detectors.")
+        configs[name] = with_value(configs[name], field_name, raw, f"--set {key.strip()}")
+    return configs

@@ -1,0 +1,34 @@
+"""`kvscope sql TRACE... "SELECT ..."`: DuckDB SQL over a trace's views."""
+
+from __future__ import annotations
+
+import click
+
+from kvscope.errors import EXIT_OK, UsageError
+
+
+@click.command("sql")
+@click.argument("traces", nargs=-1, required=True, type=click.Path())
+@click.argument("query")
+@click.option("--format", "fmt", type=click.Choice(["table", "csv", "json", "parquet"]), default="table",
+              show_default=True)
+@click.option("-o", "--output", type=click.Path(dir_okay=False), default=None,
+              help="Write the result to this file (required for parquet).")
+@click.option("--limit", type=int, default=1000, show_default=True,
+              help="Rows shown by --format table (the others write every row).")
+def sql_command(traces: tuple[str, ...], query: str, fmt: str, output: str | None, limit: int) -> int:
+    """Run one SQL query over the views run, generations, steps, layers, events, kv_samples, head_stats."""
+    from kvscope.analyzer.sql import run_query
+
+    if not traces:
+        raise UsageError("give at least one trace before the query.")
+    if fmt == "parquet" and output is None:
+        raise UsageError("--format parquet needs -o FILE.")
+    text = run_query(list(traces), query, fmt, output, limit)
+    if text is not None:
+        if output is not None:
+            with open(output, "w", encoding="utf-8") as handle:
+                handle.write(text)
+        else:
+            click.echo(text, nl=not text.endswith("\n"))
+    return EXIT_OK

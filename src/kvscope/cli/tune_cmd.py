@@ -1,0 +1,69 @@
+"""`kvscope tune TRACES... --labels labels.csv --detector NAME --param FIELD --range a:b:step`."""
+
+from __future__ import annotations
+
+import json
+
+import click
+
+from kvscope.errors import EXIT_OK, UsageError
+
+
+@click.command("tune")
+@click.argument("traces", nargs=-1, required=True, type=click.Path())
+@click.option("--labels", "labels_path", required=True, type=click.Path(),
+              help="CSV with columns run_id, expected (1/0) and optionally gen_id, detector.")
+@click.option("--detector", "-d", "detector_name", required=True, metavar="NAME")
+@click.option("--param", required=True, metavar="FIELD", help="The config field to sweep.")
+@click.option("--range", "value_range", required=True, metavar="A:B:STEP", help="Values to try, B included.")
+@click.option("--set", "overrides", multiple=True, metavar="DETECTOR.FIELD=VALUE",
+              help="Fix other thresholds of the detector (repeatable).")
+@click.option("--min-severity", type=click.Choice(["info", "warning", "critical"]), default="warning",
+              show_default=True, help="Findings at or above this count as the detector saying 'present'.")
+@click.option("--format", "fmt", type=click.Choice(["text", "json"]), default="text", show_default=True)
+def tune_command(traces: tuple[str, ...], labels_path: str, detector_name: str, param: str, value_range: str,
+                 overrides: tuple[str, ...], min_severity: str, fmt: str) -> int:
+    """Sweep one threshold over labelled traces; print precision, recall and F1 per value, the best marked."""
+    from kvscope.analyzer.load import load_traces
+    from kvscope.analyzer.registry import field_types, get_detector, parse_overrides
+    from kvscope.analyzer.tune import parse_range, read_labels, sweep
+
+    detector = get_detector(detector_name)
+    base = parse_overrides(overrides, [detector])[detector.name]
+    kinds = field_types(type(base))
+    if param not in kinds:
+        raise UsageError(f"--param {param!r}: {detector.name} has no such threshold; fields are {', '.join(kinds)}.")
+    if kinds[param] not in (int, float):
+        raise UsageError(f"--param {param!r} is not numeric ({kinds[param]}), so it cannot be swept.")
+    values = parse_range(value_range, kinds[param])
+    labels = read_labels(labels_path, detector.name)
+    with load_traces(traces, progress=fmt == "text") as tables:
+        if fmt == "text":
+            from rich.console import Console
+            from rich.progress import Progress
+
+            with Progress(console=Console(stderr=True), transient=True) as progress:
+                task = progress.add_task(f"{detector.name}.{param}", total=len(values))
+                rows = sweep(tables, detector, base, param, values, labels, min_severity,
+                             on_value=lambda _v: progress.advance(task))
+        else:
+            rows = sweep(tables, detector, base, param, values, labels, min_severity)
+    if fmt == "json":
+        click.echo(json.dumps({"detector": detector.name, "param": param, "labels": len(labels),
+                               "rows": [r.to_dict() for r in rows]}, indent=2))
+        return EXIT_OK
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=f"{detector.name}.{param} over {len(labels)} labels", show_edge=False)
+    for header in ("", param, "tp", "fp", "fn", "tn", "precision", "recall", "F1"):
+        table.add_column(header, justify="right")
+    for r in rows:
+        value = f"{int(r.value)}" if kinds[param] is int else f"{r.value:g}"
+        table.add_row("*" if r.best else "", value, str(r.tp), str(r.fp), str(r.fn), str(r.tn),
+                      f"{r.precision:.3f}", f"{r.recall:.3f}", f"{r.f1:.3f}")
+    console = Console()
+    console.print(table)
+    best = next(r for r in rows if r.best)
+    console.print(f"best: {param} = {best.value:g} (F1 {best.f1:.3f})", highlight=False)
+    return EXIT_OK
