@@ -1,0 +1,127 @@
+"""layer_anomaly, layer_uniformity and cache_density: hand-written traces and geometry numbers."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from analyzer_helpers import detect, layer_rows, merge, run_row, step_rows, write_part
+
+MIB = 1 << 20
+
+
+def _last_step_trace(tmp_path: Path, per_layer: list[tuple[str, int, int, str]], config: dict | None = None,
+                     model_type: str = "llama", dtype: str = "bfloat16") -> Path:
+    """One generation of two steps; per layer (type, kv bytes per token, tokens at the end, k_dtype)."""
+    write_part(tmp_path, "run", run_row(config=config, layer_types=[p[0] for p in per_layer],
+                                        model_type=model_type, dtype=dtype))
+    rows = [layer_rows("r1", 0, [0, 1], i, [bpt * (tokens - 1), bpt * tokens], [tokens - 1, tokens], kind, kdt)
+            for i, (kind, bpt, tokens, kdt) in enumerate(per_layer)]
+    write_part(tmp_path, "layers", merge(*rows))
+    last = max(p[2] for p in per_layer)
+    write_part(tmp_path, "steps", step_rows("r1", 0, [last - 1, last], [0, 0]))
+    return tmp_path
+
+
+def test_layer_anomaly_flags_the_one_odd_layer_of_four(tmp_path: Path) -> None:
+    trace = _last_step_trace(tmp_path, [("full_attention", 2048, 100, "bfloat16")] * 3
+                             + [("full_attention", 4096, 100, "float32")])
+    (f,) = detect(trace, "layer_anomaly")
+    assert (f.severity, f.gen_id, f.layer, f.metric, f.value, f.threshold) == (
+        "warning", 0, 3, "robust_z", 100.0, 3.0)
+    assert f.evidence["ratio_to_median"] == 2.0
+    assert "float32" in f.message
+
+
+def test_layer_anomaly_compares_only_layers_of_the_same_type(tmp_path: Path) -> None:
+    layers = [("sliding_attention", 2048, 100, "bfloat16"), ("full_attention", 2048, 4000, "bfloat16")] * 3
+    layers[4] = ("sliding_attention", 2048 * 3, 100, "bfloat16")
+    assert [f.layer for f in detect(_last_step_trace(tmp_path, layers), "layer_anomaly")] == [4]
+
+
+def test_layer_anomaly_robust_z_with_spread_peers(tmp_path: Path) -> None:
+    bpts = [1000, 1010, 990, 1005, 995, 1100]
+    trace = _last_step_trace(tmp_path, [("full_attention", b, 100, "bfloat16") for b in bpts])
+    (f,) = detect(trace, "layer_anomaly")
+    # median 1002.5, MAD 7.5: z = 97.5 / (1.4826 * 7.5)
+    assert f.layer == 5 and f.value == pytest.approx(97.5 / (1.4826 * 7.5))
+
+
+def _gpt_oss(synth) -> Path:  # noqa: ANN001
+    return synth(num_layers=36, layer_types=("sliding_attention", "full_attention") * 18, sliding_window=128,
+                 num_kv_heads=8, head_dim=64, dtype="bfloat16", prompt_tokens=64, steps=4033, model_type="gpt_oss")
+
+
+def test_gpt_oss_geometry_cv_and_modes(synth) -> None:  # noqa: ANN001
+    (f,) = detect(_gpt_oss(synth), "layer_uniformity")
+    assert (f.severity, f.metric) == ("info", "cv")
+    assert f.value == pytest.approx(0.94, abs=0.005)
+    modes = f.evidence["modes"]
+    assert [m["count"] for m in modes] == [18, 18]
+    assert modes[0]["bytes"] / MIB == pytest.approx(0.25, abs=0.01)
+    assert modes[1]["bytes"] / MIB == pytest.approx(8.0)
+    assert modes[0]["types"] == ["sliding_attention"] and modes[1]["types"] == ["full_attention"]
+    assert f.evidence["mode_ratio"] == "1:1"
+
+
+def test_gemma3_pattern_is_five_to_one(synth) -> None:  # noqa: ANN001
+    kinds = tuple((["sliding_attention"] * 5 + ["full_attention"]) * 2)
+    (f,) = detect(synth(num_layers=12, layer_types=kinds, sliding_window=64, steps=300), "layer_uniformity")
+    assert f.evidence["mode_ratio"] == "5:1"
+
+
+def test_undeclared_sliding_layers_are_a_warning(synth) -> None:  # noqa: ANN001
+    trace = synth(num_layers=4, layer_types=("sliding_attention", "full_attention") * 2, sliding_window=32,
+                  undeclared_sliding=True)
+    findings = detect(trace, "layer_uniformity")
+    assert [(f.severity, f.metric, f.value, f.layer) for f in findings] == [
+        ("warning", "unsaturated_sliding_layers", 2.0, None), ("info", "cv", 0.0, None)]
+    assert findings[0].evidence["unsaturated_layers"] == [0, 2]
+
+
+def test_pythia_geometry_fp16_is_8192_bytes_per_token_per_layer(synth) -> None:  # noqa: ANN001
+    trace = synth(num_layers=24, num_kv_heads=16, head_dim=128, dtype="float16", model_type="gpt_neox")
+    (f,) = detect(trace, "cache_density")
+    assert (f.severity, f.metric, f.value, f.threshold) == ("info", "bytes_per_token_per_layer", 8192.0, 8192.0)
+    assert f.evidence["ratio"] == 1.0
+
+
+def test_cache_density_reads_gpt_neox_config_keys(tmp_path: Path) -> None:
+    # gpt_neox: no num_key_value_heads, no head_dim: 16 heads of 2048 / 16 = 128; dtype from the config
+    config = {"model_type": "gpt_neox", "num_attention_heads": 16, "hidden_size": 2048, "torch_dtype": "float16"}
+    trace = _last_step_trace(tmp_path, [("full_attention", 8192, 50, "float16")] * 4, config, "gpt_neox")
+    (f,) = detect(trace, "cache_density")
+    assert (f.severity, f.value, f.threshold) == ("info", 8192.0, 8192.0)
+
+
+def test_cache_density_uses_k_dtype_when_the_config_has_none(tmp_path: Path) -> None:
+    config = {"num_attention_heads": 32, "num_key_value_heads": 8, "head_dim": 128}
+    trace = _last_step_trace(tmp_path, [("full_attention", 2 * 8 * 128 * 4, 50, "float32")] * 4, config)
+    (f,) = detect(trace, "cache_density")
+    assert (f.severity, f.value, f.threshold) == ("info", 8192.0, 8192.0)
+    assert f.evidence["dtype_from_trace"] is True
+
+
+def test_cache_density_flags_a_wider_dtype_but_not_one_odd_layer(tmp_path: Path) -> None:
+    config = {"num_attention_heads": 32, "num_key_value_heads": 8, "head_dim": 128, "torch_dtype": "bfloat16"}
+    odd = [("full_attention", 4096, 50, "bfloat16")] * 3 + [("full_attention", 8192, 50, "float32")]
+    assert [f.severity for f in detect(_last_step_trace(tmp_path / "odd", odd, config), "cache_density")] == ["info"]
+    wide = [("full_attention", 8192, 50, "float32")] * 4
+    (f,) = detect(_last_step_trace(tmp_path / "wide", wide, config), "cache_density")
+    assert (f.severity, f.value, f.threshold, f.evidence["ratio"]) == ("warning", 8192.0, 4096.0, 2.0)
+    assert "2.00x" in f.message
+
+
+def test_cache_density_latent_geometry(synth, tmp_path: Path) -> None:  # noqa: ANN001
+    trace = synth(num_layers=4, layer_types=("latent",) * 4, kv_lora_rank=512, qk_rope_head_dim=64)
+    (f,) = detect(trace, "cache_density")
+    assert (f.severity, f.value, f.threshold) == ("info", 1152.0, 1152.0)
+    # a decompressed MLA cache (per-head K and V) is far above the latent's expectation
+    config = {"kv_lora_rank": 512, "qk_rope_head_dim": 64, "num_attention_heads": 16, "num_key_value_heads": 16,
+              "head_dim": 192, "torch_dtype": "bfloat16"}
+    dense = _last_step_trace(tmp_path, [("full_attention", 2 * 16 * 192 * 2, 30, "bfloat16")] * 4, config,
+                             "deepseek_v3")
+    (g,) = detect(dense, "cache_density")
+    assert g.severity == "warning" and g.evidence["ratio"] == pytest.approx(12288 / 1152)
+    assert json.dumps(g.to_dict())

@@ -1,0 +1,78 @@
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from analyzer_helpers import MIB, detect, gen_rows, run_row, write_part
+
+GIB = 1 << 30
+
+
+def _gen(base: int, peak: int, post: int, *, res_base: int | None = None, res_post: int | None = None,
+         nvml_base: int | None = None, nvml_peak: int | None = None, nvml_post: int | None = None) -> dict:
+    res_base = res_base if res_base is not None else base
+    res_post = res_post if res_post is not None else post
+    return {"baseline_allocated": base, "peak_allocated": peak, "post_empty_cache_allocated": post,
+            "baseline_reserved": res_base, "peak_reserved": peak, "post_empty_cache_reserved": res_post,
+            "baseline_nvml_used": nvml_base, "peak_nvml_used": nvml_peak, "post_empty_cache_nvml_used": nvml_post}
+
+
+def _trace(tmp_path: Path, gens: list[dict]) -> Path:
+    write_part(tmp_path, "run", run_row())
+    write_part(tmp_path, "generations", gen_rows("r1", gens))
+    return tmp_path
+
+
+def test_gemma_twin_nvml_warm_up_is_not_a_leak(tmp_path: Path) -> None:
+    # environment.md: allocated and reserved back to baseline; NVML +130, +26, +22 MiB: 0.66, 0.12, 0.09
+    w, ctx = 8 * GIB, 600 * MIB
+    gens, extra = [], 0
+    for rise, score in ((130, 0.66), (26, 0.12), (22, 0.09)):
+        peak_growth = int(rise * MIB / score)
+        gens.append(_gen(w, w + peak_growth - 20 * MIB, w, res_base=w, res_post=w,
+                         nvml_base=w + ctx + extra, nvml_peak=w + ctx + extra + peak_growth,
+                         nvml_post=w + ctx + extra + rise * MIB))
+        extra += rise * MIB
+    findings = detect(_trace(tmp_path, gens), "post_eos")
+    assert [(f.severity, f.gen_id, f.metric) for f in findings] == [
+        ("info", 0, "outside_allocator_retention"), ("info", 1, "outside_allocator_retention"),
+        ("info", 2, "outside_allocator_retention")]
+    assert [round(f.value, 2) for f in findings] == [0.66, 0.12, 0.09]
+    assert all(f.evidence["nvml_score"] == pytest.approx(f.value) for f in findings)
+
+
+def test_live_tensors_on_one_generation_are_a_warning(tmp_path: Path) -> None:
+    w = 2 * GIB
+    gens = [_gen(w, w + 100 * MIB, w), _gen(w, w + 100 * MIB, w + 30 * MIB), _gen(w + 30 * MIB, w + 130 * MIB, w + 30 * MIB)]
+    findings = detect(_trace(tmp_path, gens), "post_eos")
+    assert [(f.severity, f.gen_id, f.metric, f.value, f.threshold) for f in findings] == [
+        ("warning", 1, "live_retention", 0.3, 0.1)]
+
+
+def test_live_tensors_on_most_generations_are_a_systematic_critical_leak(tmp_path: Path) -> None:
+    w, gens = 2 * GIB, []
+    for i in range(4):
+        base = w + i * 20 * MIB
+        gens.append(_gen(base, base + 100 * MIB, base + 20 * MIB))
+    findings = detect(_trace(tmp_path, gens), "post_eos")
+    assert [(f.severity, f.gen_id, f.metric, f.value) for f in findings] == [("critical", None, "live_retention", 0.2)]
+    assert findings[0].evidence["systematic"] is True
+    assert findings[0].evidence["generations"] == [0, 1, 2, 3]
+    assert findings[0].evidence["growing"] is True
+
+
+def test_pools_that_keep_growing_are_a_warning(tmp_path: Path) -> None:
+    w, gens = 2 * GIB, []
+    for i in range(7):
+        pool = i * 50 * MIB
+        gens.append(_gen(w, w + 200 * MIB, w, res_base=w + pool, res_post=w + pool + 50 * MIB))
+    findings = detect(_trace(tmp_path, gens), "post_eos")
+    assert [(f.severity, f.gen_id, f.metric) for f in findings] == [("warning", None, "pool_retention")]
+    assert findings[0].evidence["generations"] == [2, 3, 4, 5, 6]
+    # shorter runs are warm-up and info only
+    assert {f.severity for f in detect(_trace(tmp_path / "short", gens[:4]), "post_eos")} == {"info"}
+
+
+def test_no_gpu_readings_give_no_findings(tmp_path: Path) -> None:
+    gens = [{k: None for k in _gen(0, 0, 0)} for _ in range(3)]
+    assert detect(_trace(tmp_path, gens), "post_eos") == []
