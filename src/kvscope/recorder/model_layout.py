@@ -1,0 +1,125 @@
+"""What the model's config says about its KV cache, read once when recording starts.
+
+Layer types come from ``config.layer_types`` where the installed transformers has it, else from
+the older per-model flags (Gemma 2: even layers sliding; Gemma 3 ``sliding_window_pattern``;
+Qwen2 ``use_sliding_window`` + ``max_window_layers``; a bare ``sliding_window`` makes every layer
+sliding). MLA models are recognised by ``kv_lora_rank``; whether a layer holds the latent is
+decided per step from the cached tensor's shape, because it depends on the transformers version.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+FULL = "full_attention"
+SLIDING = "sliding_attention"
+LATENT = "latent"
+
+_LAYER_INDEX = re.compile(r"\.(?:layers|layer|h|blocks|block)\.(\d+)\.")
+
+
+@dataclass(frozen=True)
+class ModelLayout:
+    """KV-relevant facts of a model, computed once per recording."""
+
+    model_type: str
+    num_layers: int
+    layer_types: tuple[str, ...]
+    sliding_window: int | None
+    kv_lora_rank: int | None
+    attn_implementation: str
+    dtype: str
+    device: str
+    cuda_devices: tuple[int, ...]
+
+    def layer_type(self, layer: int) -> str:
+        return self.layer_types[layer] if 0 <= layer < len(self.layer_types) else FULL
+
+
+def text_config(config: Any) -> Any:
+    """The decoder's config (multimodal configs nest it)."""
+    getter = getattr(config, "get_text_config", None)
+    if callable(getter):
+        try:
+            return getter(decoder=True)
+        except TypeError:
+            return getter()
+    return config
+
+
+def num_hidden_layers(cfg: Any) -> int:
+    for name in ("num_hidden_layers", "n_layer", "num_layers", "n_layers"):
+        value = getattr(cfg, name, None)
+        if isinstance(value, int):
+            return value
+    return 0
+
+
+def declared_layer_types(cfg: Any) -> list[str]:
+    """Each decoder layer's attention type, in Hugging Face's `layer_types` words."""
+    n = num_hidden_layers(cfg)
+    declared = getattr(cfg, "layer_types", None)
+    if declared:
+        return [str(t) for t in declared][:n] if len(declared) >= n else [str(t) for t in declared]
+    window = getattr(cfg, "sliding_window", None)
+    model_type = getattr(cfg, "model_type", "")
+    if not window:
+        return [FULL] * n
+    if model_type == "gemma2":
+        return [SLIDING if i % 2 == 0 else FULL for i in range(n)]
+    pattern = getattr(cfg, "sliding_window_pattern", None) or getattr(cfg, "_sliding_window_pattern", None)
+    if isinstance(pattern, int) and pattern > 1:
+        return [FULL if (i + 1) % pattern == 0 else SLIDING for i in range(n)]
+    if hasattr(cfg, "use_sliding_window"):
+        if not cfg.use_sliding_window:
+            return [FULL] * n
+        first = getattr(cfg, "max_window_layers", 0) or 0
+        return [SLIDING if i >= first else FULL for i in range(n)]
+    return [SLIDING] * n
+
+
+def model_layout(model: torch.nn.Module) -> ModelLayout:
+    config = model.config
+    cfg = text_config(config)
+    first = next(model.parameters(), None)
+    devices = sorted({p.device.index or 0 for p in model.parameters() if p.device.type == "cuda"})
+    window = getattr(cfg, "sliding_window", None)
+    rank = getattr(cfg, "kv_lora_rank", None)
+    attn = getattr(config, "_attn_implementation", None) or getattr(cfg, "_attn_implementation", None)
+    return ModelLayout(
+        model_type=str(getattr(cfg, "model_type", None) or getattr(config, "model_type", "unknown")),
+        num_layers=num_hidden_layers(cfg),
+        layer_types=tuple(declared_layer_types(cfg)),
+        sliding_window=int(window) if isinstance(window, int) else None,
+        kv_lora_rank=int(rank) if isinstance(rank, int) else None,
+        attn_implementation=str(attn or "unknown"),
+        dtype=str(first.dtype).removeprefix("torch.") if first is not None else "unknown",
+        device=str(first.device) if first is not None else "cpu",
+        cuda_devices=tuple(devices),
+    )
+
+
+def attention_modules(model: torch.nn.Module) -> list[tuple[int, torch.nn.Module]]:
+    """Decoder attention modules with their layer index (``layer_idx`` or the qualified name).
+
+    Vision-tower or cross-attention modules without a layer index in a decoder stack are left out.
+    """
+    found: list[tuple[int, torch.nn.Module]] = []
+    for name, module in model.named_modules():
+        cls = type(module).__name__
+        if not cls.endswith("Attention") and not cls.endswith("Attention2") and not name.endswith("attn"):
+            continue
+        if "vision" in name or "visual" in name or "encoder." in name:
+            continue
+        index = getattr(module, "layer_idx", None)
+        if not isinstance(index, int):
+            match = _LAYER_INDEX.search(f".{name}.")
+            if match is None:
+                continue
+            index = int(match.group(1))
+        found.append((index, module))
+    return found

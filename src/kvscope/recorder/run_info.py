@@ -1,0 +1,59 @@
+"""The `run` row: where, with what and on which model a recording was made."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import torch
+
+from kvscope.recorder.model_layout import ModelLayout, text_config
+from kvscope.recorder.telemetry import NvmlProbe
+from kvscope.schema.metadata import TraceMetadata
+
+
+def _config_dict(config: Any) -> dict[str, Any]:
+    try:
+        data = config.to_dict()
+    except Exception:  # noqa: BLE001 - a config that cannot serialise still gets recorded by name
+        return {"model_type": getattr(config, "model_type", None)}
+    return json.loads(json.dumps(data, default=str))
+
+
+def run_metadata(model: torch.nn.Module, layout: ModelLayout, model_name: str | None, labels: dict[str, str],
+                 tokenizer: str | None, options: dict[str, Any], nvml: NvmlProbe) -> TraceMetadata:
+    try:
+        import transformers
+
+        transformers_version: str | None = transformers.__version__
+    except ImportError:
+        transformers_version = None
+    config = model.config
+    name = model_name or getattr(config, "_name_or_path", None) or type(model).__name__
+    gpu_name = torch.cuda.get_device_name(layout.cuda_devices[0]) if layout.cuda_devices else None
+    options = dict(options)
+    if layout.sliding_window is not None:
+        options.setdefault("sliding_window", layout.sliding_window)
+    if layout.kv_lora_rank is not None:
+        options.setdefault("kv_lora_rank", layout.kv_lora_rank)
+    cfg = text_config(config)
+    if cfg is not config:
+        options.setdefault("text_model_type", getattr(cfg, "model_type", None))
+    return TraceMetadata(
+        model_name=str(name),
+        model_type=layout.model_type,
+        num_layers=layout.num_layers,
+        layer_types=list(layout.layer_types),
+        dtype=layout.dtype,
+        device=layout.device,
+        model_config=_config_dict(config),
+        attn_implementation=layout.attn_implementation,
+        labels=labels,
+        torch_version=torch.__version__,
+        transformers_version=transformers_version,
+        gpu_name=gpu_name,
+        driver_version=nvml.driver_version,
+        tokenizer=tokenizer,
+        options=options,
+        nvml_total_bytes=nvml.total,
+    )

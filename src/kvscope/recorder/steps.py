@@ -1,0 +1,177 @@
+"""The per-step hot path: one forward hook on the model, rows buffered as tuples.
+
+Budget: about 1% of a 22 ms decode step (~220 µs) for a 24-layer model on the H100 host. The
+hook reads the cache's tensor facts once (`measure.py`), makes one allocator stats call and one
+NVML read, and appends tuples; Parquet encoding happens on the writer thread. It times itself and
+stores that time per step as `recorder_ns`.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Container
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from kvscope.recorder.flusher import BackgroundWriter
+from kvscope.recorder.hooks import AttentionDiscovery, batch_and_tokens, cache_from_kwargs, cache_from_output
+from kvscope.recorder.measure import LAYER_FIELDS, measure_cache
+from kvscope.recorder.model_layout import ModelLayout
+from kvscope.recorder.telemetry import AllocatorProbe, NvmlProbe
+
+STEP_FIELDS = (
+    "run_id", "gen_id", "step", "t_ns", "seq_len", "batch_size", "kv_bytes", "allocated_bytes",
+    "reserved_bytes", "active_bytes", "inactive_split_bytes", "alloc_retries", "num_ooms",
+    "nvml_used_bytes", "nvml_total_bytes", "kv_logical_bytes", "recorder_ns",
+)
+LAYER_ROW_FIELDS = ("run_id", "gen_id", "step", *LAYER_FIELDS)
+SAMPLE_FIELDS = ("run_id", "gen_id", "step", "layer", "tensor", "shape", "dtype", "data")
+
+
+@dataclass
+class SamplePolicy:
+    """Which K/V to copy: every `every` steps (0 = never), these layers (None = all), within a budget."""
+
+    every: int = 0
+    layers: frozenset[int] | None = None
+    max_bytes: int = 256 * 2**20
+    used_bytes: int = 0
+    exhausted: bool = False
+
+    def layers_at(self, step: int) -> Container[int] | None:
+        if self.every <= 0 or self.exhausted or step % self.every:
+            return None
+        return self.layers if self.layers is not None else ALL_LAYERS
+
+
+class _AllLayers:
+    def __contains__(self, layer: object) -> bool:
+        return True
+
+
+ALL_LAYERS = _AllLayers()
+
+
+class StepRecorder:
+    """Records the steps of one generation at a time; the session owns its lifecycle."""
+
+    def __init__(self, run_id: str, layout: ModelLayout, allocator: AllocatorProbe, nvml: NvmlProbe,
+                 writer: BackgroundWriter, discovery: AttentionDiscovery, flush_every: int,
+                 samples: SamplePolicy, origin_ns: int) -> None:
+        self.run_id = run_id
+        self.layout = layout
+        self.allocator = allocator
+        self.nvml = nvml
+        self.nvml_total = nvml.total
+        self.writer = writer
+        self.discovery = discovery
+        self.flush_every = flush_every
+        self.samples = samples
+        self.origin_ns = origin_ns
+        self.active = False
+        self._step_rows: list[tuple] = []
+        self._layer_rows: list[tuple] = []
+        self._sample_rows: list[tuple] = []
+        self.begin(-1)
+
+    def begin(self, gen_id: int) -> None:
+        self.gen_id = gen_id
+        self.step = 0
+        self.seq_len = 0
+        self.batch_size = 1
+        self.prompt_tokens = 0
+        self.cache_class: str | None = None
+        self.nvml_peak: int | None = None
+        self.last: dict[str, Any] = {}
+        self._carry_ns = 0
+        self.events: list[dict[str, Any]] = []
+        self.active = gen_id >= 0
+        if self.active and self.discovery.modules:
+            self.discovery.install()
+
+    def end(self, *, wait: bool) -> None:
+        """Hand the buffered rows to the writer and flush (waiting for the parts when asked)."""
+        self.active = False
+        self.discovery.remove()
+        self._hand_over()
+        self.writer.flush(wait=wait)
+
+    def _hand_over(self) -> None:
+        self.writer.rows("steps", STEP_FIELDS, self._step_rows)
+        self.writer.rows("layers", LAYER_ROW_FIELDS, self._layer_rows)
+        self.writer.samples(self._sample_rows)
+        self._step_rows, self._layer_rows, self._sample_rows = [], [], []
+
+    def on_forward(self, module: torch.nn.Module, args: tuple, kwargs: dict[str, Any], output: Any) -> None:
+        """Forward hook on the model `generate` calls: one call per step."""
+        if not self.active:
+            return
+        start = time.perf_counter_ns()
+        batch, tokens = batch_and_tokens(args, kwargs)
+        step = self.step
+        if step == 0:
+            self.prompt_tokens = tokens
+            self.batch_size = batch
+        self.seq_len += tokens
+        cache = cache_from_output(output)
+        if cache is None:
+            cache = self.discovery.cache if self.discovery.cache is not None else cache_from_kwargs(kwargs)
+        elif step == 0 and self.discovery.installed:
+            self.discovery.remove()  # the output carries the cache: later steps need no attention hooks
+        self.discovery.cache = None
+        if step == 0:
+            self.cache_class = type(cache).__name__ if cache is not None else None
+        layout = self.layout
+        sample_layers = self.samples.layers_at(step)
+        measured = measure_cache(cache, layout, self.seq_len, sample_layers) if cache is not None else None
+        del cache
+        kv_bytes = measured.kv_bytes if measured is not None else 0
+        gen_id, run_id = self.gen_id, self.run_id
+        if measured is not None:
+            layer_rows = self._layer_rows
+            for row in measured.rows:
+                layer_rows.append((run_id, gen_id, step, *row))
+            if measured.sample_tensors:
+                self._copy_samples(measured.sample_tensors, step)
+        reading = self.allocator.read()
+        nvml_used = self.nvml.used()
+        if nvml_used is not None and (self.nvml_peak is None or nvml_used > self.nvml_peak):
+            self.nvml_peak = nvml_used
+        t_ns = start - self.origin_ns
+        self.last = {"step": step, "t_ns": t_ns, "seq_len": self.seq_len, "kv_bytes": kv_bytes,
+                     "nvml_used_bytes": nvml_used, "allocator": reading}
+        self.step = step + 1
+        if reading is None:
+            telemetry: tuple = (None,) * 6
+        else:
+            telemetry = (reading.allocated, reading.reserved, reading.active, reading.inactive_split,
+                         reading.alloc_retries, reading.num_ooms)
+        # The hand-over below is timed into the next step's recorder_ns (this row is already built).
+        spent = time.perf_counter_ns() - start + self._carry_ns
+        self._step_rows.append((
+            run_id, gen_id, step, t_ns, self.seq_len, batch, kv_bytes, *telemetry, nvml_used,
+            self.nvml_total, measured.logical_bytes if measured is not None else 0, spent,
+        ))
+        self._carry_ns = 0
+        if self.step % self.flush_every == 0:
+            handover_start = time.perf_counter_ns()
+            self._hand_over()
+            self.writer.flush()
+            self._carry_ns = time.perf_counter_ns() - handover_start
+
+    def _copy_samples(self, tensors: list[tuple[int, str, torch.Tensor]], step: int) -> None:
+        policy = self.samples
+        for layer, name, tensor in tensors:
+            size = tensor.numel() * tensor.element_size()
+            if policy.used_bytes + size > policy.max_bytes:
+                policy.exhausted = True
+                self.events.append({"kind": "samples_budget", "step": step,
+                                    "detail": {"max_sample_bytes": policy.max_bytes, "used_bytes": policy.used_bytes}})
+                return
+            policy.used_bytes += size
+            # A real copy: static caches are written in place, and the cache must not be pinned.
+            copy = tensor.detach().clone(memory_format=torch.contiguous_format)
+            self._sample_rows.append((self.run_id, self.gen_id, step, layer, name, tuple(copy.shape),
+                                      str(copy.dtype).removeprefix("torch."), copy))

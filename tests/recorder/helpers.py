@@ -1,0 +1,128 @@
+"""Test helpers: tiny models per family and an independent count of a cache's unique bytes.
+
+The independent count deliberately shares no code with the recorder: it enumerates the cache
+object by the container layouts of the transformers versions under test, and counts bytes with a
+per-storage bitmap (the recorder merges sorted intervals).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+import transformers
+from packaging.version import Version
+
+TF_VERSION = Version(transformers.__version__)
+PROMPT_TOKENS = 5
+NEW_TOKENS = 20
+WINDOW = 8
+
+_BASE = dict(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4)
+_MOE = dict(n_routed_experts=4, num_experts_per_tok=2, n_group=1, topk_group=1, first_k_dense_replace=1,
+            moe_intermediate_size=32)
+TINY_CONFIGS: dict[str, dict[str, Any]] = {
+    "gpt_neox": dict(_BASE, rotary_pct=0.25),
+    "gemma2": dict(_BASE, num_key_value_heads=2, head_dim=16, query_pre_attn_scalar=16, sliding_window=WINDOW),
+    "gemma3_text": dict(_BASE, num_key_value_heads=2, head_dim=16, query_pre_attn_scalar=16,
+                        sliding_window=WINDOW, sliding_window_pattern=2),
+    "gpt_oss": dict(_BASE, num_key_value_heads=2, head_dim=16, sliding_window=WINDOW, num_local_experts=4,
+                    num_experts_per_tok=2),
+    "glm4_moe": dict(_BASE, num_key_value_heads=2, head_dim=16, **_MOE),
+    "deepseek_v3": dict(_BASE, num_key_value_heads=4, kv_lora_rank=16, q_lora_rank=None, qk_nope_head_dim=8,
+                        qk_rope_head_dim=4, v_head_dim=8, **_MOE),
+    "llama": dict(_BASE, num_key_value_heads=2),
+}
+
+
+def tiny_model(model_type: str) -> torch.nn.Module:
+    """A random-weight 2-layer model of this family, or skip when this transformers lacks it."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    try:
+        config = AutoConfig.for_model(model_type, **TINY_CONFIGS[model_type])
+    except (KeyError, ValueError) as exc:
+        pytest.skip(f"transformers {transformers.__version__} has no {model_type} model ({type(exc).__name__})")
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config).eval()
+    model.generation_config.pad_token_id = 0
+    return model
+
+
+def prompt_ids(batch: int = 1, tokens: int = PROMPT_TOKENS) -> torch.Tensor:
+    return torch.arange(3, 3 + batch * tokens).reshape(batch, tokens) % 200 + 3
+
+
+def _flatten(value: Any) -> list[torch.Tensor]:
+    if value is None:
+        return []
+    if isinstance(value, torch.Tensor):
+        if type(value) is not torch.Tensor and hasattr(value, "__tensor_flatten__"):
+            names, _ = value.__tensor_flatten__()
+            return [t for n in names for t in _flatten(getattr(value, n))]
+        return [value]
+    if isinstance(value, (tuple, list)):
+        return [t for v in value for t in _flatten(v)]
+    if isinstance(value, dict):
+        return [t for v in value.values() for t in _flatten(v)]
+    return []
+
+
+def cache_layer_tensors(cache: Any) -> list[list[torch.Tensor]]:
+    """Each layer's tensors, by the container layouts of 4.46 / 4.57 / 5.x."""
+    cache = getattr(cache, "self_attention_cache", cache)
+    if isinstance(cache, (tuple, list)):
+        return [list(layer[:2]) for layer in cache]
+    if hasattr(cache, "layers"):
+        return [_flatten(getattr(layer, "_quantized_keys", None)) + _flatten(getattr(layer, "_quantized_values", None))
+                + _flatten(getattr(layer, "keys", None)) + _flatten(getattr(layer, "values", None))
+                for layer in cache.layers]
+    layers = []
+    quantized_k = getattr(cache, "_quantized_key_cache", None) or []
+    quantized_v = getattr(cache, "_quantized_value_cache", None) or []
+    for i, keys in enumerate(cache.key_cache):
+        found = _flatten(keys) + _flatten(cache.value_cache[i])
+        if i < len(quantized_k):
+            found += _flatten(quantized_k[i]) + _flatten(quantized_v[i])
+        layers.append(found)
+    return layers
+
+
+def unique_bytes(tensors: list[torch.Tensor]) -> int:
+    """Bytes covered by the tensors' storage extents, each byte once (a bitmap per storage)."""
+    masks: dict[tuple[str, int], np.ndarray] = {}
+    for t in tensors:
+        storage = t.untyped_storage()
+        mask = masks.setdefault((str(t.device), storage.data_ptr()), np.zeros(storage.nbytes(), dtype=bool))
+        if t.numel() == 0:
+            continue
+        size = t.element_size()
+        first = t.storage_offset()
+        last = first + int(((torch.tensor(t.shape) - 1) * torch.tensor(t.stride())).sum())
+        mask[first * size:(last + 1) * size] = True
+    return int(sum(int(m.sum()) for m in masks.values()))
+
+
+def output_cache(output: Any) -> Any:
+    for name in ("cache", "past_key_values"):
+        value = getattr(output, name, None)
+        if value is not None:
+            return value
+    return None
+
+
+class IndependentCounter:
+    """A forward hook of the test's own: unique KV bytes after every forward pass."""
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        self.per_step: list[int] = []
+        self.handle = model.register_forward_hook(self._hook)
+
+    def _hook(self, module: torch.nn.Module, args: tuple, output: Any) -> None:
+        layers = cache_layer_tensors(output_cache(output))
+        self.per_step.append(unique_bytes([t for layer in layers for t in layer]))
+
+    def remove(self) -> None:
+        self.handle.remove()
