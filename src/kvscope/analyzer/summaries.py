@@ -60,33 +60,82 @@ def step_ranges(t: LoadedTraces) -> str:
     """)
 
 
+def _centred(prefix: str = "") -> str:
+    """Centred moments and fits from the raw sums n, sx, sxx, sxxx, sxxxx, sy, sxy, sxxy, syy.
+
+    x is the step counted from the generation's first step, so its sums stay small and exact;
+    a variance of y below 1e-12 of its squared mean is rounding, i.e. a flat curve.
+    """
+    return f"""
+      {prefix}sxx / n - ({prefix}sx / n) * ({prefix}sx / n) AS vxx,
+      {prefix}sxxx / n - ({prefix}sx / n) * ({prefix}sxx / n) AS vxq,
+      {prefix}sxxxx / n - ({prefix}sxx / n) * ({prefix}sxx / n) AS vqq,
+      {prefix}sxy / n - ({prefix}sx / n) * ({prefix}sy / n) AS cxy,
+      {prefix}sxxy / n - ({prefix}sxx / n) * ({prefix}sy / n) AS cqy,
+      CASE WHEN {prefix}syy / n - ({prefix}sy / n) * ({prefix}sy / n) > 1e-12 * ({prefix}sy / n) * ({prefix}sy / n)
+           THEN {prefix}syy / n - ({prefix}sy / n) * ({prefix}sy / n) ELSE 0 END AS vyy"""
+
+
+def _quarter_slope(k: int) -> str:
+    return (f"CASE WHEN n{k} >= 2 AND n{k} * sxx{k} - sx{k} * sx{k} > 0 "
+            f"THEN (n{k} * sxy{k} - sx{k} * sy{k}) / (n{k} * sxx{k} - sx{k} * sx{k}) END")
+
+
 def layer_summary(t: LoadedTraces) -> str:
-    """One row per (run, generation, layer): growth fit over the steps, values at the last step."""
+    """One row per (run, generation, layer): growth fit over the steps, values at the last step.
+
+    One scan of `layers`, grouped by (run, generation, layer, quarter of the generation): raw
+    least-squares sums per bucket (which add up to the whole curve's) and the values at the
+    bucket's last step; a second, tiny aggregation combines the three buckets.
+    """
     ranges = step_ranges(t)
-    x, y = "CAST(l.step AS DOUBLE)", "CAST(l.kv_bytes AS DOUBLE)"
+    sums = ", ".join(f"sum({e}) AS {n}" for n, e in (
+        ("sx", "x"), ("sxx", "x * x"), ("sxxx", "x * x * x"), ("sxxxx", "x * x * x * x"), ("sy", "y"),
+        ("sxy", "x * y"), ("sxxy", "x * x * y"), ("syy", "y * y")))
+    combined = ", ".join(f"sum({n}) AS {n}" for n in ("sx", "sxx", "sxxx", "sxxxx", "sy", "sxy", "sxxy", "syy"))
+    quarters = ", ".join(f"sum({n}) FILTER (WHERE qt = {k}) AS {n}{k}" for k in (1, 2)
+                         for n in ("n", "sx", "sxx", "sy", "sxy"))
     return t.cached_table(LAYER_SUMMARY, f"""
-        WITH agg AS (
-          SELECT l.run_id, l.gen_id, l.layer,
-            {fit_aggregates(x, y, ("r.lo", "r.hi"))},
-            max(l.step) AS last_step,
-            arg_max(l.layer_type, l.step) AS layer_type,
-            arg_max(l.kv_bytes, l.step) AS kv_bytes,
-            arg_max(l.k_bytes, l.step) AS k_bytes,
-            arg_max(l.v_bytes, l.step) AS v_bytes,
-            arg_max(l.stored_tokens, l.step) AS stored_tokens,
-            max(l.stored_tokens) AS max_stored_tokens,
-            arg_max(l.capacity_tokens, l.step) AS capacity_tokens,
-            arg_max(l.k_dtype, l.step) AS k_dtype,
-            arg_max(l.aliased, l.step) AS aliased,
-            max(l.kv_bytes) AS peak_kv_bytes
+        WITH rows AS (
+          SELECT l.run_id, l.gen_id, l.layer, l.step, l.kv_bytes, l.stored_tokens, l.layer_type, l.k_dtype,
+            l.k_bytes, l.v_bytes, l.capacity_tokens, l.aliased,
+            CAST(l.step - coalesce(r.lo, 0) AS DOUBLE) AS x, CAST(l.kv_bytes AS DOUBLE) AS y,
+            CASE WHEN r.lo IS NULL THEN 0
+                 WHEN l.step <= r.lo + (r.hi - r.lo) * 0.25 THEN 1
+                 WHEN l.step >= r.hi - (r.hi - r.lo) * 0.25 THEN 2 ELSE 0 END AS qt
           FROM layers l LEFT JOIN {ranges} r ON l.run_id = r.run_id AND l.gen_id = r.gen_id
-          GROUP BY l.run_id, l.gen_id, l.layer
+        ), buckets AS (
+          SELECT run_id, gen_id, layer, qt, count(*) AS n, {sums},
+            min(x) AS x_lo, max(x) AS x_hi, max(step) AS last_step,
+            max(stored_tokens) AS max_stored_tokens, max(kv_bytes) AS peak_kv_bytes,
+            arg_max({{'kv_bytes': kv_bytes, 'k_bytes': k_bytes, 'v_bytes': v_bytes, 'stored_tokens': stored_tokens,
+                     'capacity_tokens': capacity_tokens, 'aliased': aliased}}, step) AS last,
+            any_value(layer_type) AS layer_type, any_value(k_dtype) AS k_dtype
+          FROM rows GROUP BY run_id, gen_id, layer, qt
+        ), g AS (
+          SELECT run_id, gen_id, layer, sum(n) AS n, {combined}, {quarters},
+            min(x_lo) AS x_lo, max(x_hi) AS x_hi, max(last_step) AS last_step,
+            max(max_stored_tokens) AS max_stored_tokens, max(peak_kv_bytes) AS peak_kv_bytes,
+            arg_max(last, last_step) AS last, arg_max(layer_type, last_step) AS layer_type,
+            arg_max(k_dtype, last_step) AS k_dtype
+          FROM buckets GROUP BY run_id, gen_id, layer
+        ), c AS (
+          SELECT run_id, gen_id, layer, n, x_lo, x_hi, last_step, max_stored_tokens, peak_kv_bytes, layer_type, k_dtype,
+            last.kv_bytes AS kv_bytes, last.k_bytes AS k_bytes, last.v_bytes AS v_bytes,
+            last.stored_tokens AS stored_tokens, last.capacity_tokens AS capacity_tokens, last.aliased AS aliased,
+            sx / n AS x_mean, sy / n AS y_mean, {_quarter_slope(1)} AS slope_first, {_quarter_slope(2)} AS slope_last,
+            {_centred()}
+          FROM g
         ), fit AS (
-          SELECT agg.*, {FIT_DERIVED} FROM agg
+          SELECT c.*,
+            CASE WHEN vxx > 0 THEN cxy / vxx END AS slope,
+            CASE WHEN vxx > 0 THEN y_mean - cxy / vxx * x_mean END AS intercept,
+            CASE WHEN vxx > 0 AND vyy > 0 THEN least(1.0, cxy * cxy / (vxx * vyy)) END AS r2_lin,
+            {FIT_DERIVED}
+          FROM c
         )
         SELECT fit.*, {R2_QUAD} AS r2_quad,
-          coalesce(r.batch_size, 1) AS batch_size,
-          r.last_seq_len, r.hi AS gen_last_step
+          coalesce(r.batch_size, 1) AS batch_size, r.last_seq_len, r.hi AS gen_last_step
         FROM fit LEFT JOIN {ranges} r ON fit.run_id = r.run_id AND fit.gen_id = r.gen_id
     """)
 
