@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from decimal import Decimal
 from typing import Any
 
 SEVERITIES = ("info", "warning", "critical")
@@ -31,6 +32,8 @@ def _plain(x: Any) -> Any:
         return int(x)
     if isinstance(x, float):
         return x if math.isfinite(x) else None
+    if isinstance(x, Decimal):
+        return _plain(float(x))
     if hasattr(x, "item"):  # numpy scalar
         return _plain(x.item())
     return str(x)

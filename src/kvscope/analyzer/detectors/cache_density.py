@@ -55,7 +55,7 @@ def detect(t: LoadedTraces, cfg: Config) -> list[Finding]:
         x AS (
           SELECT s.run_id, s.gen_id, s.layer, s.layer_type, s.k_dtype,
             s.kv_bytes::DOUBLE / s.batch_size / greatest(coalesce(s.capacity_tokens, s.stored_tokens), 1) AS measured,
-            g.elems * coalesce(g.cfg_bytes, {dtype_bytes_sql('s.k_dtype')}) AS expected, g.latent,
+            CAST(g.elems * coalesce(g.cfg_bytes, {dtype_bytes_sql('s.k_dtype')}) AS DOUBLE) AS expected, g.latent,
             g.cfg_bytes IS NULL AS dtype_from_trace
           FROM {summary} s JOIN g USING (run_id)
           WHERE greatest(coalesce(s.capacity_tokens, s.stored_tokens), 0) > 0

@@ -49,10 +49,10 @@ def detect(t: LoadedTraces, cfg: Config) -> list[Finding]:
     """)
     findings = []
     for r in rows:
-        headroom = r["total"] - r["peak_used"]
+        headroom = max(r["total"] - r["peak_used"], 0)  # NVML never reads above the total
         per_seq = r["kv_bytes"] / r["batch"] if r["kv_bytes"] else 0.0
         tokens = r["context"] + headroom / r["rate"] if r["rate"] > 0 else None
-        max_batch = int((r["total"] - (r["peak_used"] - r["kv_bytes"])) // per_seq) if per_seq > 0 else None
+        max_batch = max(int((r["total"] - (r["peak_used"] - r["kv_bytes"])) // per_seq), 0) if per_seq > 0 else None
         evidence = {"total_bytes": r["total"], "peak_used_bytes": r["peak_used"], "headroom_bytes": headroom,
                     "bytes_per_token": r["rate"], "context_tokens": r["context"], "batch_size": r["batch"],
                     "kv_bytes_per_sequence": per_seq, "max_batch_size": max_batch, "tokens_to_oom": tokens,
@@ -67,9 +67,11 @@ def detect(t: LoadedTraces, cfg: Config) -> list[Finding]:
             severity, advice = "warning", "shorten the context, lower the batch, or quantise the cache."
         else:
             severity, advice = "info", "no action needed."
+        # a cache that stopped growing never runs out by tokens: then the batch size is the forecast
+        metric, value, threshold = (("tokens_to_oom", tokens, limit) if tokens is not None
+                                    else ("max_batch_size", float(max_batch or 0), float(cfg.min_batch)))
         findings.append(Finding(
-            NAME, severity, r["run_id"], r["gen_id"], None, "tokens_to_oom",
-            tokens if tokens is not None else float(r["context"]), limit,
+            NAME, severity, r["run_id"], r["gen_id"], None, metric, value, threshold,
             f"with {human_bytes(headroom)} free of {human_bytes(r['total'])} and {human_bytes(r['rate'])} more per "
             f"token, this run {at}{batch_text}; {advice}",
             evidence,
