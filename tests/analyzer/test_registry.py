@@ -131,3 +131,16 @@ def test_the_documented_example_detector_is_one_file(monkeypatch: pytest.MonkeyP
     assert (finding.detector, finding.layer, finding.evidence) == ("dead_heads", 2, {"head": 1})
     sys.modules.pop("dead_heads_example", None)
     monkeypatch.setattr(registry_module, "_REGISTRY", None)
+
+
+def test_a_broken_entry_point_breaks_only_itself(monkeypatch: pytest.MonkeyPatch) -> None:
+    def fail() -> None:
+        raise ImportError("no module named 'missing_dependency'")
+
+    monkeypatch.setattr(registry_module, "_REGISTRY", None)
+    monkeypatch.setattr(registry_module, "entry_points", lambda group: [
+        types.SimpleNamespace(name="broken", value="pkg.broken", load=fail)])
+    assert SEED <= set(registry())
+    with pytest.raises(UsageError, match="missing_dependency"):
+        get_detector("broken")
+    monkeypatch.setattr(registry_module, "_REGISTRY", None)

@@ -64,6 +64,8 @@ def _builtin() -> dict[str, Detector]:
 
 
 _REGISTRY: dict[str, Detector] | None = None
+# Entry points that failed to load, by name: reported when asked for, never breaking the others.
+_BROKEN: dict[str, str] = {}
 
 
 def registry() -> dict[str, Detector]:
@@ -71,8 +73,14 @@ def registry() -> dict[str, Detector]:
     global _REGISTRY
     if _REGISTRY is None:
         found = _builtin()
+        _BROKEN.clear()
         for ep in entry_points(group=ENTRY_POINT_GROUP):
-            det = _as_detector(ep.load(), f"entry point {ep.name!r} ({ep.value})")
+            origin = f"entry point {ep.name!r} ({ep.value})"
+            try:
+                det = _as_detector(ep.load(), origin)
+            except Exception as exc:  # a broken plugin must not break the built-in detectors
+                _BROKEN[ep.name] = f"{origin} failed to load: {type(exc).__name__}: {exc}"
+                continue
             found.setdefault(det.name, det)
         _REGISTRY = found
     return _REGISTRY
@@ -91,6 +99,8 @@ def get_detector(name: str) -> Detector:
     try:
         return registry()[name]
     except KeyError:
+        if name in _BROKEN:
+            raise UsageError(f"detector {name!r} cannot be used: {_BROKEN[name]}.") from None
         raise UsageError(f"unknown detector {name!r}; known detectors: {', '.join(known_names())}.") from None
 
 
