@@ -25,6 +25,8 @@ class GenerationRecord:
     ended_ns: int = 0
     steps: int = 0
     last_kv_bytes: int = 0
+    final_seq_len: int = 0
+    layers_recorded: int = 0
     baseline: Reading = _NO_READING
     peak: Reading = _NO_READING
     post_return: Reading = _NO_READING

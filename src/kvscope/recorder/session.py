@@ -188,6 +188,8 @@ class Recording:
         record.cache_class = steps.cache_class or "none"
         record.steps = steps.step
         record.last_kv_bytes = steps.last.get("kv_bytes", 0)
+        record.final_seq_len = steps.seq_len
+        record.layers_recorded = steps.last.get("layers", 0)
         record.new_tokens, record.eos_reached = generated_tokens(self.model, output, args, kwargs, steps.step)
         if self.store_prompts and record.prompt_text is None:
             ids = kwargs.get("input_ids", args[0] if args else None)

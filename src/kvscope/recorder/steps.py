@@ -141,7 +141,8 @@ class StepRecorder:
             self.nvml_peak = nvml_used
         t_ns = start - self.origin_ns
         self.last = {"step": step, "t_ns": t_ns, "seq_len": self.seq_len, "kv_bytes": kv_bytes,
-                     "nvml_used_bytes": nvml_used, "allocator": reading}
+                     "nvml_used_bytes": nvml_used, "allocator": reading,
+                     "layers": len(measured.rows) if measured is not None else 0}
         self.step = step + 1
         if reading is None:
             telemetry: tuple = (None,) * 6

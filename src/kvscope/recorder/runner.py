@@ -1,0 +1,128 @@
+"""The `kvscope record` protocol: load a model or twin, generate over prompts, settle memory.
+
+Per prompt: baseline reading and peak reset (in the session), generate, post-return reading,
+outputs dropped, gc, post-release reading, `empty_cache()`, post-empty-cache reading (`settle`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from kvscope.errors import UsageError
+from kvscope.recorder.generation import GenerationRecord
+from kvscope.recorder.prompt_set import Prompt, load_prompts
+from kvscope.recorder.session import Recording
+
+ProgressHook = Callable[[str, int, int], None]  # (event, prompt index, value)
+
+
+@dataclass
+class RecordJob:
+    output: Path
+    model_dir: str | None = None
+    twin: str | None = None
+    shrink: bool = False
+    prompts_file: str | None = None
+    limit: int | None = None
+    max_new_tokens: int = 256
+    min_new_tokens: int | None = None
+    dtype: str | None = None
+    device: str | None = None
+    cache_implementation: str | None = None
+    attn_implementation: str | None = None
+    sample_kv_every: int = 0
+    labels: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass
+class RecordResult:
+    trace: Path
+    model_name: str
+    num_layers: int
+    device: str
+    generations: list[GenerationRecord]
+    nvml_total: int | None
+
+
+def default_device() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+class _TokenCounter:
+    """A generate() streamer that only counts tokens, for the progress bar."""
+
+    def __init__(self, hook: ProgressHook, index: int) -> None:
+        self.hook, self.index, self.first = hook, index, True
+
+    def put(self, value: torch.Tensor) -> None:
+        if self.first:  # the prompt comes first
+            self.first = False
+            return
+        self.hook("token", self.index, 1)
+
+    def end(self) -> None:
+        self.hook("done", self.index, 0)
+
+
+def load_model(job: RecordJob, device: str) -> tuple[torch.nn.Module, Callable[[str], list[int]], str, str]:
+    """(model, text → ids, model name, tokenizer description)."""
+    if (job.model_dir is None) == (job.twin is None):
+        raise UsageError("give either a local model directory or --twin NAME_OR_CONFIG_JSON (one of them).")
+    if job.twin is not None:
+        from kvscope.twins import load_twin, shrink_config
+        from kvscope.twins.build import BYTE_TOKENIZER, build_twin, byte_token_ids
+
+        spec = load_twin(job.twin)
+        if job.shrink:
+            spec = shrink_config(spec)
+        model = build_twin(spec, dtype=job.dtype, device=device, attn_implementation=job.attn_implementation)
+        vocab = int(model.config.get_text_config().vocab_size)
+        return model, lambda text: byte_token_ids(text, vocab), str(model.config.name_or_path), BYTE_TOKENIZER
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from kvscope.twins.build import torch_dtype
+
+    path = Path(job.model_dir)  # type: ignore[arg-type]
+    if not path.is_dir():
+        raise UsageError(f"{path} is not a local model directory (config.json, weights, tokenizer).")
+    kwargs: dict[str, Any] = {"torch_dtype": torch_dtype(job.dtype)} if job.dtype else {"torch_dtype": "auto"}
+    if job.attn_implementation:
+        kwargs["attn_implementation"] = job.attn_implementation
+    model = AutoModelForCausalLM.from_pretrained(path, **kwargs).to(device).eval()
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    return model, lambda text: tokenizer(text)["input_ids"], path.name, f"{type(tokenizer).__name__} from {path}"
+
+
+def run_record(job: RecordJob, progress: ProgressHook | None = None) -> RecordResult:
+    device = job.device or default_device()
+    prompts: list[Prompt] = load_prompts(job.prompts_file, job.limit)
+    model, encode, name, tokenizer = load_model(job, device)
+    options = {"cli": True, "max_new_tokens": job.max_new_tokens, "min_new_tokens": job.min_new_tokens,
+               "cache_implementation": job.cache_implementation, "twin": job.twin, "shrink": job.shrink,
+               "prompts": job.prompts_file or "built-in"}
+    hook = progress or (lambda event, index, value: None)
+    hook("start", 0, len(prompts))
+    with Recording(model, job.output, labels=job.labels, sample_kv_every=job.sample_kv_every, model_name=name,
+                   tokenizer=tokenizer, options=options) as rec:
+        for index, prompt in enumerate(prompts):
+            ids = torch.tensor([encode(prompt.text)], dtype=torch.long, device=device)
+            hook("prompt", index, ids.shape[-1])
+            kwargs: dict[str, Any] = {"max_new_tokens": job.max_new_tokens, "do_sample": False,
+                                      "attention_mask": torch.ones_like(ids), "streamer": _TokenCounter(hook, index)}
+            if job.min_new_tokens is not None:
+                kwargs["min_new_tokens"] = job.min_new_tokens
+            if job.cache_implementation:
+                kwargs["cache_implementation"] = job.cache_implementation
+            rec.next_prompt(prompt.id, prompt.text)
+            output = model.generate(ids, **kwargs)
+            del output, ids  # the post-release reading needs the outputs gone
+            rec.settle()
+        generations = list(rec.generations)
+        layout = rec.layout
+        nvml_total = rec.nvml.total
+    return RecordResult(job.output, name, layout.num_layers, device, generations, nvml_total)
