@@ -19,6 +19,7 @@ from kvscope.errors import EXIT_BAD_INPUT, EXIT_RUNTIME, KvscopeError
 # (command module, attribute): adding a command is one line here.
 COMMANDS = (
     ("kvscope.cli.inspect_cmd", "inspect_command"),
+    ("kvscope.cli.record_cmd", "record_command"),
     ("kvscope.cli.analyze_cmd", "analyze_command"),
     ("kvscope.cli.sql_cmd", "sql_command"),
     ("kvscope.cli.tune_cmd", "tune_command"),
