@@ -98,7 +98,7 @@ def layer_summary(t: LoadedTraces) -> str:
     return t.cached_table(LAYER_SUMMARY, f"""
         WITH rows AS (
           SELECT l.run_id, l.gen_id, l.layer, l.step, l.kv_bytes, l.stored_tokens, l.layer_type, l.k_dtype,
-            l.k_bytes, l.v_bytes, l.capacity_tokens, l.aliased,
+            l.capacity_tokens, l.aliased,
             CAST(l.step - coalesce(r.lo, 0) AS DOUBLE) AS x, CAST(l.kv_bytes AS DOUBLE) AS y,
             CASE WHEN r.lo IS NULL THEN 0
                  WHEN l.step <= r.lo + (r.hi - r.lo) * 0.25 THEN 1
@@ -107,21 +107,18 @@ def layer_summary(t: LoadedTraces) -> str:
         ), buckets AS (
           SELECT run_id, gen_id, layer, qt, count(*) AS n, {sums},
             min(x) AS x_lo, max(x) AS x_hi, max(step) AS last_step,
-            max(stored_tokens) AS max_stored_tokens, max(kv_bytes) AS peak_kv_bytes,
-            arg_max({{'kv_bytes': kv_bytes, 'k_bytes': k_bytes, 'v_bytes': v_bytes, 'stored_tokens': stored_tokens,
-                     'capacity_tokens': capacity_tokens, 'aliased': aliased}}, step) AS last,
+            arg_max({{'kv_bytes': kv_bytes, 'stored_tokens': stored_tokens, 'capacity_tokens': capacity_tokens,
+                     'aliased': aliased}}, step) AS last,
             any_value(layer_type) AS layer_type, any_value(k_dtype) AS k_dtype
           FROM rows GROUP BY run_id, gen_id, layer, qt
         ), g AS (
           SELECT run_id, gen_id, layer, sum(n) AS n, {combined}, {quarters},
             min(x_lo) AS x_lo, max(x_hi) AS x_hi, max(last_step) AS last_step,
-            max(max_stored_tokens) AS max_stored_tokens, max(peak_kv_bytes) AS peak_kv_bytes,
             arg_max(last, last_step) AS last, arg_max(layer_type, last_step) AS layer_type,
             arg_max(k_dtype, last_step) AS k_dtype
           FROM buckets GROUP BY run_id, gen_id, layer
         ), c AS (
-          SELECT run_id, gen_id, layer, n, x_lo, x_hi, last_step, max_stored_tokens, peak_kv_bytes, layer_type, k_dtype,
-            last.kv_bytes AS kv_bytes, last.k_bytes AS k_bytes, last.v_bytes AS v_bytes,
+          SELECT run_id, gen_id, layer, n, x_lo, x_hi, last_step, layer_type, k_dtype, last.kv_bytes AS kv_bytes,
             last.stored_tokens AS stored_tokens, last.capacity_tokens AS capacity_tokens, last.aliased AS aliased,
             sx / n AS x_mean, sy / n AS y_mean, {_quarter_slope(1)} AS slope_first, {_quarter_slope(2)} AS slope_last,
             {_centred()}

@@ -53,7 +53,7 @@ def detect(t: LoadedTraces, cfg: Config) -> list[Finding]:
     rows = t.records(f"""
         WITH g AS ({geo_sql}),
         x AS (
-          SELECT s.run_id, s.gen_id, s.layer, s.layer_type, s.k_dtype,
+          SELECT s.run_id, s.gen_id, s.layer, s.layer_type, s.k_dtype, s.aliased,
             s.kv_bytes::DOUBLE / s.batch_size / greatest(coalesce(s.capacity_tokens, s.stored_tokens), 1) AS measured,
             CAST(g.elems * coalesce(g.cfg_bytes, {dtype_bytes_sql('s.k_dtype')}) AS DOUBLE) AS expected, g.latent,
             g.cfg_bytes IS NULL AS dtype_from_trace
@@ -62,7 +62,7 @@ def detect(t: LoadedTraces, cfg: Config) -> list[Finding]:
         )
         SELECT run_id, gen_id, median(measured) AS measured, median(expected) AS expected,
           median(measured / expected) AS ratio, count(*) AS layers,
-          list(DISTINCT k_dtype) AS dtypes, bool_or(latent) AS latent, bool_or(dtype_from_trace) AS dtype_from_trace
+          list(DISTINCT k_dtype) AS dtypes, bool_or(latent) AS latent, count(*) FILTER (WHERE aliased) AS aliased, bool_or(dtype_from_trace) AS dtype_from_trace
         FROM x WHERE expected > 0 GROUP BY run_id, gen_id ORDER BY run_id, gen_id
     """)
     findings = []
@@ -84,7 +84,7 @@ def detect(t: LoadedTraces, cfg: Config) -> list[Finding]:
             NAME, "info" if ok else "warning", r["run_id"], r["gen_id"], None, "bytes_per_token_per_layer",
             r["measured"], r["expected"], message,
             {"ratio": r["ratio"], "expected_bytes_per_token": r["expected"], "band": [cfg.low, cfg.high],
-             "layers": r["layers"], "dtypes": r["dtypes"], "latent": r["latent"],
+             "layers": r["layers"], "dtypes": r["dtypes"], "latent": r["latent"], "aliased_layers": r["aliased"],
              "expected_from": sources.get(r["run_id"]), "dtype_from_trace": r["dtype_from_trace"]},
         ))
     return findings
