@@ -115,3 +115,18 @@ def test_diff_reports_layer_and_finding_changes(synth, capsys: pytest.CaptureFix
     assert peak["change"] == pytest.approx(1.5)
     assert main(["diff", str(bf16), str(fp32)]) == 0
     assert "only in B" in capsys.readouterr().out
+
+
+def test_click_runner_sees_the_same_exit_codes(traces: dict[str, Path]) -> None:
+    from click.testing import CliRunner
+
+    from kvscope.cli.main import cli
+
+    runner = CliRunner()
+    odd = str(traces["odd"])
+    assert runner.invoke(cli, ["analyze", odd, "--fail-on", "warning", "--format", "json"]).exit_code == 1
+    assert runner.invoke(cli, ["analyze", odd, "--fail-on", "critical", "--format", "json"]).exit_code == 0
+    bad = runner.invoke(cli, ["analyze", odd, "-d", "kv_leak"])
+    assert bad.exit_code == 2 and "known detectors" in bad.output
+    assert runner.invoke(cli, ["sql", odd, "SELECT 1 AS one", "--format", "csv"]).output == "one\n1\n"
+    assert runner.invoke(cli, ["diff", odd, str(traces["healthy"]), "--format", "json"]).exit_code == 0

@@ -27,7 +27,22 @@ COMMANDS = (
 )
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+class _Group(click.Group):
+    """Turns a command's returned exit code and KvscopeErrors into click exits, so that
+    `click.testing.CliRunner` and the `kvscope` script see the same codes as `main()`."""
+
+    def invoke(self, ctx: click.Context) -> object:
+        try:
+            result = super().invoke(ctx)
+        except KvscopeError as exc:
+            click.echo(f"kvscope: error: {exc}", err=True)
+            raise click.exceptions.Exit(exc.exit_code) from exc
+        if isinstance(result, int) and not isinstance(result, bool) and result != 0:
+            raise click.exceptions.Exit(result)
+        return result
+
+
+@click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="kvscope")
 def cli() -> None:
     """KVScope: record a model's KV cache, then analyse the trace without a GPU."""
