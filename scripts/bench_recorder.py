@@ -1,0 +1,114 @@
+"""Recorder overhead on a GPU: tokens/s of generate with and without the recorder, interleaved.
+
+    PYTHONPATH=src python3 scripts/bench_recorder.py --rounds 5 --out bench-results.json
+
+Builds the pythia-1.4b twin (bf16, random weights), a 64-token prompt, 512 new tokens (min = max),
+and runs rounds of three variants in rotating order: plain generate, generate inside
+`kvscope.record` (telemetry every step, no samples), and the same with KV samples every 64 steps.
+Reports medians of tokens/s and the recorder's own per-step time (`recorder_ns` from the traces).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import torch
+
+import kvscope
+from kvscope.twins import load_twin
+from kvscope.twins.build import build_twin
+
+VARIANTS = ("plain", "recorder", "recorder+samples64")
+
+
+def _sync() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def recorder_ns(trace: Path) -> list[int]:
+    return [v for part in sorted((trace / "steps").glob("part-*.parquet"))
+            for v in pq.read_table(part, columns=["recorder_ns"])["recorder_ns"].to_pylist()]
+
+
+def run_once(model: torch.nn.Module, ids: torch.Tensor, new_tokens: int, variant: str,
+             workdir: Path) -> tuple[float, list[int]]:
+    kwargs = dict(max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
+                  attention_mask=torch.ones_like(ids))
+    if variant == "plain":
+        _sync()
+        start = time.perf_counter()
+        model.generate(ids, **kwargs)
+        _sync()
+        return time.perf_counter() - start, []
+    trace = Path(tempfile.mkdtemp(dir=workdir))
+    with kvscope.record(model, trace, sample_kv_every=64 if "samples" in variant else 0) as rec:
+        _sync()
+        start = time.perf_counter()
+        out = model.generate(ids, **kwargs)
+        _sync()
+        elapsed = time.perf_counter() - start
+        del out
+        rec.settle()
+    per_step = recorder_ns(trace)
+    shutil.rmtree(trace)
+    return elapsed, per_step
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--new-tokens", type=int, default=512)
+    parser.add_argument("--prompt-tokens", type=int, default=64)
+    parser.add_argument("--twin", default="pythia-1.4b")
+    parser.add_argument("--out", type=Path, default=Path("bench-results.json"))
+    parser.add_argument("--device", default="cuda")
+    args = parser.parse_args()
+    model = build_twin(load_twin(args.twin), dtype="bfloat16", device=args.device)
+    generator = torch.Generator().manual_seed(0)
+    ids = torch.randint(3, 50000, (1, args.prompt_tokens), generator=generator).to(args.device)
+    workdir = Path(tempfile.mkdtemp())
+    for variant in VARIANTS:  # warm-up: kernels load, allocator grows
+        run_once(model, ids, 64, variant, workdir)
+    results: dict[str, list[float]] = {v: [] for v in VARIANTS}
+    per_step: dict[str, list[int]] = {v: [] for v in VARIANTS}
+    for round_index in range(args.rounds):
+        order = VARIANTS[round_index % 3:] + VARIANTS[:round_index % 3]
+        for variant in order:
+            elapsed, steps = run_once(model, ids, args.new_tokens, variant, workdir)
+            results[variant].append(args.new_tokens / elapsed)
+            per_step[variant].extend(steps)
+            print(f"round {round_index} {variant:20s} {args.new_tokens / elapsed:7.2f} tokens/s", flush=True)
+    device_name = torch.cuda.get_device_name(0) if args.device.startswith("cuda") else args.device
+    summary = {"device": device_name, "torch": torch.__version__,
+               "transformers": __import__("transformers").__version__, "twin": args.twin,
+               "prompt_tokens": args.prompt_tokens, "new_tokens": args.new_tokens, "rounds": args.rounds,
+               "tokens_per_s": results, "variants": {}}
+    base = statistics.median(results["plain"])
+    for variant in VARIANTS:
+        median = statistics.median(results[variant])
+        entry = {"median_tokens_per_s": median, "overhead_vs_plain": 1 - median / base,
+                 "median_step_ms": 1000 / median}
+        if per_step[variant]:
+            ns = sorted(per_step[variant])
+            entry.update(recorder_us_median=ns[len(ns) // 2] / 1000, recorder_us_mean=sum(ns) / len(ns) / 1000,
+                         recorder_us_p99=ns[int(len(ns) * 0.99)] / 1000,
+                         recorder_share_of_step=(sum(ns) / len(ns) / 1e9) * median)
+        summary["variants"][variant] = entry
+    args.out.write_text(json.dumps(summary, indent=2))
+    print(f"{'variant':20s} {'tok/s':>8s} {'overhead':>9s} {'rec µs med':>10s} {'rec µs mean':>11s} {'share':>7s}")
+    for variant, entry in summary["variants"].items():
+        print(f"{variant:20s} {entry['median_tokens_per_s']:8.2f} {entry['overhead_vs_plain'] * 100:8.2f}% "
+              f"{entry.get('recorder_us_median', 0):10.1f} {entry.get('recorder_us_mean', 0):11.1f} "
+              f"{entry.get('recorder_share_of_step', 0) * 100:6.2f}%")
+
+
+if __name__ == "__main__":
+    main()
