@@ -54,6 +54,8 @@ def test_a_folder_of_traces_loads_as_one_set(tmp_path: Path, synth) -> None:  # 
     with load_traces([folder]) as t:
         assert t.sql("SELECT count(DISTINCT run_id) FROM layers") == [(3,)]
         assert len(t.traces) == 3
+    with load_traces([folder, folder / "t1"]) as t:  # a trace named twice is read once
+        assert t.sql("SELECT count(*) FROM run") == [(3,)]
 
 
 def test_superseded_parts_and_temporary_files_are_left_out(tmp_path: Path) -> None:

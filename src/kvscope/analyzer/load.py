@@ -172,7 +172,7 @@ def load_opened(traces: list[Trace], *, threads: int | None = None, memory_limit
 def load_traces(paths: Sequence[str | os.PathLike[str]], *, threads: int | None = None,
                 memory_limit: str = "1GB", progress: bool = False) -> LoadedTraces:
     """Open one trace, several, or folders of traces, and load them as views."""
-    found = find_traces(list(paths))
+    found = list(dict.fromkeys(p.resolve() for p in find_traces(list(paths))))  # a trace named twice counts once
     if progress and len(found) > 10:
         from rich.progress import track
 
