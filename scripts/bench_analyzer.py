@@ -83,7 +83,8 @@ def time_analyze(trace: Path) -> tuple[float, int, int]:
     return wall, rss, len(json.loads(result.stdout[json_start:]))
 
 
-def time_reference(trace: Path) -> tuple[float, int]:
+def reference_rows(trace: Path) -> tuple[float, list[tuple]]:
+    """Seconds and rows (run_id, gen_id, layer, r2_lin, r2_quad) of the reference query, fresh connection."""
     import duckdb
 
     files = "[" + ", ".join(f"'{p}'" for p in sorted((trace / "layers").glob("part-*.parquet"))) + "]"
@@ -91,7 +92,12 @@ def time_reference(trace: Path) -> tuple[float, int]:
     con.execute(f"SET threads = {os.cpu_count() or 1}").fetchall()
     started = time.perf_counter()
     rows = con.execute(REFERENCE_QUERY.format(files=files)).fetchall()
-    return time.perf_counter() - started, len(rows)
+    return time.perf_counter() - started, rows
+
+
+def time_reference(trace: Path) -> tuple[float, int]:
+    seconds, rows = reference_rows(trace)
+    return seconds, len(rows)
 
 
 def main() -> None:

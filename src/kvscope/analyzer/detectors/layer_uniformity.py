@@ -85,8 +85,8 @@ def detect(t: LoadedTraces, cfg: Config) -> list[Finding]:
         divisor = reduce(math.gcd, [m["n"] for m in modes]) if modes else 1
         ratio = ":".join(str(m["n"] // divisor) for m in modes)
         described = ", ".join(f"{m['n']} at {human_bytes(m['bytes'])} ({'/'.join(m['types'])})" for m in modes)
-        evidence = {"modes": [{"layers": m["layers"], "count": m["n"], "bytes": m["bytes"], "types": m["types"]}
-                              for m in modes],
+        evidence = {"modes": [{"layers": m["layers"], "count": m["n"], "bytes": m["bytes"], "mib": m["bytes"] / 2**20,
+                               "types": m["types"]} for m in modes],
                     "mode_ratio": ratio, "outlier_layers": outliers, "context_tokens": r["context"],
                     "sliding_window": r["sliding_window"]}
         findings.append(Finding(
