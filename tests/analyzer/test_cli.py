@@ -130,3 +130,13 @@ def test_click_runner_sees_the_same_exit_codes(traces: dict[str, Path]) -> None:
     assert bad.exit_code == 2 and "known detectors" in bad.output
     assert runner.invoke(cli, ["sql", odd, "SELECT 1 AS one", "--format", "csv"]).output == "one\n1\n"
     assert runner.invoke(cli, ["diff", odd, str(traces["healthy"]), "--format", "json"]).exit_code == 0
+
+
+def test_analyze_lists_detectors_and_filters_by_severity(traces: dict[str, Path],
+                                                         capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["analyze", "--list"]) == 0
+    out = capsys.readouterr().out
+    assert "preallocation_waste" in out and "ratio_threshold=1.25" in out
+    assert main(["analyze", str(traces["odd"]), "--min-severity", "warning", "--format", "json"]) == 0
+    assert {f["severity"] for f in json.loads(capsys.readouterr().out)} == {"warning"}
+    assert main(["analyze"]) == 2

@@ -4,11 +4,29 @@ from __future__ import annotations
 
 import click
 
-from kvscope.errors import EXIT_FINDINGS, EXIT_OK
+from kvscope.errors import EXIT_FINDINGS, EXIT_OK, UsageError
+
+
+def _list_detectors() -> None:
+    import dataclasses
+
+    from rich.console import Console
+    from rich.table import Table
+
+    from kvscope.analyzer.registry import registry
+
+    table = Table(show_edge=False)
+    for header in ("detector", "what it reports", "thresholds (--set detector.field=value)"):
+        table.add_column(header, overflow="fold")
+    for name, det in sorted(registry().items()):
+        fields = ", ".join(f"{f.name}={getattr(det.default_config(), f.name)!r}"
+                           for f in dataclasses.fields(det.config))
+        table.add_row(name, det.summary, fields)
+    Console().print(table)
 
 
 @click.command("analyze")
-@click.argument("traces", nargs=-1, required=True, type=click.Path())
+@click.argument("traces", nargs=-1, type=click.Path())
 @click.option("--detector", "-d", "detectors", multiple=True, metavar="NAME",
               help="Run only this detector (repeatable); default: all registered detectors.")
 @click.option("--set", "overrides", multiple=True, metavar="DETECTOR.FIELD=VALUE",
@@ -16,9 +34,12 @@ from kvscope.errors import EXIT_FINDINGS, EXIT_OK
 @click.option("--format", "fmt", type=click.Choice(["text", "json", "markdown"]), default="text", show_default=True)
 @click.option("--fail-on", type=click.Choice(["warning", "critical"]), default=None,
               help="Exit with code 1 when a finding of this severity or worse exists (a CI gate).")
+@click.option("--min-severity", type=click.Choice(["info", "warning", "critical"]), default="info",
+              show_default=True, help="Report only findings of this severity or worse (--fail-on sees all).")
 @click.option("--threads", type=int, default=None, help="DuckDB threads (default: all cores).")
+@click.option("--list", "list_only", is_flag=True, help="List the registered detectors and their thresholds.")
 def analyze_command(traces: tuple[str, ...], detectors: tuple[str, ...], overrides: tuple[str, ...], fmt: str,
-                    fail_on: str | None, threads: int | None) -> int:
+                    fail_on: str | None, min_severity: str, threads: int | None, list_only: bool) -> int:
     """Run the detectors over one trace, several, or folders of traces.
 
     Exits 0 normally, 1 when --fail-on matched a finding, 2 for bad input.
@@ -28,16 +49,22 @@ def analyze_command(traces: tuple[str, ...], detectors: tuple[str, ...], overrid
     from kvscope.analyzer.registry import parse_overrides, select
     from kvscope.analyzer.report import print_table, to_json, to_markdown
 
+    if list_only:
+        _list_detectors()
+        return EXIT_OK
+    if not traces:
+        raise UsageError("give at least one trace (or a folder of traces) to analyse.")
     chosen = select(detectors)
     configs = parse_overrides(overrides, chosen)
     with load_traces(traces, threads=threads, progress=fmt == "text") as tables:
         findings = analyze(tables, chosen, configs)
+    shown = [f for f in findings if f.at_least(min_severity)]
     if fmt == "json":
-        click.echo(to_json(findings))
+        click.echo(to_json(shown))
     elif fmt == "markdown":
-        click.echo(to_markdown(findings))
+        click.echo(to_markdown(shown))
     else:
-        print_table(findings)
+        print_table(shown)
     if fail_on is not None and any(f.at_least(fail_on) for f in findings):
         return EXIT_FINDINGS
     return EXIT_OK
