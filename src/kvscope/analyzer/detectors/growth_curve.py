@@ -100,7 +100,8 @@ def detect(t: LoadedTraces, cfg: Config) -> list[Finding]:
             f"layer{'s' if len(layers) > 1 else ''} {layer_list(layers)} ({', '.join(types)}) grew linearly and "
             f"saturated at {tokens} tokens, as a sliding window should; nothing to do.",
             {"layers": layers, "layer_types": types, "saturated_at_tokens": tokens,
-             "slope_first_quarter": [r["slope_first"] for r in group][:1]},
+             "slopes_first_quarter": [r["slope_first"] for r in group],
+             "slopes_last_quarter": [r["slope_last"] for r in group]},
         ))
     if cfg.check_totals:
         fits = step_fits(t)
