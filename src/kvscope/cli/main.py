@@ -24,6 +24,7 @@ COMMANDS = (
     ("kvscope.cli.sql_cmd", "sql_command"),
     ("kvscope.cli.tune_cmd", "tune_command"),
     ("kvscope.cli.diff_cmd", "diff_command"),
+    ("kvscope.cli.kernels_cmd", "kernels_command"),
 )
 
 
