@@ -115,21 +115,21 @@ def test_the_documented_example_detector_is_one_file(monkeypatch: pytest.MonkeyP
 
     doc = (Path(__file__).resolve().parents[2] / "docs" / "detectors.md").read_text()
     (source,) = re.findall(r"```python\n(.*?)```", doc, flags=re.S)
-    (tmp_path / "dead_heads_example.py").write_text(source)
+    (tmp_path / "weak_keys_example.py").write_text(source)
     monkeypatch.syspath_prepend(str(tmp_path))
-    module = __import__("dead_heads_example")
+    module = __import__("weak_keys_example")
     monkeypatch.setattr(registry_module, "_REGISTRY", None)
     monkeypatch.setattr(registry_module, "entry_points", lambda group: [
-        types.SimpleNamespace(name="dead_heads", value="dead_heads_example", load=lambda: module)])
+        types.SimpleNamespace(name="weak_keys", value="weak_keys_example", load=lambda: module)])
     trace = tmp_path / "t"
     write_part(trace, "run", run_row())
     write_part(trace, "head_stats", {
         "run_id": ["r1"] * 4, "gen_id": [0] * 4, "step": [5] * 4, "layer": [2] * 4, "head": [0, 1, 2, 3],
         "stat": ["key_norm_mean"] * 4, "value": [1.5, 1e-5, 2.0, 1.1], "tokens": [64] * 4, "source": ["offline"] * 4})
     with load_traces([trace]) as tables:
-        (finding,) = analyze(tables, ["dead_heads"])
-    assert (finding.detector, finding.layer, finding.evidence) == ("dead_heads", 2, {"head": 1})
-    sys.modules.pop("dead_heads_example", None)
+        (finding,) = analyze(tables, ["weak_keys"])
+    assert (finding.detector, finding.layer, finding.evidence) == ("weak_keys", 2, {"head": 1})
+    sys.modules.pop("weak_keys_example", None)
     monkeypatch.setattr(registry_module, "_REGISTRY", None)
 
 

@@ -97,6 +97,16 @@ def human_bytes(n: float | None) -> str:
     return f"{value:.2f} TiB"
 
 
+def bytes_in_unit_of(n: float, largest: float) -> str:
+    """`n` in the unit human_bytes picks for `largest`, so that sizes compare at a glance."""
+    unit, scale = "B", 1.0
+    for name in ("KiB", "MiB", "GiB", "TiB"):
+        if abs(largest) < 1024 * scale:
+            break
+        unit, scale = name, scale * 1024
+    return f"{n:.0f} B" if unit == "B" else f"{n / scale:.2f} {unit}"
+
+
 def layer_list(layers: list[int], limit: int = 8) -> str:
     """`0, 2, 4` or `0, 2, 4, ... (18 layers)` for a message."""
     shown = ", ".join(str(i) for i in layers[:limit])

@@ -70,8 +70,8 @@ def detect(t: LoadedTraces, cfg: Config) -> list[Finding]:
         ok = cfg.low <= r["ratio"] <= cfg.high
         kind = "latent" if r["latent"] else "K+V"
         if ok:
-            message = (f"{human_bytes(r['measured'])} per token per layer, as the geometry expects "
-                       f"({human_bytes(r['expected'])}, ratio {r['ratio']:.2f}); nothing to do.")
+            message = (f"{r['measured']:.0f} bytes ({human_bytes(r['measured'])}) per token per layer, as the "
+                       f"geometry expects ({r['expected']:.0f} bytes, ratio {r['ratio']:.2f}); nothing to do.")
         elif r["ratio"] > cfg.high:
             message = (f"the cache holds {r['ratio']:.2f}x the geometry's {kind} bytes per token per layer "
                        f"({human_bytes(r['measured'])} vs {human_bytes(r['expected'])}, dtypes "

@@ -14,7 +14,7 @@ import math
 from dataclasses import dataclass
 from functools import reduce
 
-from kvscope.analyzer.findings import Finding, human_bytes, layer_list
+from kvscope.analyzer.findings import Finding, bytes_in_unit_of, layer_list
 from kvscope.analyzer.geometry import parse_config
 from kvscope.analyzer.load import LoadedTraces
 from kvscope.analyzer.registry import Detector
@@ -84,7 +84,9 @@ def detect(t: LoadedTraces, cfg: Config) -> list[Finding]:
         outliers = [layer for m in r["modes"] if m["n"] < cfg.min_mode_layers for layer in m["layers"]]
         divisor = reduce(math.gcd, [m["n"] for m in modes]) if modes else 1
         ratio = ":".join(str(m["n"] // divisor) for m in modes)
-        described = ", ".join(f"{m['n']} at {human_bytes(m['bytes'])} ({'/'.join(m['types'])})" for m in modes)
+        largest = max((m["bytes"] for m in modes), default=0.0)
+        described = ", ".join(f"{m['n']} at {bytes_in_unit_of(m['bytes'], largest)} ({'/'.join(m['types'])})"
+                              for m in modes)
         evidence = {"modes": [{"layers": m["layers"], "count": m["n"], "bytes": m["bytes"], "mib": m["bytes"] / 2**20,
                                "types": m["types"]} for m in modes],
                     "mode_ratio": ratio, "outlier_layers": outliers, "context_tokens": r["context"],
