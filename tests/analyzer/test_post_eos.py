@@ -41,6 +41,19 @@ def test_gemma_twin_nvml_warm_up_is_not_a_leak(tmp_path: Path) -> None:
     assert all(f.evidence["nvml_score"] == pytest.approx(f.value) for f in findings)
 
 
+def test_first_generation_workspace_is_warm_up_not_a_leak(tmp_path: Path) -> None:
+    # environment.md, gemma-3-4b twin: allocated +32 MiB after the first generation, then flat
+    w, ws = 8 * GIB, 32 * MIB
+    gens = [_gen(w, w + 200 * MIB, w + ws), _gen(w + ws, w + ws + 210 * MIB, w + ws),
+            _gen(w + ws, w + ws + 220 * MIB, w + ws)]
+    findings = detect(_trace(tmp_path, gens), "post_eos")
+    assert [(f.severity, f.gen_id, f.metric, f.value) for f in findings] == [("info", 0, "live_retention", 0.16)]
+    assert findings[0].evidence["warmup"] is True
+    # with nothing after it, the same rise cannot be told from a leak
+    (alone,) = detect(_trace(tmp_path / "one", gens[:1]), "post_eos")
+    assert (alone.severity, alone.gen_id) == ("warning", 0)
+
+
 def test_live_tensors_on_one_generation_are_a_warning(tmp_path: Path) -> None:
     w = 2 * GIB
     gens = [_gen(w, w + 100 * MIB, w), _gen(w, w + 100 * MIB, w + 30 * MIB), _gen(w + 30 * MIB, w + 130 * MIB, w + 30 * MIB)]
