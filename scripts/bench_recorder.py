@@ -62,6 +62,39 @@ def run_once(model: torch.nn.Module, ids: torch.Tensor, new_tokens: int, variant
     return elapsed, per_step
 
 
+def component_costs(model: torch.nn.Module, ids: torch.Tensor, new_tokens: int, repeats: int = 500) -> dict:
+    """Median µs of each part of the per-step hook, on the cache of a finished generation."""
+    from kvscope.recorder.measure import measure_cache
+    from kvscope.recorder.model_layout import model_layout
+    from kvscope.recorder.telemetry import AllocatorProbe, NvmlProbe
+
+    out = model.generate(ids, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
+                         attention_mask=torch.ones_like(ids), return_dict_in_generate=True)
+    cache = out.past_key_values
+    layout = model_layout(model)
+    allocator = AllocatorProbe(layout.cuda_devices)
+    nvml = NvmlProbe(layout.cuda_devices)
+    parts = {
+        "allocator_stats_call": allocator.read,
+        "torch_cuda_memory_stats_flattened": (lambda: torch.cuda.memory_stats()) if torch.cuda.is_available() else None,
+        "nvml_used": nvml.used,
+        "measure_cache_all_layers": lambda: measure_cache(cache, layout, ids.shape[-1] + new_tokens).kv_bytes,
+    }
+    costs = {}
+    for name, fn in parts.items():
+        if fn is None:
+            continue
+        for _ in range(50):
+            fn()
+        times = []
+        for _ in range(repeats):
+            start = time.perf_counter_ns()
+            fn()
+            times.append(time.perf_counter_ns() - start)
+        costs[name] = statistics.median(times) / 1000
+    return costs
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--rounds", type=int, default=5)
@@ -75,8 +108,10 @@ def main() -> None:
     generator = torch.Generator().manual_seed(0)
     ids = torch.randint(3, 50000, (1, args.prompt_tokens), generator=generator).to(args.device)
     workdir = Path(tempfile.mkdtemp())
-    for variant in VARIANTS:  # warm-up: kernels load, allocator grows
-        run_once(model, ids, 64, variant, workdir)
+    for variant in VARIANTS:  # warm-up at full length: kernels load, allocator grows to its working size
+        run_once(model, ids, args.new_tokens, variant, workdir)
+    costs = component_costs(model, ids, args.new_tokens)
+    print("component costs (median µs):", json.dumps(costs), flush=True)
     results: dict[str, list[float]] = {v: [] for v in VARIANTS}
     per_step: dict[str, list[int]] = {v: [] for v in VARIANTS}
     for round_index in range(args.rounds):
@@ -90,7 +125,7 @@ def main() -> None:
     summary = {"device": device_name, "torch": torch.__version__,
                "transformers": __import__("transformers").__version__, "twin": args.twin,
                "prompt_tokens": args.prompt_tokens, "new_tokens": args.new_tokens, "rounds": args.rounds,
-               "tokens_per_s": results, "variants": {}}
+               "tokens_per_s": results, "component_us": costs, "variants": {}}
     base = statistics.median(results["plain"])
     for variant in VARIANTS:
         median = statistics.median(results[variant])

@@ -8,18 +8,27 @@ writes atomic parts through `TraceWriter`. Only this thread touches the writer.
 
 from __future__ import annotations
 
+import os
 import queue
 import sys
 import threading
+import uuid
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
+import pyarrow as pa
+import pyarrow.parquet as pq
 import torch
 
 from kvscope.errors import RecordingError
+from kvscope.schema.tables import TABLES
 from kvscope.trace.writer import TraceWriter
 
 _STOP = object()
+
+
+SAMPLE_FIELDS = ("run_id", "gen_id", "step", "layer", "tensor", "shape", "dtype", "data")
 
 
 def tensor_bytes(tensor: torch.Tensor) -> bytes:
@@ -30,6 +39,19 @@ def tensor_bytes(tensor: torch.Tensor) -> bytes:
     return host.view(torch.uint8).numpy().tobytes() if host.numel() else b""
 
 
+def write_samples_part(directory: Path, rows: list[tuple]) -> None:
+    """Write kv_samples rows as one atomic part: light zstd, no dictionaries (raw floats barely compress,
+    and level-9 zstd over hundreds of MiB would take seconds)."""
+    table = TABLES["kv_samples"]
+    data = pa.Table.from_pydict(dict(zip(SAMPLE_FIELDS, (list(c) for c in zip(*rows, strict=True)), strict=True)),
+                                schema=table.arrow_schema())
+    directory.mkdir(parents=True, exist_ok=True)
+    name = f"part-{uuid.uuid4().hex[:12]}.parquet"
+    tmp = directory / f".{name}.tmp"
+    pq.write_table(data, tmp, compression="zstd", compression_level=1, use_dictionary=False)
+    os.replace(tmp, directory / name)
+
+
 class BackgroundWriter:
     """Owns a `TraceWriter` on its own thread; `flush(wait=True)` returns once parts are on disk."""
 
@@ -37,6 +59,7 @@ class BackgroundWriter:
         self.writer = writer
         self._queue: queue.Queue[Any] = queue.Queue()
         self._error: BaseException | None = None
+        self._copy_stream: Any = None
         self._thread = threading.Thread(target=self._run, name="kvscope-writer", daemon=True)
         self._thread.start()
 
@@ -45,10 +68,16 @@ class BackgroundWriter:
         if rows:
             self._queue.put(("rows", table, tuple(names), rows))
 
-    def samples(self, rows: list[tuple]) -> None:
-        """Queue kv_samples rows whose last field is a tensor still to be copied to host bytes."""
+    def layer_batches(self, names: Sequence[str], batches: list[tuple]) -> None:
+        """Queue per-step batches `(run_id, gen_id, step, [layer row, ...])` of the layers table."""
+        if batches:
+            self._queue.put(("layers", tuple(names), batches))
+
+    def samples(self, rows: list[tuple], ready: Any = None) -> None:
+        """Queue kv_samples rows whose last field is a device tensor still to be copied to host bytes;
+        `ready` is a CUDA event recorded after the copies were enqueued (None on CPU)."""
         if rows:
-            self._queue.put(("samples", rows))
+            self._queue.put(("samples", rows, ready))
 
     def flush(self, *, wait: bool = False) -> None:
         done = threading.Event()
@@ -87,9 +116,22 @@ class BackgroundWriter:
             _, table, names, rows = item
             columns = [list(c) for c in zip(*rows, strict=False)]
             self.writer.extend(table, dict(zip(names, columns, strict=False)))
+        elif kind == "layers":
+            _, names, batches = item
+            rows = [(run_id, gen_id, step, *row) for run_id, gen_id, step, layer_rows in batches for row in layer_rows]
+            if rows:
+                self.writer.extend("layers", dict(zip(names, (list(c) for c in zip(*rows, strict=True)), strict=True)))
         elif kind == "samples":
-            names = ("run_id", "gen_id", "step", "layer", "tensor", "shape", "dtype", "data")
-            rows = [(*row[:-1], tensor_bytes(row[-1])) for row in item[1]]
-            self.writer.extend("kv_samples", dict(zip(names, (list(c) for c in zip(*rows, strict=False)), strict=False)))
+            _, rows, ready = item
+            if ready is not None:
+                # Copy on a side stream that waits only for the clones, not for later decode steps.
+                if self._copy_stream is None:
+                    self._copy_stream = torch.cuda.Stream()
+                with torch.cuda.stream(self._copy_stream):
+                    self._copy_stream.wait_event(ready)
+                    rows = [(*row[:-1], tensor_bytes(row[-1])) for row in rows]
+            else:
+                rows = [(*row[:-1], tensor_bytes(row[-1])) for row in rows]
+            write_samples_part(self.writer.path / "kv_samples", rows)
         elif kind == "flush":
             self.writer.flush()

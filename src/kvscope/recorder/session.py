@@ -94,11 +94,13 @@ class Recording:
                                      options, self.nvml)
         self.run_id = self.metadata.run_id
         self.writer = BackgroundWriter(TraceWriter(self.path))
+        # Samples get their own thread, so a generate boundary never waits for their copies.
+        self.sample_writer = BackgroundWriter(TraceWriter(self.path))
         self.writer.rows("run", list(self.metadata.to_row()), [tuple(self.metadata.to_row().values())])
         self.writer.flush(wait=True)  # a crash at any later instant leaves a trace with its run row
         self.discovery = AttentionDiscovery(attention_modules(self.model))
         self.steps = StepRecorder(self.run_id, self.layout, self.allocator, self.nvml, self.writer,
-                                  self.discovery, self.flush_every, self.samples, self.origin_ns)
+                                  self.sample_writer, self.discovery, self.flush_every, self.samples, self.origin_ns)
         self._hook = self.model.register_forward_hook(self.steps.on_forward, with_kwargs=True)
         self._had_generate = "generate" in vars(self.model)
         self._original_generate = self.model.generate
@@ -120,6 +122,7 @@ class Recording:
                 self.settle()
             else:
                 self._write_generation(self._pending)
+        self.sample_writer.close(compact=False)
         self.writer.close()
 
     # -- user API --------------------------------------------------------------------------

@@ -58,7 +58,7 @@ class StepRecorder:
     """Records the steps of one generation at a time; the session owns its lifecycle."""
 
     def __init__(self, run_id: str, layout: ModelLayout, allocator: AllocatorProbe, nvml: NvmlProbe,
-                 writer: BackgroundWriter, discovery: AttentionDiscovery, flush_every: int,
+                 writer: BackgroundWriter, sample_writer: BackgroundWriter, discovery: AttentionDiscovery, flush_every: int,
                  samples: SamplePolicy, origin_ns: int) -> None:
         self.run_id = run_id
         self.layout = layout
@@ -66,6 +66,7 @@ class StepRecorder:
         self.nvml = nvml
         self.nvml_total = nvml.total
         self.writer = writer
+        self.sample_writer = sample_writer
         self.discovery = discovery
         self.flush_every = flush_every
         self.samples = samples
@@ -73,6 +74,7 @@ class StepRecorder:
         self.active = False
         self._step_rows: list[tuple] = []
         self._layer_rows: list[tuple] = []
+        self._sample_ready: Any = None
         self._sample_rows: list[tuple] = []
         self.begin(-1)
 
@@ -100,8 +102,9 @@ class StepRecorder:
 
     def _hand_over(self) -> None:
         self.writer.rows("steps", STEP_FIELDS, self._step_rows)
-        self.writer.rows("layers", LAYER_ROW_FIELDS, self._layer_rows)
-        self.writer.samples(self._sample_rows)
+        self.writer.layer_batches(LAYER_ROW_FIELDS, self._layer_rows)
+        self.sample_writer.samples(self._sample_rows, self._sample_ready)
+        self._sample_ready = None
         self._step_rows, self._layer_rows, self._sample_rows = [], [], []
 
     def on_forward(self, module: torch.nn.Module, args: tuple, kwargs: dict[str, Any], output: Any) -> None:
@@ -130,9 +133,8 @@ class StepRecorder:
         kv_bytes = measured.kv_bytes if measured is not None else 0
         gen_id, run_id = self.gen_id, self.run_id
         if measured is not None:
-            layer_rows = self._layer_rows
-            for row in measured.rows:
-                layer_rows.append((run_id, gen_id, step, *row))
+            # One entry per step; the writer thread prefixes run/gen/step to each layer row.
+            self._layer_rows.append((run_id, gen_id, step, measured.rows))
             if measured.sample_tensors:
                 self._copy_samples(measured.sample_tensors, step)
         reading = self.allocator.read()
@@ -176,3 +178,7 @@ class StepRecorder:
             copy = tensor.detach().clone(memory_format=torch.contiguous_format)
             self._sample_rows.append((self.run_id, self.gen_id, step, layer, name, tuple(copy.shape),
                                       str(copy.dtype).removeprefix("torch."), copy))
+        if tensors and tensors[0][2].is_cuda:
+            # The writer thread copies to host on its own stream once these clones are done.
+            self._sample_ready = torch.cuda.Event()
+            self._sample_ready.record()
