@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from analyzer_helpers import MIB, detect, layer_rows, merge, run_row, step_rows, write_part
+from analyzer_helpers import MIB, detect, gen_rows, layer_rows, merge, run_row, step_rows, write_part
 
 GIB = 1 << 30
 
@@ -72,3 +72,17 @@ def test_preallocation_waste(tmp_path: Path) -> None:
     assert f.evidence["wasted_bytes"] == pytest.approx(4 * 2 * MIB * (1 - 100 / 1024))
     assert detect(tmp_path, "preallocation_waste", max_ratio=20.0) == []
     assert detect(tmp_path, "preallocation_waste", min_waste_bytes=16 * MIB) == []
+
+
+def test_memory_cached_before_the_generation_is_info(tmp_path: Path) -> None:
+    # 2.5 GiB freed while loading the model is still cached when generate() starts
+    n = 10
+    write_part(tmp_path, "run", run_row())
+    write_part(tmp_path, "steps", step_rows("r1", 0, list(range(10, 20)), [0] * n, allocated=[330 * MIB] * n,
+                                            reserved=[2840 * MIB] * n, retries=[0] * n))
+    write_part(tmp_path, "generations", gen_rows("r1", [{"baseline_allocated": 322 * MIB,
+                                                         "baseline_reserved": 2832 * MIB}]))
+    (f,) = detect(tmp_path, "fragmentation")
+    assert (f.severity, f.metric, f.value) == ("info", "mean_fragmentation", pytest.approx(2510 / 2840))
+    assert f.evidence["cached_before_bytes"] == 2510 * MIB
+    assert "empty_cache" in f.message

@@ -3,6 +3,9 @@
 F_t = (reserved − allocated) / reserved per step, averaged over each generation's steps; also the
 split blocks' stranded bytes (inactive_split_bytes) and the allocator's retries (num_alloc_retries:
 a cudaMalloc failed, the cache was flushed and the allocation retried — the step before an OOM).
+Unused memory that the allocator already cached when the generation started (baseline reserved −
+allocated, e.g. blocks freed while loading the model) is available to the generation, not wasted
+by it: when it alone explains F, the finding is info.
 """
 
 from __future__ import annotations
@@ -23,7 +26,8 @@ class Config:
     max_mean_fraction: float = 0.15
     # Retries during a generation above which it is flagged (0: any retry).
     max_alloc_retries: int = 0
-    # Mean fraction at or above which the finding is critical rather than a warning.
+    # Mean fraction at or above which the finding is critical rather than a warning, when the
+    # allocator also had to retry: memory is both wasted and running out.
     critical_fraction: float = 0.4
 
 
@@ -36,8 +40,12 @@ _PER_GEN = """
         max(inactive_split_bytes) AS max_split_bytes,
         max(reserved_bytes) AS peak_reserved,
         max(alloc_retries) AS retries_end, min(alloc_retries) AS retries_start,
+        avg(CASE WHEN reserved_bytes > 0 THEN greatest(reserved_bytes - allocated_bytes
+            - coalesce(greatest(g.baseline_reserved_bytes - g.baseline_allocated_bytes, 0), 0), 0)::DOUBLE
+            / reserved_bytes END) AS mean_excess,
+        any_value(greatest(g.baseline_reserved_bytes - g.baseline_allocated_bytes, 0)) AS cached_before,
         count(reserved_bytes) AS readings
-      FROM steps GROUP BY run_id, gen_id
+      FROM steps LEFT JOIN generations g USING (run_id, gen_id) GROUP BY run_id, gen_id
     )
     SELECT *, greatest(retries_end - coalesce(
         lag(retries_end) OVER (PARTITION BY run_id ORDER BY gen_id), retries_start, 0), 0) AS retries
@@ -45,22 +53,39 @@ _PER_GEN = """
 """
 
 
+def _mean_finding(r: dict, cfg: Config, evidence: dict) -> Finding:
+    if r["mean_excess"] is not None and r["mean_excess"] <= cfg.max_mean_fraction:
+        return Finding(
+            NAME, "info", r["run_id"], r["gen_id"], None, "mean_fragmentation", r["mean_f"], cfg.max_mean_fraction,
+            f"{r['mean_f']:.0%} of reserved memory is unused during the generation, but the allocator already "
+            f"cached {human_bytes(r['cached_before'])} before it started (e.g. freed while loading the model): "
+            "call torch.cuda.empty_cache() before generating to return it to other processes.",
+            evidence,
+        )
+    retried = r["retries"] is not None and r["retries"] > cfg.max_alloc_retries
+    split = r["mean_split"] is not None and r["mean_split"] >= r["mean_f"] / 2
+    advice = ("set PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True or preallocate the cache (static cache)"
+              if split else "freed blocks stay cached: preallocate the cache (static cache) or set "
+              "PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True")
+    return Finding(
+        NAME, "critical" if r["mean_f"] >= cfg.critical_fraction and retried else "warning", r["run_id"],
+        r["gen_id"], None, "mean_fragmentation", r["mean_f"], cfg.max_mean_fraction,
+        f"{r['mean_f']:.0%} of reserved memory is unused on average during the generation "
+        f"({human_bytes(r['max_split_bytes'])} stranded in split blocks at most); {advice}.",
+        evidence,
+    )
+
+
+
 def detect(t: LoadedTraces, cfg: Config) -> list[Finding]:
     findings: list[Finding] = []
     for r in t.records(_PER_GEN):
         evidence = {"mean_fraction": r["mean_f"], "max_fraction": r["max_f"],
                     "mean_inactive_split_fraction": r["mean_split"], "max_inactive_split_bytes": r["max_split_bytes"],
-                    "alloc_retries": r["retries"], "peak_reserved_bytes": r["peak_reserved"]}
+                    "alloc_retries": r["retries"], "peak_reserved_bytes": r["peak_reserved"],
+                    "cached_before_bytes": r["cached_before"], "mean_fraction_beyond_cached": r["mean_excess"]}
         if r["mean_f"] is not None and r["mean_f"] > cfg.max_mean_fraction:
-            severity = "critical" if r["mean_f"] >= cfg.critical_fraction else "warning"
-            findings.append(Finding(
-                NAME, severity, r["run_id"], r["gen_id"], None, "mean_fragmentation", r["mean_f"],
-                cfg.max_mean_fraction,
-                f"{r['mean_f']:.0%} of reserved memory is unused on average during the generation "
-                f"({human_bytes(r['max_split_bytes'])} stranded in split blocks at most); set "
-                "PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True or preallocate the cache (static cache).",
-                evidence,
-            ))
+            findings.append(_mean_finding(r, cfg, evidence))
         if r["retries"] is not None and r["retries"] > cfg.max_alloc_retries:
             findings.append(Finding(
                 NAME, "warning", r["run_id"], r["gen_id"], None, "alloc_retries", r["retries"], cfg.max_alloc_retries,
