@@ -55,7 +55,8 @@ def compare(a: LoadedTraces, b: LoadedTraces, min_severity: str = "warning") -> 
     for layer in sorted(set(pa_["layers"]) | set(pb["layers"])):
         la, lb = pa_["layers"].get(layer, {}), pb["layers"].get(layer, {})
         bpt_a, bpt_b = la.get("bytes_per_token"), lb.get("bytes_per_token")
-        layers.append({"layer": layer, "layer_type": la.get("layer_type") or lb.get("layer_type"),
+        types = list(dict.fromkeys(t for t in (la.get("layer_type"), lb.get("layer_type")) if t))
+        layers.append({"layer": layer, "layer_type": "/".join(types) or None,
                        "a": bpt_a, "b": bpt_b, "change": _change(bpt_a, bpt_b)})
     metrics = []
     for name in ("peak_kv_bytes", "peak_allocated_bytes", "peak_reserved_bytes", "mean_fragmentation",
