@@ -28,6 +28,7 @@ import torch.nn.functional as F  # noqa: E402
 
 from kvscope import kernels as K  # noqa: E402
 from kvscope.kernels import _triton as T  # noqa: E402
+from kvscope.kernels import _triton_attn as A  # noqa: E402
 from kvscope.kernels import reference as R  # noqa: E402
 
 DEV = torch.device("cpu" if SMOKE else "cuda")
@@ -135,9 +136,9 @@ def bench_attention(tq: int, tk: int, with_materialised: bool) -> dict[str, Any]
     v = torch.randn(b, hkv, tk, d, device=DEV, dtype=dtype)
     scale = 1 / math.sqrt(d)
     row: dict[str, Any] = {"shape": f"B={b} Hq={hq} Hkv={hkv} D={d} Tq={tq} Tk={tk} causal bf16"}
-    ent = lambda: T.attention_entropy(q, k, scale, True, None)  # noqa: E731
+    ent = lambda: A.attention_entropy(q, k, scale, True, None)  # noqa: E731
     lse = ent()[1]
-    mass = lambda: T.attention_mass(q, k, lse, scale, True, None)  # noqa: E731
+    mass = lambda: A.attention_mass(q, k, lse, scale, True, None)  # noqa: E731
     row["entropy_ms"], row["entropy_peak"] = bench(ent), peak_bytes(ent)
     row["mass_ms"], row["mass_peak"] = bench(mass), peak_bytes(mass)
     # SDPA gets K/V expanded to Hq heads (outside the timing) so it takes its flash path; with
@@ -160,13 +161,13 @@ def sweep_entropy(t: int) -> list[dict[str, Any]]:
     b, hq, hkv, d = (1, 4, 2, 32) if SMOKE else (1, 32, 8, 128)
     q = torch.randn(b, hq, t, d, device=DEV, dtype=LOW)
     k = torch.randn(b, hkv, t, d, device=DEV, dtype=LOW)
-    lse = T.attention_entropy(q, k, 0.1, True, None)[1]
+    lse = A.attention_entropy(q, k, 0.1, True, None)[1]
     configs = [(16, 16, 1, 1)] if SMOKE else [(128, 64, 8, 3), (128, 128, 8, 3), (64, 64, 4, 3), (128, 64, 4, 3), (64, 128, 4, 3)]
     rows = []
     for cfg in configs:
         c = T.AttnConfig(*cfg)
-        rows.append({"config": cfg, "entropy_ms": bench(lambda c=c: T.attention_entropy(q, k, 0.1, True, None, c)),
-                     "mass_ms": bench(lambda c=c: T.attention_mass(q, k, lse, 0.1, True, None, c))})
+        rows.append({"config": cfg, "entropy_ms": bench(lambda c=c: A.attention_entropy(q, k, 0.1, True, None, c)),
+                     "mass_ms": bench(lambda c=c: A.attention_mass(q, k, lse, 0.1, True, None, c))})
     return rows
 
 

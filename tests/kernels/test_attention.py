@@ -10,8 +10,9 @@ import torch
 pytest.importorskip("triton")
 
 from kvscope import kernels  # noqa: E402
-from kvscope.kernels import _triton as tri  # noqa: E402
+from kvscope.kernels import _triton_attn as tri  # noqa: E402
 from kvscope.kernels import reference as ref  # noqa: E402
+from kvscope.kernels._triton import interpreting  # noqa: E402
 
 RTOL, ATOL = 1e-4, 1e-5
 
@@ -23,6 +24,7 @@ CASES = [
     (2, 4, 1, 29, 41, 8, False, None),
     (1, 4, 2, 45, 45, 32, True, 7),
     (1, 2, 1, 19, 50, 20, True, 1),
+    (1, 2, 1, 70, 90, 16, True, 40),
     (1, 2, 1, 40, 18, 16, True, None),
 ]
 
@@ -43,7 +45,7 @@ def _qk(case: tuple, spread: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def test_the_kernels_run_in_the_interpreter() -> None:
-    assert tri.interpreting()
+    assert interpreting()
     assert kernels.backend_for(torch.zeros(1)) == "triton"
 
 

@@ -18,6 +18,7 @@ from kvscope.kernels import reference
 from kvscope.kernels.mla import erank_from_eigenvalues
 
 _TRITON: ModuleType | None = None
+_ATTN: ModuleType | None = None
 _warned = False
 
 
@@ -32,6 +33,15 @@ def _triton_module() -> ModuleType:
 
         _TRITON = _triton
     return _TRITON
+
+
+def _attn_module() -> ModuleType:
+    global _ATTN
+    if _ATTN is None:
+        from kvscope.kernels import _triton_attn
+
+        _ATTN = _triton_attn
+    return _ATTN
 
 
 def backend_for(x: torch.Tensor) -> str:
@@ -77,7 +87,7 @@ def attention_entropy(
     reference.check_attention_args(q, k, causal=causal, window=window)
     scale = reference.default_scale(q.shape[-1]) if scale is None else float(scale)
     if backend_for(q) == "triton":
-        return _triton_module().attention_entropy(*_for_triton(q, k), scale, causal, window)
+        return _attn_module().attention_entropy(*_for_triton(q, k), scale, causal, window)
     return reference.attention_entropy(q, k, scale=scale, causal=causal, window=window)
 
 
@@ -102,7 +112,7 @@ def attention_mass(
     scale = reference.default_scale(q.shape[-1]) if scale is None else float(scale)
     if backend_for(q) != "triton":
         return reference.attention_mass(q, k, scale=scale, causal=causal, window=window, normalize=normalize)
-    tri = _triton_module()
+    tri = _attn_module()
     q, k = _for_triton(q, k)
     if lse is None:
         lse = tri.attention_entropy(q, k, scale, causal, window)[1]
