@@ -59,7 +59,6 @@ class BackgroundWriter:
         self.writer = writer
         self._queue: queue.Queue[Any] = queue.Queue()
         self._error: BaseException | None = None
-        self._copy_stream: Any = None
         self._thread = threading.Thread(target=self._run, name="kvscope-writer", daemon=True)
         self._thread.start()
 
@@ -74,8 +73,8 @@ class BackgroundWriter:
             self._queue.put(("layers", tuple(names), batches))
 
     def samples(self, rows: list[tuple], ready: Any = None) -> None:
-        """Queue kv_samples rows whose last field is a device tensor still to be copied to host bytes;
-        `ready` is a CUDA event recorded after the copies were enqueued (None on CPU)."""
+        """Queue kv_samples rows whose last field is a host tensor (pinned, filled asynchronously) or a
+        CPU clone; `ready` is the CUDA event recorded after the copies were enqueued (None on CPU)."""
         if rows:
             self._queue.put(("samples", rows, ready))
 
@@ -124,14 +123,7 @@ class BackgroundWriter:
         elif kind == "samples":
             _, rows, ready = item
             if ready is not None:
-                # Copy on a side stream that waits only for the clones, not for later decode steps.
-                if self._copy_stream is None:
-                    self._copy_stream = torch.cuda.Stream()
-                with torch.cuda.stream(self._copy_stream):
-                    self._copy_stream.wait_event(ready)
-                    rows = [(*row[:-1], tensor_bytes(row[-1])) for row in rows]
-            else:
-                rows = [(*row[:-1], tensor_bytes(row[-1])) for row in rows]
-            write_samples_part(self.writer.path / "kv_samples", rows)
+                ready.synchronize()  # the asynchronous copies into pinned host memory are done
+            write_samples_part(self.writer.path / "kv_samples", [(*row[:-1], tensor_bytes(row[-1])) for row in rows])
         elif kind == "flush":
             self.writer.flush()

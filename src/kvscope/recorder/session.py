@@ -98,6 +98,7 @@ class Recording:
         self.sample_writer = BackgroundWriter(TraceWriter(self.path))
         self.writer.rows("run", list(self.metadata.to_row()), [tuple(self.metadata.to_row().values())])
         self.writer.flush(wait=True)  # a crash at any later instant leaves a trace with its run row
+        self.samples.prepare(cuda=self.allocator.enabled)
         self.discovery = AttentionDiscovery(attention_modules(self.model))
         self.steps = StepRecorder(self.run_id, self.layout, self.allocator, self.nvml, self.writer,
                                   self.sample_writer, self.discovery, self.flush_every, self.samples, self.origin_ns)
@@ -123,6 +124,7 @@ class Recording:
             else:
                 self._write_generation(self._pending)
         self.sample_writer.close(compact=False)
+        self.samples.staging = None  # give the pinned buffer back
         self.writer.close()
 
     # -- user API --------------------------------------------------------------------------

@@ -39,6 +39,13 @@ class SamplePolicy:
     max_bytes: int = 256 * 2**20
     used_bytes: int = 0
     exhausted: bool = False
+    # CUDA: one pinned host buffer of max_bytes; samples are copied into it asynchronously, so the
+    # decode loop never waits for a device-to-host copy and the writer thread stays idle meanwhile.
+    staging: torch.Tensor | None = None
+
+    def prepare(self, cuda: bool) -> None:
+        if cuda and self.every > 0 and self.max_bytes > 0 and self.staging is None:
+            self.staging = torch.empty(self.max_bytes, dtype=torch.uint8, pin_memory=True)
 
     def layers_at(self, step: int) -> Container[int] | None:
         if self.every <= 0 or self.exhausted or step % self.every:
@@ -99,13 +106,14 @@ class StepRecorder:
         self.discovery.remove()
         self._hand_over()
         self.writer.flush(wait=wait)
+        # Samples are serialised after the generation, off the decode loop (see SamplePolicy.staging).
+        self.sample_writer.samples(self._sample_rows, self._sample_ready)
+        self._sample_rows, self._sample_ready = [], None
 
     def _hand_over(self) -> None:
         self.writer.rows("steps", STEP_FIELDS, self._step_rows)
         self.writer.layer_batches(LAYER_ROW_FIELDS, self._layer_rows)
-        self.sample_writer.samples(self._sample_rows, self._sample_ready)
-        self._sample_ready = None
-        self._step_rows, self._layer_rows, self._sample_rows = [], [], []
+        self._step_rows, self._layer_rows = [], []
 
     def on_forward(self, module: torch.nn.Module, args: tuple, kwargs: dict[str, Any], output: Any) -> None:
         """Forward hook on the model `generate` calls: one call per step."""
@@ -173,12 +181,16 @@ class StepRecorder:
                 self.events.append({"kind": "samples_budget", "step": step,
                                     "detail": {"max_sample_bytes": policy.max_bytes, "used_bytes": policy.used_bytes}})
                 return
-            policy.used_bytes += size
-            # A real copy: static caches are written in place, and the cache must not be pinned.
-            copy = tensor.detach().clone(memory_format=torch.contiguous_format)
-            self._sample_rows.append((self.run_id, self.gen_id, step, layer, name, tuple(copy.shape),
-                                      str(copy.dtype).removeprefix("torch."), copy))
+            offset = policy.used_bytes
+            policy.used_bytes += (size + 15) // 16 * 16  # keep every sample 16-byte aligned
+            if policy.staging is not None and tensor.is_cuda:
+                host = policy.staging[offset:offset + size].view(tensor.dtype).view(tensor.shape)
+                host.copy_(tensor.detach(), non_blocking=True)
+            else:
+                # A real copy: static caches are written in place, and the cache must not be pinned.
+                host = tensor.detach().clone(memory_format=torch.contiguous_format)
+            self._sample_rows.append((self.run_id, self.gen_id, step, layer, name, tuple(host.shape),
+                                      str(host.dtype).removeprefix("torch."), host))
         if tensors and tensors[0][2].is_cuda:
-            # The writer thread copies to host on its own stream once these clones are done.
             self._sample_ready = torch.cuda.Event()
             self._sample_ready.record()

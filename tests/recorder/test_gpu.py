@@ -1,0 +1,46 @@
+"""On a CUDA device: allocator and NVML readings are present, samples round-trip (skipped without CUDA)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from helpers import NEW_TOKENS, prompt_ids, tiny_model
+
+import kvscope
+from kvscope.trace.reader import check_invariants, open_trace
+
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device"),
+]
+
+
+def test_cuda_recording_has_allocator_readings_and_exact_samples(tmp_path: Path) -> None:
+    model = tiny_model("gpt_neox").cuda()
+    expected: dict[int, bytes] = {}
+
+    def capture(module: torch.nn.Module, args: tuple, output: object) -> None:
+        keys = output.past_key_values.layers[0].keys if hasattr(output.past_key_values, "layers") else None
+        if keys is not None and len(expected) == 0:
+            expected[0] = keys.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes()
+
+    handle = model.register_forward_hook(capture)
+    with kvscope.record(model, tmp_path / "t", sample_kv_every=8, sample_layers=[0]) as rec:
+        out = model.generate(prompt_ids().cuda(), max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS,
+                             do_sample=False)
+        del out
+        rec.settle()
+    handle.remove()
+    trace = open_trace(tmp_path / "t")
+    assert check_invariants(trace).ok
+    steps = trace.read("steps").to_pydict()
+    assert all(v is not None and v > 0 for v in steps["allocated_bytes"] + steps["reserved_bytes"])
+    assert all(v is not None for v in steps["alloc_retries"] + steps["num_ooms"])
+    generation = trace.read("generations").to_pylist()[0]
+    for point in ("baseline", "peak", "post_return", "post_release", "post_empty_cache"):
+        assert generation[f"{point}_allocated_bytes"] is not None
+    samples = {(s["step"], s["tensor"]): s for s in trace.read("kv_samples").to_pylist()}
+    if expected:
+        assert samples[(0, "k")]["data"] == expected[0]
