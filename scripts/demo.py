@@ -1,4 +1,10 @@
-"""`make demo`: build a synthetic trace and inspect it (the recorder replaces this with a recording)."""
+"""`make demo`: record a small random-weight twin on the CPU, then inspect the trace.
+
+The twin is gpt-oss-20b's structure shrunk (`--shrink`): the same 24 layers, 8 KV heads of 64 and
+alternating 128-token sliding windows, with a small MLP, 4 experts and a 512-token vocabulary, so
+it runs on two CPU cores in well under a minute. The last prompts cross the window: the sliding
+layers stop growing while the full layers keep going.
+"""
 
 from __future__ import annotations
 
@@ -7,24 +13,15 @@ import sys
 from pathlib import Path
 
 from kvscope.cli.main import main as kvscope
-from kvscope.trace.synth import SynthSpec, build_synthetic_trace
 
 
 def run(out: Path) -> int:
     if out.exists():
         shutil.rmtree(out)
-    spec = SynthSpec(
-        num_layers=36,
-        layer_types=tuple(["sliding_attention", "full_attention"] * 18),
-        sliding_window=128,
-        num_kv_heads=8,
-        head_dim=64,
-        steps=512,
-        model_name="gpt-oss-120b geometry (synthetic)",
-        model_type="gpt_oss",
-    )
-    build_synthetic_trace(out, spec)
-    print(f"wrote a synthetic gpt-oss-120b-geometry trace to {out}")
+    code = kvscope(["record", "--twin", "gpt-oss-20b", "--shrink", "--dtype", "float32", "--device", "cpu",
+                    "--limit", "4", "--max-new-tokens", "32", "--label", "demo=1", "-o", str(out)])
+    if code:
+        return code
     return kvscope(["inspect", str(out)])
 
 
