@@ -1,0 +1,73 @@
+"""Online head statistics through transformers' attention-function registry (CPU, tiny llama)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+pytest.importorskip("transformers.modeling_utils", reason="needs the attention-function registry")
+
+from kvscope.kernels.online import IMPLEMENTATION, HeadStatsCollector  # noqa: E402
+
+
+def _model(attn: str) -> object:
+    config = transformers.LlamaConfig(vocab_size=96, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128)
+    config._attn_implementation = attn
+    torch.manual_seed(0)
+    return transformers.LlamaForCausalLM(config).eval()
+
+
+def _rows(columns: dict) -> list[dict]:
+    return [dict(zip(columns, values, strict=True)) for values in zip(*columns.values(), strict=True)]
+
+
+@pytest.mark.parametrize("attn", ["eager", "sdpa"])
+def test_generate_unchanged_and_stats_every_n_steps(attn: str) -> None:
+    model = _model(attn)
+    ids = torch.randint(0, 96, (1, 7))
+    with torch.no_grad():
+        want = model.generate(ids, max_new_tokens=5, do_sample=False)
+    collector = HeadStatsCollector(2, run_id="r")
+    with collector.install(model), torch.no_grad():
+        assert model.config._attn_implementation == IMPLEMENTATION
+        got = model.generate(ids, max_new_tokens=5, do_sample=False)
+    assert model.config._attn_implementation == attn
+    assert torch.equal(got, want)
+    rows = _rows(collector.drain())
+    assert {r["step"] for r in rows} == {0, 2, 4}
+    assert {r["layer"] for r in rows} == {0, 1} and {r["source"] for r in rows} == {"online"}
+    stats = {(r["step"], r["layer"], r["stat"], r["head"]): r for r in rows}
+    assert {h for (s, la, st, h) in stats if st == "entropy_mean" and s == 0 and la == 0} == {0, 1, 2, 3}
+    assert {h for (s, la, st, h) in stats if st == "key_norm_max" and s == 0 and la == 0} == {0, 1}
+    assert stats[(0, 0, "key_norm_max", 0)]["tokens"] == 7
+    assert stats[(4, 0, "entropy_mean", 0)]["tokens"] == 7 + 4  # decode step 4 reads 11 keys
+    assert collector.drain()["stat"] == []
+
+
+def test_prefill_entropy_matches_eager_attention_weights() -> None:
+    model = _model("eager")
+    ids = torch.randint(0, 96, (2, 9))
+    with torch.no_grad():
+        weights = model(ids, output_attentions=True).attentions
+    collector = HeadStatsCollector(1)
+    with collector.install(model), torch.no_grad():
+        model(ids)
+    rows = _rows(collector.drain())
+    for layer in range(2):
+        want = torch.special.entr(weights[layer].float()).sum(dim=-1).mean(dim=(0, 2))
+        got = torch.tensor([r["value"] for r in sorted(rows, key=lambda r: r["head"])
+                            if r["layer"] == layer and r["stat"] == "entropy_mean"])
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+
+
+def test_collector_refuses_bad_settings_and_double_install() -> None:
+    with pytest.raises(ValueError):
+        HeadStatsCollector(0)
+    model = _model("sdpa")
+    collector = HeadStatsCollector(3).install(model)
+    with pytest.raises(RuntimeError):
+        collector.install(model)
+    collector.uninstall()
+    assert model.config._attn_implementation == "sdpa"
