@@ -7,7 +7,8 @@ from typing import Any
 
 import pytest
 import torch
-from helpers import (
+from packaging.version import Version
+from recorder_helpers import (
     NEW_TOKENS,
     PROMPT_TOKENS,
     TF_VERSION,
@@ -18,7 +19,6 @@ from helpers import (
     tiny_model,
     unique_bytes,
 )
-from packaging.version import Version
 
 import kvscope
 from kvscope.trace.reader import check_invariants, open_trace

@@ -22,7 +22,7 @@ CHILD = textwrap.dedent(
     import sys, time
     sys.path.insert(0, {helpers!r})
     import torch
-    from helpers import prompt_ids, tiny_model
+    from recorder_helpers import prompt_ids, tiny_model
     import kvscope
 
     model = tiny_model("gpt_neox")

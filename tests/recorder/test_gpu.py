@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import NEW_TOKENS, prompt_ids, tiny_model
+from recorder_helpers import NEW_TOKENS, prompt_ids, tiny_model
 
 import kvscope
 from kvscope.trace.reader import check_invariants, open_trace

@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 import torch
-from helpers import NEW_TOKENS, PROMPT_TOKENS, cache_layer_tensors, output_cache, prompt_ids, tiny_model
+from recorder_helpers import NEW_TOKENS, PROMPT_TOKENS, cache_layer_tensors, output_cache, prompt_ids, tiny_model
 
 import kvscope
 from kvscope.errors import UsageError

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers import unique_bytes
+from recorder_helpers import unique_bytes
 
 from kvscope.recorder.measure import measure_cache
 from kvscope.recorder.model_layout import ModelLayout

@@ -6,8 +6,8 @@ import json
 from pathlib import Path
 
 import pytest
-from helpers import TF_VERSION, TINY_CONFIGS
 from packaging.version import Version
+from recorder_helpers import TF_VERSION, TINY_CONFIGS
 
 from kvscope.cli.main import main as kvscope
 from kvscope.errors import UsageError
