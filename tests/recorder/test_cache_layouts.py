@@ -118,3 +118,41 @@ def test_quantized_cache(tmp_path: Path) -> None:
                                               cache_config=config)
     seen = check_trace(tmp_path / "trace", final_layers, per_step)
     assert "Quantized" in seen["generation"]["cache_class"]
+
+
+def test_encoder_decoder_cache_records_self_attention(tmp_path: Path) -> None:
+    from transformers import AutoConfig, AutoModelForSeq2SeqLM
+
+    config = AutoConfig.for_model("bart", vocab_size=256, d_model=64, encoder_layers=2, decoder_layers=2,
+                                  encoder_attention_heads=4, decoder_attention_heads=4, encoder_ffn_dim=128,
+                                  decoder_ffn_dim=128, max_position_embeddings=64)
+    torch.manual_seed(0)
+    model = AutoModelForSeq2SeqLM.from_config(config).eval()
+    with kvscope.record(model, tmp_path / "trace"):
+        counter = IndependentCounter(model)
+        try:
+            out = model.generate(prompt_ids(), max_new_tokens=8, min_new_tokens=8, do_sample=False,
+                                 num_beams=1, return_dict_in_generate=True)
+        finally:
+            counter.remove()
+    trace = open_trace(tmp_path / "trace")
+    steps = trace.read("steps").sort_by("step").to_pydict()
+    assert steps["kv_bytes"] == counter.per_step and len(counter.per_step) >= 7
+    last = [t for layer in cache_layer_tensors(out.past_key_values) for t in layer]
+    assert steps["kv_bytes"][-1] == unique_bytes(last)
+    assert steps["seq_len"][:2] == [1, 2]  # decoder tokens, not the encoder's prompt
+
+
+def test_preallocated_sliding_layers_hold_at_most_the_window(tmp_path: Path) -> None:
+    model = tiny_model("gemma2")
+    # 4.4x: HybridCache; later releases: StaticCache with StaticSlidingWindowLayer for sliding layers.
+    implementation = "hybrid" if TF_VERSION < Version("4.50") else "static"
+    final_layers, per_step = record_and_count(model, tmp_path / "trace", cache_implementation=implementation)
+    seen = check_trace(tmp_path / "trace", final_layers, per_step)
+    sliding = [row for row in seen["layers"] if row["layer_type"] == "sliding_attention"]
+    full = [row for row in seen["layers"] if row["layer_type"] == "full_attention"]
+    assert sliding and full
+    assert all(row["capacity_tokens"] == WINDOW and row["stored_tokens"] <= WINDOW for row in sliding)
+    assert all(row["capacity_tokens"] >= PROMPT_TOKENS + NEW_TOKENS - 1 for row in full)
+    assert max(row["stored_tokens"] for row in full) == PROMPT_TOKENS + NEW_TOKENS - 1
+    assert len(set(seen["steps"]["kv_bytes"])) == 1  # preallocated: nothing grows

@@ -46,8 +46,11 @@ def cache_from_kwargs(kwargs: dict[str, Any]) -> Any:
 
 
 def batch_and_tokens(args: tuple, kwargs: dict[str, Any]) -> tuple[int, int]:
-    """(batch size, tokens processed) of a forward call: input_ids or inputs_embeds."""
-    ids = kwargs.get("input_ids")
+    """(batch size, tokens processed) of a forward call: decoder_input_ids (encoder-decoder models),
+    input_ids or inputs_embeds."""
+    ids = kwargs.get("decoder_input_ids")
+    if ids is None:
+        ids = kwargs.get("input_ids")
     if ids is None and args and isinstance(args[0], torch.Tensor):
         ids = args[0]
     if isinstance(ids, torch.Tensor) and ids.dim() >= 2:
