@@ -71,3 +71,21 @@ def test_collector_refuses_bad_settings_and_double_install() -> None:
         collector.install(model)
     collector.uninstall()
     assert model.config._attn_implementation == "sdpa"
+
+
+def test_recording_with_head_stats_every_writes_online_rows(tmp_path) -> None:  # noqa: ANN001
+    from kvscope.recorder.session import record
+    from kvscope.trace.reader import open_trace
+
+    model = _model("sdpa")
+    ids = torch.randint(0, 96, (1, 6))
+    with record(model, tmp_path / "t", head_stats_every=3) as rec, torch.no_grad():
+        model.generate(ids, max_new_tokens=4, do_sample=False, min_new_tokens=4)
+        rec.settle()
+        model.generate(ids, max_new_tokens=2, do_sample=False, min_new_tokens=2)
+    assert model.config._attn_implementation == "sdpa"
+    rows = open_trace(tmp_path / "t").read("head_stats").to_pylist()
+    assert {(r["gen_id"], r["step"]) for r in rows} == {(0, 0), (0, 3), (1, 0)}
+    assert {r["source"] for r in rows} == {"online"}
+    assert {r["stat"] for r in rows} == {"key_norm_mean", "key_norm_max", "value_norm_mean", "value_norm_max",
+                                         "entropy_mean", "low_mass_fraction"}

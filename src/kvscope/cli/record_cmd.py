@@ -44,11 +44,13 @@ def _labels(values: tuple[str, ...]) -> dict[str, str]:
 @click.option("--attn-implementation", help="eager, sdpa, flash_attention_2, ...")
 @click.option("--sample-kv-every", default=0, show_default=True, type=click.IntRange(min=0),
               help="Copy K/V of every layer every N steps into kv_samples (0 = off).")
+@click.option("--head-stats-every", default=0, show_default=True, type=click.IntRange(min=0),
+              help="Per-head norms, attention entropy and low-mass fraction every N steps into head_stats (0 = off).")
 @click.option("--label", "labels", multiple=True, help="key=value stored with the run (repeatable).")
 def record_command(model: str | None, output: Path, twin: str | None, shrink: bool, prompts_file: str | None,
                    limit: int | None, max_new_tokens: int, min_new_tokens: int | None, dtype: str | None,
                    device: str | None, cache_implementation: str | None, attn_implementation: str | None,
-                   sample_kv_every: int, labels: tuple[str, ...]) -> int:
+                   sample_kv_every: int, head_stats_every: int, labels: tuple[str, ...]) -> int:
     """Record the KV cache of MODEL (a local Hugging Face model directory) or of --twin."""
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
@@ -63,6 +65,7 @@ def record_command(model: str | None, output: Path, twin: str | None, shrink: bo
                     limit=limit, max_new_tokens=max_new_tokens, min_new_tokens=min_new_tokens, dtype=dtype,
                     device=device, cache_implementation=cache_implementation,
                     attn_implementation=attn_implementation, sample_kv_every=sample_kv_every,
+                    head_stats_every=head_stats_every,
                     labels=_labels(labels))
     console = Console(stderr=True)
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())

@@ -36,6 +36,7 @@ class RecordJob:
     cache_implementation: str | None = None
     attn_implementation: str | None = None
     sample_kv_every: int = 0
+    head_stats_every: int = 0
     labels: dict[str, str] = field(default_factory=dict)
 
 
@@ -108,7 +109,7 @@ def run_record(job: RecordJob, progress: ProgressHook | None = None) -> RecordRe
     hook = progress or (lambda event, index, value: None)
     hook("start", 0, len(prompts))
     with Recording(model, job.output, labels=job.labels, sample_kv_every=job.sample_kv_every, model_name=name,
-                   tokenizer=tokenizer, options=options) as rec:
+                   tokenizer=tokenizer, options=options, head_stats_every=job.head_stats_every) as rec:
         for index, prompt in enumerate(prompts):
             ids = torch.tensor([encode(prompt.text)], dtype=torch.long, device=device)
             hook("prompt", index, ids.shape[-1])

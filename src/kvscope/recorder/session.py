@@ -43,11 +43,12 @@ class Recording:
                  sample_kv_every: int = 0, sample_layers: list[int] | None = None,
                  max_sample_bytes: int = 256 * 2**20, flush_every: int = MAX_FLUSH_EVERY,
                  nvml: str | bool = "auto", store_prompts: bool = False, model_name: str | None = None,
-                 tokenizer: str | None = None, options: dict[str, Any] | None = None) -> None:
+                 tokenizer: str | None = None, options: dict[str, Any] | None = None, head_stats_every: int = 0) -> None:
         if not 1 <= flush_every <= MAX_FLUSH_EVERY:
             raise UsageError(f"flush_every must be between 1 and {MAX_FLUSH_EVERY} steps, got {flush_every}.")
-        if sample_kv_every < 0 or max_sample_bytes < 0:
-            raise UsageError("sample_kv_every and max_sample_bytes must be >= 0.")
+        if sample_kv_every < 0 or max_sample_bytes < 0 or head_stats_every < 0:
+            raise UsageError("sample_kv_every, max_sample_bytes and head_stats_every must be >= 0.")
+        self.head_stats_every = head_stats_every
         if not hasattr(model, "generate"):
             raise UsageError(f"{type(model).__name__} has no generate(): pass the model you call generate on.")
         self.model = model
@@ -85,6 +86,7 @@ class Recording:
             "sample_layers": sorted(self.samples.layers) if self.samples.layers else "all",
             "max_sample_bytes": self.samples.max_bytes, "flush_every": self.flush_every,
             "nvml": self.nvml_mode, "nvml_available": self.nvml.enabled, "store_prompts": self.store_prompts,
+            "head_stats_every": self.head_stats_every,
             # generate's auto-compile would run the hooks inside a compiled graph: it is turned off.
             "compile": "disabled (generate(disable_compile=True))" if self.compile_disabled
             else "not auto-compiled by this transformers version",
@@ -103,6 +105,11 @@ class Recording:
         self.steps = StepRecorder(self.run_id, self.layout, self.allocator, self.nvml, self.writer,
                                   self.sample_writer, self.discovery, self.flush_every, self.samples, self.origin_ns)
         self._hook = self.model.register_forward_hook(self.steps.on_forward, with_kwargs=True)
+        self.head_stats = None  # online per-head statistics (kvscope.kernels.online), every N steps
+        if self.head_stats_every:
+            from kvscope.kernels.online import HeadStatsCollector
+
+            self.head_stats = HeadStatsCollector(self.head_stats_every, run_id=self.run_id).install(self.model)
         self._had_generate = "generate" in vars(self.model)
         self._original_generate = self.model.generate
         self.model.generate = self._generate  # type: ignore[method-assign]
@@ -114,6 +121,8 @@ class Recording:
         self._started = False
         self._hook.remove()
         self.discovery.remove()
+        if self.head_stats is not None:
+            self.head_stats.uninstall()
         if self._had_generate:
             self.model.generate = self._original_generate  # type: ignore[method-assign]
         else:
@@ -178,6 +187,8 @@ class Recording:
         self.allocator.reset_peaks()
         record.started_ns = time.perf_counter_ns() - self.origin_ns
         self.steps.begin(gen_id)
+        if self.head_stats is not None:
+            self.head_stats.begin_generation(gen_id)
         return record
 
     def _end_generation(self, record: GenerationRecord, output: Any, args: tuple, kwargs: dict[str, Any]) -> None:
@@ -201,6 +212,7 @@ class Recording:
             if isinstance(ids, torch.Tensor):
                 record.prompt_text = json.dumps(ids[0].tolist())
         self._write_events(steps.events, record.gen_id)
+        self._write_head_stats()
         steps.end(wait=True)
         self._pending = record
 
@@ -216,6 +228,7 @@ class Recording:
             detail["nvml_used_bytes"] = self.nvml.used()
         self._write_events(steps.events, record.gen_id)
         self._event("oom" if is_oom else "error", record.gen_id, steps.step, detail)
+        self._write_head_stats()
         steps.end(wait=True)
 
     # -- rows ------------------------------------------------------------------------------
@@ -229,6 +242,11 @@ class Recording:
         self._pending = None if self._pending is record else self._pending
         row = record.to_row(self.run_id)
         self.writer.rows("generations", list(row), [tuple(row.values())])
+
+    def _write_head_stats(self) -> None:
+        if self.head_stats is not None:
+            columns = self.head_stats.drain()
+            self.writer.rows("head_stats", list(columns), list(zip(*columns.values(), strict=True)))
 
     def _write_events(self, events: list[dict[str, Any]], gen_id: int) -> None:
         for event in events:
@@ -250,6 +268,7 @@ def record(model: torch.nn.Module, path: str | Path, **options: Any) -> Recordin
     """Record the KV cache of every `model.generate(...)` call made inside the `with` block.
 
     Options: labels, sample_kv_every (0 = off), sample_layers, max_sample_bytes, flush_every
-    (≤ 64), nvml ("auto", True, False), store_prompts, model_name, tokenizer. See docs/recorder.md.
+    (≤ 64), nvml ("auto", True, False), store_prompts, model_name, tokenizer, head_stats_every (0 = off:
+    per-head statistics every N steps into head_stats, see docs/kernels.md). See docs/recorder.md.
     """
     return Recording(model, path, **options)
