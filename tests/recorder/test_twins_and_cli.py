@@ -93,3 +93,28 @@ def test_record_cli_with_a_twin_config_file(tmp_path: Path) -> None:
 
 def test_record_cli_rejects_two_model_sources(tmp_path: Path) -> None:
     assert kvscope(["record", str(tmp_path), "--twin", "pythia-1.4b", "-o", str(tmp_path / "t")]) == 2
+
+
+def test_record_cli_with_a_local_model_directory(tmp_path: Path) -> None:
+    from recorder_helpers import tiny_model
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    words = ["<unk>", "the", "cache", "grows", "with", "every", "token"]
+    backend = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.Whitespace()
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="<unk>")
+    model_dir = tmp_path / "model"
+    tiny_model("llama").save_pretrained(model_dir)
+    tokenizer.save_pretrained(model_dir)
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text('{"id": "w", "text": "the cache grows with every token"}\n')
+    out = tmp_path / "trace"
+    code = kvscope(["record", str(model_dir), "--prompts", str(prompts), "--max-new-tokens", "4",
+                    "--min-new-tokens", "4", "--device", "cpu", "-o", str(out)])
+    assert code == 0
+    trace = open_trace(out)
+    run = trace.read("run").to_pylist()[0]
+    assert run["model_name"] == "model" and run["tokenizer"].endswith(f"from {model_dir}")
+    generation = trace.read("generations").to_pylist()[0]
+    assert (generation["prompt_tokens"], generation["new_tokens"]) == (6, 4)
