@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 from typing import Any
 
@@ -137,6 +138,7 @@ def test_flush_every_writes_parts_during_a_generation(tmp_path: Path) -> None:
 
     def count_parts(module: torch.nn.Module, args: tuple, output: Any) -> None:
         parts_seen.append(len(list((tmp_path / "t" / "steps").glob("part-*.parquet"))))
+        time.sleep(0.01)  # leave the writer thread time to finish a part between steps, even on a loaded host
 
     handle = model.register_forward_hook(count_parts)
     with kvscope.record(model, tmp_path / "t", flush_every=4):
