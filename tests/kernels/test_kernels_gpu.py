@@ -1,6 +1,6 @@
 """The compiled kernels on a CUDA device against the reference; online and offline paths on the GPU.
 
-Run on a GPU machine with ``KVSCOPE_GPU_TESTS=1 python -m pytest -q tests/kernels/test_gpu.py``
+Run on a GPU machine with ``KVSCOPE_GPU_TESTS=1 python -m pytest -q tests/kernels/test_kernels_gpu.py``
 (the variable keeps the conftest from switching Triton to its interpreter). Skipped elsewhere.
 """
 
