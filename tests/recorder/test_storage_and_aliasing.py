@@ -102,3 +102,22 @@ def test_legacy_tuple_and_fused_tensor_layers(batch: int) -> None:
     assert [row[9] for row in measured.rows] == [fused.nbytes, fused.nbytes]
     assert all(row[10] for row in measured.rows)
     assert measured.kv_bytes == 2 * fused.nbytes
+
+
+def test_v5_indexed_and_linear_attention_layers() -> None:
+    cache_utils = pytest.importorskip("transformers.cache_utils")
+    indexed_cls = getattr(cache_utils, "DynamicIndexedLayer", None)
+    linear_cls = getattr(cache_utils, "LinearAttentionLayer", None)
+    if indexed_cls is None or linear_cls is None:
+        pytest.skip("this transformers has no DynamicIndexedLayer/LinearAttentionLayer (5.11+ / 5.5+)")
+    indexed = indexed_cls()
+    indexed.keys, indexed.values = torch.randn(1, 2, 5, 8), torch.randn(1, 2, 5, 8)
+    indexed.indexer_keys = torch.randn(1, 5, 4)
+    linear = linear_cls()
+    linear.conv_states[0] = torch.randn(1, 16, 3)
+    linear.recurrent_states[0] = torch.randn(1, 2, 8, 8)
+    measured = measure_cache(_Cache([indexed, linear]), LAYOUT, 5)
+    rows = {row[0]: row for row in measured.rows}
+    assert rows[0][2] == indexed_cls.__name__ and rows[0][9] == 2 * indexed.keys.nbytes + indexed.indexer_keys.nbytes
+    assert rows[1][2] == linear_cls.__name__ and rows[1][9] == 16 * 3 * 4 + 2 * 8 * 8 * 4
+    assert measured.kv_bytes == rows[0][9] + rows[1][9]
