@@ -9,8 +9,10 @@ value norms, mean attention entropy and low-mass fraction, with the same definit
 attention goes through the registry works (transformers >= 4.48). Results stay on the device
 until `drain()`, which returns head_stats columns with source "online".
 
-Caveat: the keys are taken as given, so a preallocated (static) cache's unfilled slots count as
-keys; use it with growing caches.
+Caveats: the keys are taken as given, so a preallocated (static) cache's unfilled slots count as
+keys (use it with growing caches); the statistics are of the plain softmax of q·k, so learned
+attention sinks (gpt-oss) are left out; the registration is process-wide, so install one collector
+at a time.
 """
 
 from __future__ import annotations
