@@ -34,6 +34,7 @@ TINY_CONFIGS: dict[str, dict[str, Any]] = {
     "deepseek_v3": dict(_BASE, num_key_value_heads=4, kv_lora_rank=16, q_lora_rank=None, qk_nope_head_dim=8,
                         qk_rope_head_dim=4, v_head_dim=8, **_MOE),
     "llama": dict(_BASE, num_key_value_heads=2),
+    "mistral": dict(_BASE, num_key_value_heads=2, sliding_window=WINDOW),
 }
 
 

@@ -156,3 +156,12 @@ def test_preallocated_sliding_layers_hold_at_most_the_window(tmp_path: Path) -> 
     assert all(row["capacity_tokens"] >= PROMPT_TOKENS + NEW_TOKENS - 1 for row in full)
     assert max(row["stored_tokens"] for row in full) == PROMPT_TOKENS + NEW_TOKENS - 1
     assert len(set(seen["steps"]["kv_bytes"])) == 1  # preallocated: nothing grows
+
+
+def test_sliding_window_cache_preallocates_the_window(tmp_path: Path) -> None:
+    model = tiny_model("mistral")  # every layer sliding: SlidingWindowCache (4.4x), StaticCache later
+    final_layers, per_step = record_and_count(model, tmp_path / "trace", cache_implementation="sliding_window")
+    seen = check_trace(tmp_path / "trace", final_layers, per_step)
+    assert {row["layer_type"] for row in seen["layers"]} == {"sliding_attention"}
+    assert all(row["capacity_tokens"] == WINDOW and row["stored_tokens"] == min(WINDOW, PROMPT_TOKENS + row["step"])
+               for row in seen["layers"])
