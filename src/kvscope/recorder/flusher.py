@@ -22,6 +22,7 @@ import pyarrow.parquet as pq
 import torch
 
 from kvscope.errors import RecordingError
+from kvscope.recorder.expand import expand_steps
 from kvscope.schema.tables import TABLES
 from kvscope.trace.writer import TraceWriter
 
@@ -67,10 +68,11 @@ class BackgroundWriter:
         if rows:
             self._queue.put(("rows", table, tuple(names), rows))
 
-    def layer_batches(self, names: Sequence[str], batches: list[tuple]) -> None:
-        """Queue per-step batches `(run_id, gen_id, step, [layer row, ...])` of the layers table."""
-        if batches:
-            self._queue.put(("layers", tuple(names), batches))
+    def step_batch(self, step_names: Sequence[str], step_rows: list[tuple], batch: list[tuple]) -> None:
+        """Queue steps rows (their kv_bytes / kv_logical_bytes left None) and the measured layers of
+        those steps, `(run_id, gen_id, step, seq_len, measured)`: expanded together on this thread."""
+        if step_rows or batch:
+            self._queue.put(("steps", tuple(step_names), step_rows, batch))
 
     def samples(self, rows: list[tuple], ready: Any = None) -> None:
         """Queue kv_samples rows whose last field is a host tensor (pinned, filled asynchronously) or a
@@ -115,11 +117,17 @@ class BackgroundWriter:
             _, table, names, rows = item
             columns = [list(c) for c in zip(*rows, strict=False)]
             self.writer.extend(table, dict(zip(names, columns, strict=False)))
-        elif kind == "layers":
-            _, names, batches = item
-            rows = [(run_id, gen_id, step, *row) for run_id, gen_id, step, layer_rows in batches for row in layer_rows]
-            if rows:
-                self.writer.extend("layers", dict(zip(names, (list(c) for c in zip(*rows, strict=True)), strict=True)))
+        elif kind == "steps":
+            _, names, step_rows, batch = item
+            tables, totals = expand_steps(batch)
+            for table in tables:
+                self.writer.extend_arrow("layers", table)
+            if step_rows:
+                columns = dict(zip(names, (list(c) for c in zip(*step_rows, strict=True)), strict=True))
+                keys = zip(columns["gen_id"], columns["step"], strict=True)
+                unique, logical = zip(*(totals.get(key, (0, 0)) for key in keys), strict=True)
+                columns["kv_bytes"], columns["kv_logical_bytes"] = list(unique), list(logical)
+                self.writer.extend("steps", columns)
         elif kind == "samples":
             _, rows, ready = item
             if ready is not None:

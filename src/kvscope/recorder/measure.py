@@ -8,6 +8,7 @@ tuples; the writer thread expands them into columns later.
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Container
 from dataclasses import dataclass, field
 from typing import Any
@@ -56,6 +57,10 @@ class StepMeasure:
             else:
                 ranges.append((start, end))
                 self._overlapping = True
+
+    @property
+    def layer_count(self) -> int:
+        return len(self.rows)
 
     @property
     def kv_bytes(self) -> int:
@@ -116,97 +121,172 @@ def _measure_entry(out: StepMeasure, layout: ModelLayout, seq_len: int, entry: L
                k_bytes, v_bytes, [tensor_span(t) for t in entry.extras], entry.preallocated, entry.quantized)
 
 
-def _fast_layers(out: StepMeasure, layout: ModelLayout, seq_len: int, layers: list,
-                 sample_layers: Container[int] | None) -> bool:
-    """Measure `cache.layers` directly when every layer is a plain/static one; False if not.
+@dataclass(frozen=True)
+class LayerPlan:
+    """Per-layer constants of one `cache.layers` list, read once per generation, not per step."""
+
+    holders: tuple[str, ...]  # cache-layer class names
+    static: tuple[bool, ...]  # preallocated (StaticLayer and subclasses)
+    layer_types: tuple[str, ...]  # declared types (latent is decided per step from the shape)
+    k_dtypes: tuple[str, ...]
+    v_dtypes: tuple[str, ...]
+    kv_lora_rank: int | None
+
+
+@dataclass
+class FastStep:
+    """One step of a cache whose layers are all plain/static: raw facts per layer, expanded into
+    rows later and vectorised (`expand.py`), so the hook does as little Python as possible.
+
+    A fact is `(layer, k_start, k_end, k_bytes, k_shape, v_start, v_end, v_bytes, v_shape)`; spans
+    are absolute address ranges (storage base + offset). With CUDA's unified virtual addressing no
+    two live allocations of a process share an address, on any device or the host, so the union of
+    address ranges is the union of storage spans, without creating storage objects.
+    """
+
+    plan: LayerPlan
+    facts: list[tuple]
+    sample_tensors: list[tuple[int, str, torch.Tensor]] = field(default_factory=list)
+
+    @property
+    def kv_bytes(self) -> int:
+        spans = [(f[1], f[2]) for f in self.facts if f[2] > f[1]]
+        spans += [(f[5], f[6]) for f in self.facts if f[6] > f[5]]
+        return sum(end - start for start, end in merged_spans(spans))
+
+    @property
+    def logical_bytes(self) -> int:
+        return sum(f[3] + f[7] for f in self.facts)
+
+    @property
+    def layer_count(self) -> int:
+        return len(self.facts)
+
+
+# Plans per cache object (a generation reuses one), valid while it holds the same layers list.
+# Weak keys: a plan never keeps a cache (or its tensors) alive.
+_plans: weakref.WeakKeyDictionary[Any, tuple[int, int, LayerPlan | None]] = weakref.WeakKeyDictionary()
+
+
+def _plan(container: Any, layers: list, layout: ModelLayout) -> LayerPlan | None:
+    try:
+        cached = _plans.get(container)
+    except TypeError:  # not weak-referenceable: plan every step
+        cached = None
+    if cached is not None and cached[0] == id(layers) and cached[1] == len(layers):
+        return cached[2]
+    holders, static, k_dtypes, v_dtypes = [], [], [], []
+    plan: LayerPlan | None = None
+    complete = True
+    for layer in layers:
+        kind, extras = layer_kind(type(layer))
+        if kind not in (KIND_PLAIN, KIND_STATIC) or extras:
+            break
+        holders.append(type(layer).__name__)
+        static.append(kind == KIND_STATIC)
+        keys, values = getattr(layer, "keys", None), getattr(layer, "values", None)
+        complete = complete and isinstance(keys, torch.Tensor)
+        k_dtypes.append(_dtype(keys.dtype) if isinstance(keys, torch.Tensor) else "")
+        v_dtypes.append(_dtype(values.dtype) if isinstance(values, torch.Tensor) else k_dtypes[-1])
+    else:
+        types = tuple(layout.layer_type(i) for i in range(len(layers)))
+        plan = LayerPlan(tuple(holders), tuple(static), types, tuple(k_dtypes), tuple(v_dtypes), layout.kv_lora_rank)
+    if plan is None or complete:  # a layer not yet filled (lazy init): plan again next step
+        try:
+            _plans[container] = (id(layers), len(layers), plan)
+        except TypeError:
+            pass
+    return plan
+
+
+def _extent(tensor: torch.Tensor, start: int) -> int:
+    """End address of a non-contiguous tensor's elements (its storage span)."""
+    if tensor.numel() == 0:
+        return start
+    last = 0
+    for size, stride in zip(tensor.shape, tensor.stride(), strict=True):
+        last += (size - 1) * stride
+    return start + (last + 1) * tensor.element_size()
+
+
+def _capture_fast(container: Any, layers: list, layout: ModelLayout,
+                  sample_layers: Container[int] | None) -> FastStep | None:
+    """Raw facts of `cache.layers` when every layer is a plain/static one; None if not.
 
     One tight loop with locals only: this is most of the recorder's per-step time.
     """
-    kinds = [layer_kind(type(layer)) for layer in layers]
-    if any(kind not in (KIND_PLAIN, KIND_STATIC) or extras for kind, extras in kinds):
-        return False
-    layer_types = layout.layer_types
-    n_types = len(layer_types)
-    rank = layout.kv_lora_rank
-    rows = out.rows
-    by_storage = out._by_storage
-    plain_total = 0
-    logical = 0
+    plan = _plan(container, layers, layout)
+    if plan is None:
+        return None
+    facts: list[tuple] = []
+    append = facts.append
     tensor = torch.Tensor
     for index, layer in enumerate(layers):
         keys = layer.keys
         if not isinstance(keys, tensor):
             continue
         values = layer.values
-        k_ptr = keys.untyped_storage().data_ptr()
-        k_key = (keys.get_device(), k_ptr)
-        k_start = keys.data_ptr() - k_ptr
+        k_start = keys.data_ptr()
         k_bytes = keys.nbytes
-        k_end = k_start + k_bytes if keys.is_contiguous() else tensor_span(keys)[2]
-        k_shape = keys.shape
+        k_end = k_start + k_bytes if keys.is_contiguous() else _extent(keys, k_start)
         if values is not None:
-            v_ptr = values.untyped_storage().data_ptr()
-            v_key = (values.get_device(), v_ptr)
-            v_start = values.data_ptr() - v_ptr
+            v_start = values.data_ptr()
             v_bytes = values.nbytes
-            v_end = v_start + v_bytes if values.is_contiguous() else tensor_span(values)[2]
-            v_shape = values.shape
-            v_dtype = values.dtype
+            v_end = v_start + v_bytes if values.is_contiguous() else _extent(values, v_start)
+            append((index, k_start, k_end, k_bytes, keys.shape, v_start, v_end, v_bytes, values.shape))
         else:
-            v_key, v_start, v_end, v_bytes, v_shape, v_dtype = k_key, 0, 0, 0, (), keys.dtype
-        if k_key != v_key or v_end == v_start:
-            kv_bytes = (k_end - k_start) + (v_end - v_start)
-            aliased = False
-        else:
-            kv_bytes = union_bytes([(k_key, k_start, k_end), (v_key, v_start, v_end)])
-            aliased = k_start < v_end and v_start < k_end
-        layer_type = layer_types[index] if index < n_types else "full_attention"
-        if rank is not None and len(k_shape) == 4 and k_shape[1] == 1 and k_shape[-1] == rank:
-            layer_type = LATENT
-        stored = k_shape[-2] if len(k_shape) >= 2 else (k_shape[0] if k_shape else 0)
-        capacity = None
-        if kinds[index][0] == KIND_STATIC:
-            capacity = stored
-            stored = min(seq_len, capacity)
-        rows.append((index, layer_type, type(layer).__name__, k_shape, v_shape, _dtype(keys.dtype), _dtype(v_dtype),
-                     k_bytes, v_bytes, kv_bytes, aliased, stored, capacity))
-        for key, start, end in ((k_key, k_start, k_end), (v_key, v_start, v_end)):
-            if end == start:
-                continue
-            ranges = by_storage.get(key)
-            if ranges is None:
-                by_storage[key] = [(start, end)]
-                plain_total += end - start
-            else:
-                ranges.append((start, end))
-                out._overlapping = True
-        logical += k_bytes + v_bytes
-        if sample_layers is not None and index in sample_layers:
-            _add_samples(out, index, keys, values)
-    out._plain_total += plain_total
-    out.logical_bytes += logical
-    return True
+            append((index, k_start, k_end, k_bytes, keys.shape, 0, 0, 0, ()))
+    step = FastStep(plan, facts)
+    if sample_layers is not None:
+        rank = plan.kv_lora_rank
+        for index, layer in enumerate(layers):
+            if index in sample_layers and isinstance(layer.keys, tensor):
+                shape = layer.keys.shape
+                latent = rank is not None and len(shape) == 4 and shape[1] == 1 and shape[-1] == rank
+                _add_samples(step.sample_tensors, index, layer.keys, layer.values, latent)
+    return step
 
 
-def _add_samples(out: StepMeasure, index: int, keys: torch.Tensor, values: torch.Tensor | None) -> None:
-    latent = out.rows[-1][1] == LATENT
+def merged_spans(spans: list[tuple[int, int]]) -> list[tuple[int, int]]:
+    """Address ranges merged where they overlap (shared layers, views of one fused projection)."""
+    spans = sorted(spans)
+    merged: list[tuple[int, int]] = []
+    cur_start, cur_end = -1, -1
+    for start, end in spans:
+        if start >= cur_end:
+            if cur_end > cur_start:
+                merged.append((cur_start, cur_end))
+            cur_start, cur_end = start, end
+        elif end > cur_end:
+            cur_end = end
+    if cur_end > cur_start:
+        merged.append((cur_start, cur_end))
+    return merged
+
+
+def _add_samples(out: list[tuple[int, str, torch.Tensor]], index: int, keys: torch.Tensor,
+                 values: torch.Tensor | None, latent: bool) -> None:
     # MLA latent layers: keys hold c_kv ("latent"), values the decoupled RoPE key k_pe ("k").
-    out.sample_tensors.append((index, "latent" if latent else "k", keys))
+    out.append((index, "latent" if latent else "k", keys))
     if values is not None and values is not keys:
-        out.sample_tensors.append((index, "k" if latent else "v", values))
+        out.append((index, "k" if latent else "v", values))
 
 
 def measure_cache(cache: Any, layout: ModelLayout, seq_len: int,
-                  sample_layers: Container[int] | None = None) -> StepMeasure:
-    """Measure every layer of `cache`; with `sample_layers`, also hand back their K/V to copy."""
-    out = StepMeasure()
-    layers = getattr(unwrap_container(cache), "layers", None)
+                  sample_layers: Container[int] | None = None) -> StepMeasure | FastStep:
+    """Measure every layer of `cache`; with `sample_layers`, also hand back their K/V to copy.
+
+    Caches whose layers are all plain/static come back as raw facts (`FastStep`), the rest as rows.
+    """
+    container = unwrap_container(cache)
+    layers = getattr(container, "layers", None)
     if isinstance(layers, list) and layers and not isinstance(layers[0], torch.Tensor):
-        if _fast_layers(out, layout, seq_len, layers, sample_layers):
-            return out
-        out = StepMeasure()
+        fast = _capture_fast(container, layers, layout, sample_layers)
+        if fast is not None:
+            return fast
+    out = StepMeasure()
     for entry in iter_layers(cache):
         _measure_entry(out, layout, seq_len, entry)
         if sample_layers is not None and entry.layer in sample_layers and not entry.quantized:
-            _add_samples(out, entry.layer, entry.keys, entry.values)
+            _add_samples(out.sample_tensors, entry.layer, entry.keys, entry.values, out.rows[-1][1] == LATENT)
     return out

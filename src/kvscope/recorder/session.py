@@ -203,7 +203,7 @@ class Recording:
         record.batch_size = steps.batch_size
         record.cache_class = steps.cache_class or "none"
         record.steps = steps.step
-        record.last_kv_bytes = steps.last.get("kv_bytes", 0)
+        record.last_kv_bytes = steps.last_kv_bytes()
         record.final_seq_len = steps.seq_len
         record.layers_recorded = steps.last.get("layers", 0)
         record.new_tokens, record.eos_reached = generated_tokens(self.model, output, args, kwargs, steps.step)
@@ -219,8 +219,9 @@ class Recording:
     def _abort_generation(self, record: GenerationRecord, exc: BaseException) -> None:
         steps = self.steps
         last = dict(steps.last)
+        last["kv_bytes"] = steps.last_kv_bytes()
         reading = last.pop("allocator", None)
-        last["allocator"] = reading.__dict__ if reading is not None else None
+        last["allocator"] = reading._asdict() if reading is not None else None
         detail: dict[str, Any] = {"exception": type(exc).__name__, "message": str(exc)[:4000], "last_step": last}
         is_oom = isinstance(exc, OOM_ERRORS)
         if is_oom:

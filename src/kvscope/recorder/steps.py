@@ -94,6 +94,7 @@ class StepRecorder:
         self.cache_class: str | None = None
         self.nvml_peak: int | None = None
         self.last: dict[str, Any] = {}
+        self._last_measured: Any = None
         self._carry_ns = 0
         self.events: list[dict[str, Any]] = []
         self.active = gen_id >= 0
@@ -111,8 +112,7 @@ class StepRecorder:
         self._sample_rows, self._sample_ready = [], None
 
     def _hand_over(self) -> None:
-        self.writer.rows("steps", STEP_FIELDS, self._step_rows)
-        self.writer.layer_batches(LAYER_ROW_FIELDS, self._layer_rows)
+        self.writer.step_batch(STEP_FIELDS, self._step_rows, self._layer_rows)
         self._step_rows, self._layer_rows = [], []
 
     def on_forward(self, module: torch.nn.Module, args: tuple, kwargs: dict[str, Any], output: Any) -> None:
@@ -134,25 +134,24 @@ class StepRecorder:
         self.discovery.cache = None
         if step == 0:
             self.cache_class = type(cache).__name__ if cache is not None else None
-        layout = self.layout
         sample_layers = self.samples.layers_at(step)
-        measured = measure_cache(cache, layout, self.seq_len, sample_layers) if cache is not None else None
+        measured = measure_cache(cache, self.layout, self.seq_len, sample_layers) if cache is not None else None
         del cache
-        kv_bytes = measured.kv_bytes if measured is not None else 0
         gen_id, run_id = self.gen_id, self.run_id
         if measured is not None:
-            # One entry per step; the writer thread prefixes run/gen/step to each layer row.
-            self._layer_rows.append((run_id, gen_id, step, measured.rows))
+            # Expanded into rows (and the step's unique bytes) on the writer thread, per batch.
+            self._layer_rows.append((run_id, gen_id, step, self.seq_len, measured))
             if measured.sample_tensors:
                 self._copy_samples(measured.sample_tensors, step)
+                measured.sample_tensors = []  # never keep a cache tensor past the hook
+        self._last_measured = measured
         reading = self.allocator.read()
         nvml_used = self.nvml.used()
         if nvml_used is not None and (self.nvml_peak is None or nvml_used > self.nvml_peak):
             self.nvml_peak = nvml_used
         t_ns = start - self.origin_ns
-        self.last = {"step": step, "t_ns": t_ns, "seq_len": self.seq_len, "kv_bytes": kv_bytes,
-                     "nvml_used_bytes": nvml_used, "allocator": reading,
-                     "layers": len(measured.rows) if measured is not None else 0}
+        self.last = {"step": step, "t_ns": t_ns, "seq_len": self.seq_len, "nvml_used_bytes": nvml_used,
+                     "allocator": reading, "layers": measured.layer_count if measured is not None else 0}
         self.step = step + 1
         if reading is None:
             telemetry: tuple = (None,) * 6
@@ -160,10 +159,11 @@ class StepRecorder:
             telemetry = (reading.allocated, reading.reserved, reading.active, reading.inactive_split,
                          reading.alloc_retries, reading.num_ooms)
         # The hand-over below is timed into the next step's recorder_ns (this row is already built).
+        # kv_bytes and kv_logical_bytes (None here) are filled in when the batch is expanded.
         spent = time.perf_counter_ns() - start + self._carry_ns
         self._step_rows.append((
-            run_id, gen_id, step, t_ns, self.seq_len, batch, kv_bytes, *telemetry, nvml_used,
-            self.nvml_total, measured.logical_bytes if measured is not None else 0, spent,
+            run_id, gen_id, step, t_ns, self.seq_len, batch, None, *telemetry, nvml_used,
+            self.nvml_total, None, spent,
         ))
         self._carry_ns = 0
         if self.step % self.flush_every == 0:
@@ -171,6 +171,11 @@ class StepRecorder:
             self._hand_over()
             self.writer.flush()
             self._carry_ns = time.perf_counter_ns() - handover_start
+
+    def last_kv_bytes(self) -> int:
+        """Unique KV bytes of the last recorded step (computed on demand: the hook defers it)."""
+        measured = self._last_measured
+        return measured.kv_bytes if measured is not None else 0
 
     def _copy_samples(self, tensors: list[tuple[int, str, torch.Tensor]], step: int) -> None:
         policy = self.samples

@@ -55,6 +55,21 @@ def write_part(directory: Path, table: Table, data: pa.Table, *, replaces: Seque
     return directory / name
 
 
+def conform(table_name: str, data: pa.Table) -> pa.Table:
+    """`data` with the table's columns in order and types (missing optional columns as nulls)."""
+    if table_name not in TABLES:
+        raise TraceError(f"unknown trace table {table_name!r}; tables are {', '.join(TABLES)}")
+    table = TABLES[table_name]
+    try:
+        arrays = [
+            data[c.name].cast(c.type) if c.name in data.column_names else pa.nulls(len(data), c.type)
+            for c in table.columns
+        ]
+        return pa.Table.from_arrays(arrays, schema=table.arrow_schema())
+    except (pa.ArrowInvalid, pa.ArrowNotImplementedError) as exc:
+        raise TraceError(f"rows for table {table_name!r} do not match its schema: {exc}") from exc
+
+
 class TraceWriter:
     """Buffers rows per table and writes them as part files of a trace directory.
 
@@ -68,6 +83,7 @@ class TraceWriter:
             raise TraceError(f"cannot write a trace to {self.path}: it exists and is not a directory")
         self.path.mkdir(parents=True, exist_ok=True)
         self._buffers: dict[str, dict[str, list[Any]]] = {}
+        self._arrow_buffers: dict[str, list[pa.Table]] = {}
         self._parts_written: dict[str, list[str]] = {}
 
     def _buffer(self, table_name: str) -> dict[str, list[Any]]:
@@ -104,36 +120,34 @@ class TraceWriter:
 
     def write_table(self, table_name: str, data: pa.Table) -> Path:
         """Write an already built (and, for compression, already sorted) table as one part."""
-        if table_name not in TABLES:
-            raise TraceError(f"unknown trace table {table_name!r}; tables are {', '.join(TABLES)}")
-        table = TABLES[table_name]
-        try:
-            arrays = [
-                data[c.name].cast(c.type) if c.name in data.column_names else pa.nulls(len(data), c.type)
-                for c in table.columns
-            ]
-            data = pa.Table.from_arrays(arrays, schema=table.arrow_schema())
-        except (pa.ArrowInvalid, pa.ArrowNotImplementedError) as exc:
-            raise TraceError(f"rows for table {table_name!r} do not match its schema: {exc}") from exc
-        return write_part(self.path / table_name, table, data)
+        return write_part(self.path / table_name, TABLES[table_name], conform(table_name, data))
+
+    def extend_arrow(self, table_name: str, data: pa.Table) -> None:
+        """Buffer rows given as an Arrow table (built vectorised); written with the next flush."""
+        self._arrow_buffers.setdefault(table_name, []).append(conform(table_name, data))
 
     def pending_rows(self, table_name: str) -> int:
         buffer = self._buffers.get(table_name)
-        return len(next(iter(buffer.values()))) if buffer else 0
+        listed = len(next(iter(buffer.values()))) if buffer else 0
+        return listed + sum(len(t) for t in self._arrow_buffers.get(table_name, []))
 
     def flush(self) -> list[Path]:
         """Write every non-empty buffer as a new part file; return the paths written."""
         written = []
-        for table_name, buffer in self._buffers.items():
-            if not buffer or not next(iter(buffer.values())):
-                continue
+        for table_name in list(self._buffers.keys() | self._arrow_buffers.keys()):
             table = TABLES[table_name]
-            data = pa.Table.from_pydict(buffer, schema=table.arrow_schema())
+            chunks = self._arrow_buffers.pop(table_name, [])
+            buffer = self._buffers.get(table_name)
+            if buffer and next(iter(buffer.values())):
+                chunks.insert(0, pa.Table.from_pydict(buffer, schema=table.arrow_schema()))
+                for values in buffer.values():
+                    values.clear()
+            if not chunks:
+                continue
+            data = chunks[0] if len(chunks) == 1 else pa.concat_tables(chunks)
             path = write_part(self.path / table_name, table, data)
             written.append(path)
             self._parts_written.setdefault(table_name, []).append(path.name)
-            for values in buffer.values():
-                values.clear()
         return written
 
     def compact(self, tables: Iterable[str] | None = None) -> None:

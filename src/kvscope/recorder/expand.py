@@ -1,0 +1,151 @@
+"""Expand a batch of recorded steps into `layers` rows and step totals, vectorised, off the hook.
+
+The per-step hook keeps raw facts per layer (`measure.FastStep`); here, on the writer thread and
+once per flush, numpy turns a whole batch (up to 64 steps x all layers) into Arrow columns: unique
+bytes per layer, aliasing, stored tokens and capacity, latent layers, and each step's unique bytes
+over all layers (the union of its address ranges). Steps measured by the general walk arrive as
+finished rows and are passed through.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from itertools import chain
+from operator import itemgetter
+
+import numpy as np
+import pyarrow as pa
+
+from kvscope.recorder.measure import LAYER_FIELDS, FastStep, LayerPlan, StepMeasure, merged_spans
+from kvscope.recorder.model_layout import LATENT
+
+# (run_id, gen_id, step, seq_len, measured) per recorded step.
+StepBatch = Sequence[tuple[str, int, int, int, "StepMeasure | FastStep"]]
+Totals = dict[tuple[int, int], tuple[int, int]]  # (gen_id, step) -> (unique kv bytes, logical bytes)
+
+_POS_SHIFT = 50  # address spaces are < 2**48: a step's position above bit 50 keeps steps apart when sorting
+
+
+_NUMBERS = itemgetter(0, 1, 2, 3, 5, 6, 7)  # layer, k_start, k_end, k_bytes, v_start, v_end, v_bytes
+
+
+def _numbers(facts: list[tuple]) -> np.ndarray:
+    """The integer fields of the facts as an [n, 7] array (C-level iteration, no per-row Python)."""
+    flat = np.fromiter(chain.from_iterable(map(_NUMBERS, facts)), dtype=np.int64, count=7 * len(facts))
+    return flat.reshape(len(facts), 7)
+
+
+def _shape_column(shapes: list[tuple[int, ...]]) -> tuple[pa.Array, np.ndarray]:
+    """A list<int64> column of shapes, and the sequence length of each (dim -2, or dim 0 for 1-D)."""
+    ranks = set(map(len, shapes))
+    if len(ranks) == 1 and (rank := ranks.pop()) >= 2:
+        dims = np.fromiter(chain.from_iterable(shapes), dtype=np.int64, count=rank * len(shapes))
+        dims = dims.reshape(len(shapes), rank)
+        offsets = pa.array(np.arange(0, dims.size + 1, rank, dtype=np.int32))
+        return pa.ListArray.from_arrays(offsets, pa.array(dims.reshape(-1))), dims[:, -2]
+    tokens = np.fromiter(((s[-2] if len(s) >= 2 else (s[0] if s else 0)) for s in shapes), np.int64, len(shapes))
+    return pa.array([tuple(s) for s in shapes], type=pa.list_(pa.int64())), tokens
+
+
+def _step_totals(pos: np.ndarray, starts: np.ndarray, ends: np.ndarray, steps: int) -> np.ndarray:
+    """Unique bytes per step position: the union of its address ranges."""
+    keep = ends > starts
+    pos, starts, ends = pos[keep], starts[keep], ends[keep]
+    totals = np.zeros(steps, dtype=np.int64)
+    if steps >= 1 << (63 - _POS_SHIFT) or (len(starts) and int(ends.max()) >= 1 << _POS_SHIFT):
+        for p in range(steps):  # out of the packed-key range: merge per step in Python
+            mask = pos == p
+            totals[p] = sum(e - s for s, e in merged_spans(list(zip(starts[mask].tolist(), ends[mask].tolist(),
+                                                                        strict=True))))
+        return totals
+    key_start = (pos << _POS_SHIFT) | starts
+    order = np.argsort(key_start, kind="stable")
+    s_sorted = key_start[order]
+    e_sorted = ((pos << _POS_SHIFT) | ends)[order]
+    if len(s_sorted) > 1:
+        reach = np.maximum.accumulate(e_sorted)[:-1]
+        overlapping = np.unique(pos[order][1:][s_sorted[1:] < reach])
+    else:
+        overlapping = np.empty(0, dtype=np.int64)
+    np.add.at(totals, pos, ends - starts)
+    for p in overlapping.tolist():  # shared layers or fused views: merge those steps exactly
+        mask = pos == p
+        totals[p] = sum(e - s for s, e in merged_spans(list(zip(starts[mask].tolist(), ends[mask].tolist(),
+                                                                    strict=True))))
+    return totals
+
+
+def _expand_fast(items: list[tuple[str, int, int, int, FastStep]], plan: LayerPlan,
+                 totals: Totals) -> pa.Table:
+    counts = np.array([len(item[4].facts) for item in items], dtype=np.int64)
+    facts = [f for item in items for f in item[4].facts]
+    numbers = _numbers(facts)
+    layer, k_start, k_end, k_bytes, v_start, v_end, v_bytes = numbers.T
+    k_shape, stored = _shape_column(list(map(itemgetter(4), facts)))
+    v_shape, _ = _shape_column(list(map(itemgetter(8), facts)))
+    aliased = (v_end > v_start) & (k_start < v_end) & (v_start < k_end)
+    kv_bytes = np.where(aliased, np.maximum(k_end, v_end) - np.minimum(k_start, v_start),
+                        (k_end - k_start) + (v_end - v_start))
+    seq_len = np.repeat(np.array([item[3] for item in items], dtype=np.int64), counts)
+    static = np.array(plan.static, dtype=bool)[layer]
+    capacity = pa.array(stored, mask=~static)
+    stored = np.where(static, np.minimum(seq_len, stored), stored)
+    # Per-layer strings as dictionary arrays (indices = layer): no Python string per row.
+    indices = pa.array(layer.astype(np.int32))
+    layer_type: pa.Array = pa.DictionaryArray.from_arrays(indices, pa.array(plan.layer_types, pa.string()))
+    if plan.kv_lora_rank is not None:
+        dims = [tuple(f[4]) for f in facts]
+        latent = np.fromiter((len(d) == 4 and d[1] == 1 and d[3] == plan.kv_lora_rank for d in dims), bool, len(dims))
+        if latent.any():
+            layer_type = pa.array(np.where(latent, LATENT, np.array(plan.layer_types, dtype=object)[layer]), pa.string())
+    pos = np.repeat(np.arange(len(items), dtype=np.int64), counts)
+    step_bytes = _step_totals(np.concatenate([pos, pos]), np.concatenate([k_start, v_start]),
+                              np.concatenate([k_end, v_end]), len(items))
+    logical = np.bincount(pos, weights=(k_bytes + v_bytes).astype(np.float64), minlength=len(items))
+    for i, item in enumerate(items):
+        totals[(item[1], item[2])] = (int(step_bytes[i]), int(logical[i]))
+    return pa.table({
+        "run_id": pa.array(np.repeat(np.array([item[0] for item in items], dtype=object), counts), pa.string())
+        if len({item[0] for item in items}) > 1 else pa.DictionaryArray.from_arrays(
+            pa.array(np.zeros(len(layer), dtype=np.int32)), pa.array([items[0][0]], pa.string())),
+        "gen_id": pa.array(np.repeat(np.array([item[1] for item in items], dtype=np.int32), counts)),
+        "step": pa.array(np.repeat(np.array([item[2] for item in items], dtype=np.int32), counts)),
+        "layer": pa.array(layer.astype(np.int32)),
+        "layer_type": pa.array(layer_type, pa.string()),
+        "cache_layer_class": pa.DictionaryArray.from_arrays(indices, pa.array(plan.holders, pa.string())),
+        "k_shape": k_shape,
+        "v_shape": v_shape,
+        "k_dtype": pa.DictionaryArray.from_arrays(indices, pa.array(plan.k_dtypes, pa.string())),
+        "v_dtype": pa.DictionaryArray.from_arrays(indices, pa.array(plan.v_dtypes, pa.string())),
+        "k_bytes": pa.array(k_bytes),
+        "v_bytes": pa.array(v_bytes),
+        "kv_bytes": pa.array(kv_bytes),
+        "aliased": pa.array(aliased),
+        "stored_tokens": pa.array(stored),
+        "capacity_tokens": capacity,
+    })
+
+
+def expand_steps(batch: StepBatch) -> tuple[list[pa.Table], Totals]:
+    """`layers` tables for a batch of steps, and each step's (unique kv bytes, logical bytes)."""
+    tables: list[pa.Table] = []
+    totals: Totals = {}
+    fast_groups: dict[int, tuple[LayerPlan, list]] = {}
+    slow_rows: list[tuple] = []
+    for run_id, gen_id, step, seq_len, measured in batch:
+        if isinstance(measured, FastStep):
+            if measured.facts:
+                fast_groups.setdefault(id(measured.plan), (measured.plan, []))[1].append(
+                    (run_id, gen_id, step, seq_len, measured))
+            else:
+                totals[(gen_id, step)] = (0, 0)
+        else:
+            slow_rows.extend((run_id, gen_id, step, *row) for row in measured.rows)
+            totals[(gen_id, step)] = (measured.kv_bytes, measured.logical_bytes)
+    for plan, items in fast_groups.values():
+        tables.append(_expand_fast(items, plan, totals))
+    if slow_rows:
+        names = ("run_id", "gen_id", "step", *LAYER_FIELDS)
+        columns = [list(c) for c in zip(*slow_rows, strict=True)]
+        tables.append(pa.table(dict(zip(names, columns, strict=True))))
+    return tables, totals
