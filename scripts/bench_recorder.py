@@ -64,6 +64,7 @@ def run_once(model: torch.nn.Module, ids: torch.Tensor, new_tokens: int, variant
 
 def component_costs(model: torch.nn.Module, ids: torch.Tensor, new_tokens: int, repeats: int = 500) -> dict:
     """Median µs of each part of the per-step hook, on the cache of a finished generation."""
+    from kvscope.recorder.expand import expand_steps
     from kvscope.recorder.measure import measure_cache
     from kvscope.recorder.model_layout import model_layout
     from kvscope.recorder.telemetry import AllocatorProbe, NvmlProbe
@@ -72,13 +73,18 @@ def component_costs(model: torch.nn.Module, ids: torch.Tensor, new_tokens: int, 
                          attention_mask=torch.ones_like(ids), return_dict_in_generate=True)
     cache = out.past_key_values
     layout = model_layout(model)
+    step = measure_cache(cache, layout, ids.shape[-1] + new_tokens)
+    batch = [("bench", 0, i, ids.shape[-1] + i, step) for i in range(64)]
     allocator = AllocatorProbe(layout.cuda_devices)
     nvml = NvmlProbe(layout.cuda_devices)
     parts = {
         "allocator_stats_call": allocator.read,
         "torch_cuda_memory_stats_flattened": (lambda: torch.cuda.memory_stats()) if torch.cuda.is_available() else None,
         "nvml_used": nvml.used,
-        "measure_cache_all_layers": lambda: measure_cache(cache, layout, ids.shape[-1] + new_tokens).kv_bytes,
+        # the hook's own share: raw facts per layer (rows and totals are expanded later, per batch)
+        "measure_cache_all_layers": lambda: measure_cache(cache, layout, ids.shape[-1] + new_tokens),
+        # the writer thread's share, per batch of 64 steps (divide by 64 for a per-step figure)
+        "expand_64_step_batch": lambda: expand_steps(batch),
     }
     costs = {}
     for name, fn in parts.items():
