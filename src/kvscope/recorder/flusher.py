@@ -23,6 +23,7 @@ import torch
 
 from kvscope.errors import RecordingError
 from kvscope.recorder.expand import expand_steps
+from kvscope.recorder.telemetry import NvmlSampler
 from kvscope.schema.tables import TABLES
 from kvscope.trace.writer import TraceWriter
 
@@ -68,11 +69,13 @@ class BackgroundWriter:
         if rows:
             self._queue.put(("rows", table, tuple(names), rows))
 
-    def step_batch(self, step_names: Sequence[str], step_rows: list[tuple], batch: list[tuple]) -> None:
-        """Queue steps rows (their kv_bytes / kv_logical_bytes left None) and the measured layers of
-        those steps, `(run_id, gen_id, step, seq_len, measured)`: expanded together on this thread."""
+    def step_batch(self, step_names: Sequence[str], step_rows: list[tuple], batch: list[tuple],
+                   nvml: NvmlSampler | None = None) -> None:
+        """Queue steps rows (kv_bytes, kv_logical_bytes and nvml_used_bytes left None) and the measured
+        layers of those steps, `(run_id, gen_id, step, seq_len, measured)`: expanded together on this
+        thread, NVML readings taken from the sampler."""
         if step_rows or batch:
-            self._queue.put(("steps", tuple(step_names), step_rows, batch))
+            self._queue.put(("steps", tuple(step_names), step_rows, batch, nvml))
 
     def samples(self, rows: list[tuple], ready: Any = None) -> None:
         """Queue kv_samples rows whose last field is a host tensor (pinned, filled asynchronously) or a
@@ -118,7 +121,7 @@ class BackgroundWriter:
             columns = [list(c) for c in zip(*rows, strict=False)]
             self.writer.extend(table, dict(zip(names, columns, strict=False)))
         elif kind == "steps":
-            _, names, step_rows, batch = item
+            _, names, step_rows, batch, nvml = item
             tables, totals = expand_steps(batch)
             for table in tables:
                 self.writer.extend_arrow("layers", table)
@@ -127,6 +130,8 @@ class BackgroundWriter:
                 keys = zip(columns["gen_id"], columns["step"], strict=True)
                 unique, logical = zip(*(totals.get(key, (0, 0)) for key in keys), strict=True)
                 columns["kv_bytes"], columns["kv_logical_bytes"] = list(unique), list(logical)
+                if nvml is not None:
+                    columns["nvml_used_bytes"] = nvml.take(list(zip(columns["gen_id"], columns["step"], strict=True)))
                 self.writer.extend("steps", columns)
         elif kind == "samples":
             _, rows, ready = item

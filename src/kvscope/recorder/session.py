@@ -132,6 +132,7 @@ class Recording:
                 self.settle()
             else:
                 self._write_generation(self._pending)
+        self.steps.close()
         self.sample_writer.close(compact=False)
         self.samples.staging = None  # give the pinned buffer back
         self.writer.close()
@@ -220,6 +221,7 @@ class Recording:
         steps = self.steps
         last = dict(steps.last)
         last["kv_bytes"] = steps.last_kv_bytes()
+        last["nvml_used_bytes"] = steps.nvml_latest
         reading = last.pop("allocator", None)
         last["allocator"] = reading._asdict() if reading is not None else None
         detail: dict[str, Any] = {"exception": type(exc).__name__, "message": str(exc)[:4000], "last_step": last}

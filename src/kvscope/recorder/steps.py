@@ -19,7 +19,7 @@ from kvscope.recorder.flusher import BackgroundWriter
 from kvscope.recorder.hooks import AttentionDiscovery, batch_and_tokens, cache_from_kwargs, cache_from_output
 from kvscope.recorder.measure import LAYER_FIELDS, measure_cache
 from kvscope.recorder.model_layout import ModelLayout
-from kvscope.recorder.telemetry import AllocatorProbe, NvmlProbe
+from kvscope.recorder.telemetry import AllocatorProbe, NvmlProbe, NvmlSampler
 
 STEP_FIELDS = (
     "run_id", "gen_id", "step", "t_ns", "seq_len", "batch_size", "kv_bytes", "allocated_bytes",
@@ -72,6 +72,7 @@ class StepRecorder:
         self.allocator = allocator
         self.nvml = nvml
         self.nvml_total = nvml.total
+        self.nvml_sampler = NvmlSampler(nvml) if nvml.enabled else None
         self.writer = writer
         self.sample_writer = sample_writer
         self.discovery = discovery
@@ -92,7 +93,6 @@ class StepRecorder:
         self.batch_size = 1
         self.prompt_tokens = 0
         self.cache_class: str | None = None
-        self.nvml_peak: int | None = None
         self.last: dict[str, Any] = {}
         self._last_measured: Any = None
         self._carry_ns = 0
@@ -112,7 +112,7 @@ class StepRecorder:
         self._sample_rows, self._sample_ready = [], None
 
     def _hand_over(self) -> None:
-        self.writer.step_batch(STEP_FIELDS, self._step_rows, self._layer_rows)
+        self.writer.step_batch(STEP_FIELDS, self._step_rows, self._layer_rows, self.nvml_sampler)
         self._step_rows, self._layer_rows = [], []
 
     def on_forward(self, module: torch.nn.Module, args: tuple, kwargs: dict[str, Any], output: Any) -> None:
@@ -146,12 +146,12 @@ class StepRecorder:
                 measured.sample_tensors = []  # never keep a cache tensor past the hook
         self._last_measured = measured
         reading = self.allocator.read()
-        nvml_used = self.nvml.used()
-        if nvml_used is not None and (self.nvml_peak is None or nvml_used > self.nvml_peak):
-            self.nvml_peak = nvml_used
+        sampler = self.nvml_sampler
+        if sampler is not None:
+            sampler.request(gen_id, step)  # read on the sampler thread; filled in on the writer thread
+        nvml_used = None
         t_ns = start - self.origin_ns
-        self.last = {"step": step, "t_ns": t_ns, "seq_len": self.seq_len, "nvml_used_bytes": nvml_used,
-                     "allocator": reading, "layers": measured.layer_count if measured is not None else 0}
+        self.last = {"step": step, "t_ns": t_ns, "seq_len": self.seq_len, "allocator": reading, "layers": measured.layer_count if measured is not None else 0}
         self.step = step + 1
         if reading is None:
             telemetry: tuple = (None,) * 6
@@ -171,6 +171,19 @@ class StepRecorder:
             self._hand_over()
             self.writer.flush()
             self._carry_ns = time.perf_counter_ns() - handover_start
+
+    @property
+    def nvml_peak(self) -> int | None:
+        """The highest per-step NVML reading of the current generation."""
+        return self.nvml_sampler.peak(self.gen_id) if self.nvml_sampler is not None else None
+
+    @property
+    def nvml_latest(self) -> int | None:
+        return self.nvml_sampler.latest if self.nvml_sampler is not None else None
+
+    def close(self) -> None:
+        if self.nvml_sampler is not None:
+            self.nvml_sampler.close()
 
     def last_kv_bytes(self) -> int:
         """Unique KV bytes of the last recorded step (computed on demand: the hook defers it)."""
