@@ -38,9 +38,12 @@ def test_cuda_recording_has_allocator_readings_and_exact_samples(tmp_path: Path)
     steps = trace.read("steps").to_pydict()
     assert all(v is not None and v > 0 for v in steps["allocated_bytes"] + steps["reserved_bytes"])
     assert all(v is not None for v in steps["alloc_retries"] + steps["num_ooms"])
+    if pytest.importorskip("pynvml"):  # NVML readings, taken on the sampler thread, land in every step
+        assert all(v is not None and v > 0 for v in steps["nvml_used_bytes"] + steps["nvml_total_bytes"])
     generation = trace.read("generations").to_pylist()[0]
     for point in ("baseline", "peak", "post_return", "post_release", "post_empty_cache"):
         assert generation[f"{point}_allocated_bytes"] is not None
+    assert generation["peak_nvml_used_bytes"] >= max(steps["nvml_used_bytes"])
     samples = {(s["step"], s["tensor"]): s for s in trace.read("kv_samples").to_pylist()}
     if expected:
         assert samples[(0, "k")]["data"] == expected[0]
