@@ -17,6 +17,8 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q "$(TORCH_SPEC)"
 	$(PY) -m pip install -q -e ".[record,kernels,test]"
+	# a QuantizedCache backend, so the recorder's quantized-cache test runs (newest transformers only)
+	$(PY) -m pip install -q optimum-quanto
 	touch $@
 
 test: lint unit compat
