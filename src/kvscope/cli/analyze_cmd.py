@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import click
 
+from kvscope.cli.console import stdout_console
 from kvscope.errors import EXIT_FINDINGS, EXIT_OK, UsageError
 
 
 def _list_detectors() -> None:
     import dataclasses
 
-    from rich.console import Console
     from rich.table import Table
 
     from kvscope.analyzer.registry import registry
@@ -22,7 +22,7 @@ def _list_detectors() -> None:
         fields = ", ".join(f"{f.name}={getattr(det.default_config(), f.name)!r}"
                            for f in dataclasses.fields(det.config))
         table.add_row(name, det.summary, fields)
-    Console().print(table)
+    stdout_console().print(table)
 
 
 @click.command("analyze")
@@ -64,7 +64,7 @@ def analyze_command(traces: tuple[str, ...], detectors: tuple[str, ...], overrid
     elif fmt == "markdown":
         click.echo(to_markdown(shown))
     else:
-        print_table(shown)
+        print_table(shown, stdout_console())
     if fail_on is not None and any(f.at_least(fail_on) for f in findings):
         return EXIT_FINDINGS
     return EXIT_OK

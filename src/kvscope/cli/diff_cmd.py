@@ -7,6 +7,7 @@ from typing import Any
 
 import click
 
+from kvscope.cli.console import stdout_console
 from kvscope.errors import EXIT_OK
 
 
@@ -23,10 +24,9 @@ def _num(x: Any, kind: str = "") -> str:
 
 
 def _print(result: dict[str, Any], a: str, b: str) -> None:
-    from rich.console import Console
     from rich.table import Table
 
-    console = Console()
+    console = stdout_console()
     layers = Table(title=f"bytes per token per layer: A={a}  B={b}", show_edge=False)
     for header in ("layer", "type", "A", "B", "change"):
         layers.add_column(header, justify="left" if header == "type" else "right")

@@ -6,6 +6,7 @@ import json
 
 import click
 
+from kvscope.cli.console import stdout_console
 from kvscope.errors import EXIT_BAD_INPUT, EXIT_OK
 
 
@@ -20,10 +21,9 @@ def _human(n: float | None) -> str:
 
 
 def _print_report(report: dict) -> None:
-    from rich.console import Console
     from rich.table import Table
 
-    console = Console()
+    console = stdout_console()
     status = "[green]valid[/green]" if report["valid"] else "[red]INVALID[/red]"
     console.print(f"[bold]{report['path']}[/bold]  format {', '.join(report['format_versions'])}  {status}")
     for run in report["runs"]:

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import click
 
+from kvscope.cli.console import stdout_console
 from kvscope.errors import EXIT_OK, UsageError
 
 
@@ -87,7 +88,7 @@ def record_command(model: str | None, output: Path, twin: str | None, shrink: bo
                 progress.update(tasks["prompts"], completed=index + 1)
 
         result = run_record(job, on_progress)
-    _summary(Console(), result)
+    _summary(stdout_console(), result)
     return EXIT_OK
 
 

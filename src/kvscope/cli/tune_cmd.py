@@ -6,6 +6,7 @@ import json
 
 import click
 
+from kvscope.cli.console import stdout_console
 from kvscope.errors import EXIT_OK, UsageError
 
 
@@ -62,7 +63,7 @@ def tune_command(traces: tuple[str, ...], labels_path: str, detector_name: str, 
         value = f"{int(r.value)}" if kinds[param] is int else f"{r.value:g}"
         table.add_row("*" if r.best else "", value, str(r.tp), str(r.fp), str(r.fn), str(r.tn),
                       f"{r.precision:.3f}", f"{r.recall:.3f}", f"{r.f1:.3f}")
-    console = Console()
+    console = stdout_console()
     console.print(table)
     best = next(r for r in rows if r.best)
     console.print(f"best: {param} = {best.value:g} (F1 {best.f1:.3f})", highlight=False)
