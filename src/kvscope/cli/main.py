@@ -1,4 +1,4 @@
-"""Entry point: one click group; every KvscopeError becomes its exit code here, in one place.
+"""Entry point: one click group; every KvscopeError becomes its exit code here, in `_Group.invoke`.
 
 Each command lives in its own module (`kvscope.cli.<name>_cmd`), validates its input, calls one
 library function and prints the result. Heavy imports (torch, duckdb) happen inside commands so
@@ -64,9 +64,6 @@ def main(argv: list[str] | None = None) -> int:
     try:
         # Commands return their exit code (e.g. 1 when --fail-on finds a finding).
         result = cli.main(args=argv, prog_name="kvscope", standalone_mode=False)
-    except KvscopeError as exc:
-        click.echo(f"kvscope: error: {exc}", err=True)
-        return exc.exit_code
     except click.exceptions.Abort:
         click.echo("kvscope: aborted", err=True)
         return 130
