@@ -1,4 +1,4 @@
-"""`make demo`: record a small random-weight twin on the CPU, then inspect the trace.
+"""`make demo`: record a small random-weight twin on the CPU, inspect the trace, then analyse it.
 
 The twin is gpt-oss-20b's structure shrunk (`--shrink`): the same 24 layers, 8 KV heads of 64 and
 alternating 128-token sliding windows, with a small MLP, 4 experts and a 512-token vocabulary, so
@@ -22,7 +22,11 @@ def run(out: Path) -> int:
                     "--limit", "4", "--max-new-tokens", "32", "--label", "demo=1", "-o", str(out)])
     if code:
         return code
-    return kvscope(["inspect", str(out)])
+    code = kvscope(["inspect", str(out)])
+    if code:
+        return code
+    print("\nanalysis (no GPU here: the memory detectors have no allocator readings to judge):")
+    return kvscope(["analyze", str(out), "--min-severity", "info"])
 
 
 if __name__ == "__main__":
