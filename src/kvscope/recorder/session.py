@@ -219,9 +219,7 @@ class Recording:
 
     def _abort_generation(self, record: GenerationRecord, exc: BaseException) -> None:
         steps = self.steps
-        last = dict(steps.last)
-        last["kv_bytes"] = steps.last_kv_bytes()
-        last["nvml_used_bytes"] = steps.nvml_latest
+        last = steps.last
         reading = last.pop("allocator", None)
         last["allocator"] = reading._asdict() if reading is not None else None
         detail: dict[str, Any] = {"exception": type(exc).__name__, "message": str(exc)[:4000], "last_step": last}

@@ -93,8 +93,9 @@ class StepRecorder:
         self.batch_size = 1
         self.prompt_tokens = 0
         self.cache_class: str | None = None
-        self.last: dict[str, Any] = {}
         self._last_measured: Any = None
+        self._last_t_ns = 0
+        self._last_reading: Any = None
         self._carry_ns = 0
         self.events: list[dict[str, Any]] = []
         self.active = gen_id >= 0
@@ -149,9 +150,8 @@ class StepRecorder:
         sampler = self.nvml_sampler
         if sampler is not None:
             sampler.request(gen_id, step)  # read on the sampler thread; filled in on the writer thread
-        nvml_used = None
         t_ns = start - self.origin_ns
-        self.last = {"step": step, "t_ns": t_ns, "seq_len": self.seq_len, "allocator": reading, "layers": measured.layer_count if measured is not None else 0}
+        self._last_t_ns, self._last_reading = t_ns, reading
         self.step = step + 1
         if reading is None:
             telemetry: tuple = (None,) * 6
@@ -159,10 +159,10 @@ class StepRecorder:
             telemetry = (reading.allocated, reading.reserved, reading.active, reading.inactive_split,
                          reading.alloc_retries, reading.num_ooms)
         # The hand-over below is timed into the next step's recorder_ns (this row is already built).
-        # kv_bytes and kv_logical_bytes (None here) are filled in when the batch is expanded.
+        # kv_bytes, nvml_used_bytes and kv_logical_bytes (None here) are filled in on the writer thread.
         spent = time.perf_counter_ns() - start + self._carry_ns
         self._step_rows.append((
-            run_id, gen_id, step, t_ns, self.seq_len, batch, None, *telemetry, nvml_used,
+            run_id, gen_id, step, t_ns, self.seq_len, batch, None, *telemetry, None,
             self.nvml_total, None, spent,
         ))
         self._carry_ns = 0
@@ -171,6 +171,17 @@ class StepRecorder:
             self._hand_over()
             self.writer.flush()
             self._carry_ns = time.perf_counter_ns() - handover_start
+
+    @property
+    def last(self) -> dict[str, Any]:
+        """The last recorded step's readings (for OOM events and the generation summary), built on
+        demand rather than every step."""
+        if self.step == 0:
+            return {}
+        measured = self._last_measured
+        return {"step": self.step - 1, "t_ns": self._last_t_ns, "seq_len": self.seq_len,
+                "allocator": self._last_reading, "layers": measured.layer_count if measured is not None else 0,
+                "kv_bytes": self.last_kv_bytes(), "nvml_used_bytes": self.nvml_latest}
 
     @property
     def nvml_peak(self) -> int | None:

@@ -66,7 +66,7 @@ def conform(table_name: str, data: pa.Table) -> pa.Table:
             for c in table.columns
         ]
         return pa.Table.from_arrays(arrays, schema=table.arrow_schema())
-    except (pa.ArrowInvalid, pa.ArrowNotImplementedError) as exc:
+    except pa.ArrowException as exc:  # invalid values or an impossible cast
         raise TraceError(f"rows for table {table_name!r} do not match its schema: {exc}") from exc
 
 
