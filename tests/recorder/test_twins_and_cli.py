@@ -118,3 +118,15 @@ def test_record_cli_with_a_local_model_directory(tmp_path: Path) -> None:
     assert run["model_name"] == "model" and run["tokenizer"].endswith(f"from {model_dir}")
     generation = trace.read("generations").to_pylist()[0]
     assert (generation["prompt_tokens"], generation["new_tokens"]) == (6, 4)
+
+
+def test_prompt_files_accept_common_jsonl_shapes(tmp_path: Path) -> None:
+    from kvscope.errors import UsageError
+    from kvscope.recorder.prompt_set import load_prompts
+
+    path = tmp_path / "prompts.jsonl"
+    path.write_text('{"id": "a", "text": "one"}\n{"prompt_id": "b", "prompt": "two"}\n\n"three"\n')
+    assert [(p.id, p.text) for p in load_prompts(path)] == [("a", "one"), ("b", "two"), ("prompt-4", "three")]
+    path.write_text('{"question": "no text here"}\n')
+    with pytest.raises(UsageError, match='line 1 needs a string, or an object with a "text"'):
+        load_prompts(path)

@@ -1,4 +1,4 @@
-"""Prompts for `kvscope record`: a JSONL file of {"id", "text"} objects, or the built-in set."""
+"""Prompts for `kvscope record`: a JSONL file of prompt objects (or strings), or the built-in set."""
 
 from __future__ import annotations
 
@@ -19,8 +19,9 @@ class Prompt:
 
 
 def load_prompts(path: str | Path | None = None, limit: int | None = None) -> list[Prompt]:
-    """Prompts from `path` (JSONL, one object per line with "text" and optional "id"), or the
-    built-in 15 structured prompts of graded lengths (24 to 6144 characters)."""
+    """Prompts from `path` (JSONL: one object per line with "text" or "prompt" and an optional "id"
+    or "prompt_id", or one JSON string per line), or the built-in 15 structured prompts of graded
+    lengths (24 to 6144 characters)."""
     if path is None:
         text = (resources.files("kvscope.recorder") / "prompts" / BUILTIN).read_text()
         source = f"built-in {BUILTIN}"
@@ -38,9 +39,13 @@ def load_prompts(path: str | Path | None = None, limit: int | None = None) -> li
             item = json.loads(line)
         except json.JSONDecodeError as exc:
             raise UsageError(f"{source} line {number} is not JSON ({exc.msg}).") from exc
-        if not isinstance(item, dict) or not isinstance(item.get("text"), str):
-            raise UsageError(f'{source} line {number} needs an object with a "text" string.')
-        prompts.append(Prompt(str(item.get("id", f"prompt-{number}")), item["text"]))
+        if isinstance(item, str):
+            item = {"text": item}
+        body = item.get("text", item.get("prompt")) if isinstance(item, dict) else None
+        if not isinstance(body, str):
+            raise UsageError(f'{source} line {number} needs a string, or an object with a "text" (or "prompt") string.')
+        prompt_id = item.get("id", item.get("prompt_id", f"prompt-{number}"))
+        prompts.append(Prompt(str(prompt_id), body))
     if not prompts:
         raise UsageError(f"{source} holds no prompts.")
     return prompts[:limit] if limit else prompts
