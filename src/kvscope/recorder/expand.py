@@ -16,8 +16,9 @@ from operator import itemgetter
 import numpy as np
 import pyarrow as pa
 
-from kvscope.recorder.measure import LAYER_FIELDS, FastStep, LayerPlan, StepMeasure, merged_spans
+from kvscope.recorder.measure import LAYER_FIELDS, FastStep, LayerPlan, StepMeasure
 from kvscope.recorder.model_layout import LATENT
+from kvscope.recorder.storage import covered_bytes
 
 # (run_id, gen_id, step, seq_len, measured) per recorded step.
 StepBatch = Sequence[tuple[str, int, int, int, "StepMeasure | FastStep"]]
@@ -52,11 +53,14 @@ def _step_totals(pos: np.ndarray, starts: np.ndarray, ends: np.ndarray, steps: i
     keep = ends > starts
     pos, starts, ends = pos[keep], starts[keep], ends[keep]
     totals = np.zeros(steps, dtype=np.int64)
+
+    def merge_exactly(p: int) -> int:
+        mask = pos == p
+        return covered_bytes(zip(starts[mask].tolist(), ends[mask].tolist(), strict=True))
+
     if steps >= 1 << (63 - _POS_SHIFT) or (len(starts) and int(ends.max()) >= 1 << _POS_SHIFT):
         for p in range(steps):  # out of the packed-key range: merge per step in Python
-            mask = pos == p
-            totals[p] = sum(e - s for s, e in merged_spans(list(zip(starts[mask].tolist(), ends[mask].tolist(),
-                                                                        strict=True))))
+            totals[p] = merge_exactly(p)
         return totals
     key_start = (pos << _POS_SHIFT) | starts
     order = np.argsort(key_start, kind="stable")
@@ -69,9 +73,7 @@ def _step_totals(pos: np.ndarray, starts: np.ndarray, ends: np.ndarray, steps: i
         overlapping = np.empty(0, dtype=np.int64)
     np.add.at(totals, pos, ends - starts)
     for p in overlapping.tolist():  # shared layers or fused views: merge those steps exactly
-        mask = pos == p
-        totals[p] = sum(e - s for s, e in merged_spans(list(zip(starts[mask].tolist(), ends[mask].tolist(),
-                                                                    strict=True))))
+        totals[p] = merge_exactly(p)
     return totals
 
 

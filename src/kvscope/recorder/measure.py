@@ -17,7 +17,15 @@ import torch
 
 from kvscope.recorder.cache_walk import KIND_PLAIN, KIND_STATIC, LayerTensors, iter_layers, layer_kind, unwrap_container
 from kvscope.recorder.model_layout import LATENT, ModelLayout
-from kvscope.recorder.storage import Span, StorageKey, dtype_name, spans_overlap, tensor_span, union_bytes
+from kvscope.recorder.storage import (
+    Span,
+    StorageKey,
+    covered_bytes,
+    dtype_name,
+    spans_overlap,
+    tensor_span,
+    union_bytes,
+)
 
 # Order of the fields in a layer row tuple (after run_id/gen_id/step, added by the step recorder).
 LAYER_FIELDS = (
@@ -150,9 +158,7 @@ class FastStep:
 
     @property
     def kv_bytes(self) -> int:
-        spans = [(f[1], f[2]) for f in self.facts if f[2] > f[1]]
-        spans += [(f[5], f[6]) for f in self.facts if f[6] > f[5]]
-        return sum(end - start for start, end in merged_spans(spans))
+        return covered_bytes([(f[1], f[2]) for f in self.facts] + [(f[5], f[6]) for f in self.facts])
 
     @property
     def logical_bytes(self) -> int:
@@ -245,23 +251,6 @@ def _capture_fast(container: Any, layers: list, layout: ModelLayout,
                 latent = rank is not None and len(shape) == 4 and shape[1] == 1 and shape[-1] == rank
                 _add_samples(step.sample_tensors, index, layer.keys, layer.values, latent)
     return step
-
-
-def merged_spans(spans: list[tuple[int, int]]) -> list[tuple[int, int]]:
-    """Address ranges merged where they overlap (shared layers, views of one fused projection)."""
-    spans = sorted(spans)
-    merged: list[tuple[int, int]] = []
-    cur_start, cur_end = -1, -1
-    for start, end in spans:
-        if start >= cur_end:
-            if cur_end > cur_start:
-                merged.append((cur_start, cur_end))
-            cur_start, cur_end = start, end
-        elif end > cur_end:
-            cur_end = end
-    if cur_end > cur_start:
-        merged.append((cur_start, cur_end))
-    return merged
 
 
 def _add_samples(out: list[tuple[int, str, torch.Tensor]], index: int, keys: torch.Tensor,

@@ -17,7 +17,7 @@ import torch
 
 from kvscope.recorder.flusher import BackgroundWriter
 from kvscope.recorder.hooks import AttentionDiscovery, batch_and_tokens, cache_from_kwargs, cache_from_output
-from kvscope.recorder.measure import LAYER_FIELDS, measure_cache
+from kvscope.recorder.measure import measure_cache
 from kvscope.recorder.model_layout import ModelLayout
 from kvscope.recorder.telemetry import AllocatorProbe, NvmlProbe, NvmlSampler
 
@@ -26,8 +26,6 @@ STEP_FIELDS = (
     "reserved_bytes", "active_bytes", "inactive_split_bytes", "alloc_retries", "num_ooms",
     "nvml_used_bytes", "nvml_total_bytes", "kv_logical_bytes", "recorder_ns",
 )
-LAYER_ROW_FIELDS = ("run_id", "gen_id", "step", *LAYER_FIELDS)
-SAMPLE_FIELDS = ("run_id", "gen_id", "step", "layer", "tensor", "shape", "dtype", "data")
 
 
 @dataclass

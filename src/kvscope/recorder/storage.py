@@ -42,28 +42,28 @@ def logical_bytes(tensor: torch.Tensor) -> int:
     return tensor.numel() * tensor.element_size()
 
 
+def covered_bytes(ranges: Iterable[tuple[int, int]]) -> int:
+    """Bytes covered by `[start, end)` ranges of one address space, overlaps counted once."""
+    total = 0
+    cur_start = cur_end = None
+    for start, end in sorted(r for r in ranges if r[1] > r[0]):
+        if cur_end is None or start > cur_end:
+            if cur_end is not None:
+                total += cur_end - cur_start
+            cur_start, cur_end = start, end
+        elif end > cur_end:
+            cur_end = end
+    if cur_end is not None:
+        total += cur_end - cur_start
+    return total
+
+
 def union_bytes(spans: Iterable[Span]) -> int:
     """Total bytes covered by the spans, overlapping ranges of one storage counted once."""
     per_storage: dict[StorageKey, list[tuple[int, int]]] = {}
     for key, start, end in spans:
-        if end > start:
-            per_storage.setdefault(key, []).append((start, end))
-    total = 0
-    for ranges in per_storage.values():
-        if len(ranges) == 1:  # the common case: one tensor per storage
-            start, end = ranges[0]
-            total += end - start
-            continue
-        ranges.sort()
-        cur_start, cur_end = ranges[0]
-        for start, end in ranges[1:]:
-            if start > cur_end:
-                total += cur_end - cur_start
-                cur_start, cur_end = start, end
-            elif end > cur_end:
-                cur_end = end
-        total += cur_end - cur_start
-    return total
+        per_storage.setdefault(key, []).append((start, end))
+    return sum(covered_bytes(ranges) for ranges in per_storage.values())
 
 
 def spans_overlap(a: list[Span], b: list[Span]) -> bool:
