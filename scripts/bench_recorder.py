@@ -5,12 +5,16 @@
 Builds the pythia-1.4b twin (bf16, random weights), a 64-token prompt, 512 new tokens (min = max),
 and runs rounds of three variants in rotating order: plain generate, generate inside
 `kvscope.record` (telemetry every step, no samples), and the same with KV samples every 64 steps.
-Reports medians of tokens/s and the recorder's own per-step time (`recorder_ns` from the traces).
+Reports, per variant: the median of tokens/s over rounds; the median of per-round ratios to the
+plain run of the same round (pairs cancel slow drifts of the host); the median decode-step time over
+all steps of all rounds (a logits processor stamps each step in every variant, so its ~1 µs cost is
+common to all); and the recorder's own per-step time (`recorder_ns` from the traces).
 """
 
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import shutil
 import statistics
@@ -28,6 +32,21 @@ from kvscope.twins.build import build_twin
 VARIANTS = ("plain", "recorder", "recorder+samples64")
 
 
+class StepClock:
+    """A logits processor that stamps the host clock at every decode step (same cost in every variant)."""
+
+    def __init__(self) -> None:
+        self.stamps: list[int] = []
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        self.stamps.append(time.perf_counter_ns())
+        return scores
+
+    def intervals_ms(self) -> list[float]:
+        """Decode-step times (the prefill step, before the first stamp, is excluded)."""
+        return [(b - a) / 1e6 for a, b in zip(self.stamps, self.stamps[1:], strict=False)]
+
+
 def _sync() -> None:
     if torch.cuda.is_available():
         torch.cuda.synchronize()
@@ -39,15 +58,19 @@ def recorder_ns(trace: Path) -> list[int]:
 
 
 def run_once(model: torch.nn.Module, ids: torch.Tensor, new_tokens: int, variant: str,
-             workdir: Path) -> tuple[float, list[int]]:
+             workdir: Path) -> tuple[float, list[int], list[float]]:
+    from transformers import LogitsProcessorList
+
+    clock = StepClock()
     kwargs = dict(max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
-                  attention_mask=torch.ones_like(ids))
+                  attention_mask=torch.ones_like(ids), logits_processor=LogitsProcessorList([clock]))
+    gc.collect()  # every variant starts from the same collector state
     if variant == "plain":
         _sync()
         start = time.perf_counter()
         model.generate(ids, **kwargs)
         _sync()
-        return time.perf_counter() - start, []
+        return time.perf_counter() - start, [], clock.intervals_ms()
     trace = Path(tempfile.mkdtemp(dir=workdir))
     with kvscope.record(model, trace, sample_kv_every=64 if "samples" in variant else 0) as rec:
         _sync()
@@ -59,7 +82,7 @@ def run_once(model: torch.nn.Module, ids: torch.Tensor, new_tokens: int, variant
         rec.settle()
     per_step = recorder_ns(trace)
     shutil.rmtree(trace)
-    return elapsed, per_step
+    return elapsed, per_step, clock.intervals_ms()
 
 
 def component_costs(model: torch.nn.Module, ids: torch.Tensor, new_tokens: int, repeats: int = 500) -> dict:
@@ -120,35 +143,52 @@ def main() -> None:
     print("component costs (median µs):", json.dumps(costs), flush=True)
     results: dict[str, list[float]] = {v: [] for v in VARIANTS}
     per_step: dict[str, list[int]] = {v: [] for v in VARIANTS}
+    step_ms: dict[str, list[float]] = {v: [] for v in VARIANTS}
+    round_step_ms: dict[str, list[float]] = {v: [] for v in VARIANTS}
     for round_index in range(args.rounds):
         order = VARIANTS[round_index % 3:] + VARIANTS[:round_index % 3]
         for variant in order:
-            elapsed, steps = run_once(model, ids, args.new_tokens, variant, workdir)
+            elapsed, steps, intervals = run_once(model, ids, args.new_tokens, variant, workdir)
             results[variant].append(args.new_tokens / elapsed)
             per_step[variant].extend(steps)
-            print(f"round {round_index} {variant:20s} {args.new_tokens / elapsed:7.2f} tokens/s", flush=True)
+            step_ms[variant].extend(intervals)
+            round_step_ms[variant].append(statistics.median(intervals))
+            print(f"round {round_index} {variant:20s} {args.new_tokens / elapsed:7.2f} tokens/s  "
+                  f"median step {statistics.median(intervals):6.3f} ms", flush=True)
     device_name = torch.cuda.get_device_name(0) if args.device.startswith("cuda") else args.device
     summary = {"device": device_name, "torch": torch.__version__,
                "transformers": __import__("transformers").__version__, "twin": args.twin,
                "prompt_tokens": args.prompt_tokens, "new_tokens": args.new_tokens, "rounds": args.rounds,
                "tokens_per_s": results, "component_us": costs, "variants": {}}
+    summary["round_median_step_ms"] = round_step_ms
     base = statistics.median(results["plain"])
+    base_step = statistics.median(step_ms["plain"])
     for variant in VARIANTS:
         median = statistics.median(results[variant])
+        paired = [plain / other - 1 for plain, other in zip(results["plain"], results[variant], strict=True)]
+        paired_step = [other / plain - 1 for plain, other in zip(round_step_ms["plain"], round_step_ms[variant],
+                                                                strict=True)]
         entry = {"median_tokens_per_s": median, "overhead_vs_plain": 1 - median / base,
-                 "median_step_ms": 1000 / median}
+                 "paired_overhead_median": statistics.median(paired),
+                 "median_decode_step_ms": statistics.median(step_ms[variant]),
+                 "step_overhead_vs_plain": statistics.median(step_ms[variant]) / base_step - 1,
+                 "paired_step_overhead_median": statistics.median(paired_step)}
         if per_step[variant]:
             ns = sorted(per_step[variant])
             entry.update(recorder_us_median=ns[len(ns) // 2] / 1000, recorder_us_mean=sum(ns) / len(ns) / 1000,
                          recorder_us_p99=ns[int(len(ns) * 0.99)] / 1000,
-                         recorder_share_of_step=(sum(ns) / len(ns) / 1e9) * median)
+                         recorder_share_of_step=(sum(ns) / len(ns) / 1e9) * median,
+                         recorder_share_of_plain_step=(sum(ns) / len(ns) / 1e6) / base_step)
         summary["variants"][variant] = entry
     args.out.write_text(json.dumps(summary, indent=2))
-    print(f"{'variant':20s} {'tok/s':>8s} {'overhead':>9s} {'rec µs med':>10s} {'rec µs mean':>11s} {'share':>7s}")
+    print(f"{'variant':20s} {'tok/s':>8s} {'overhead':>9s} {'paired':>8s} {'step ms':>8s} {'step ovh':>8s} "
+          f"{'pair step':>9s} {'rec µs med':>10s} {'rec µs mean':>11s} {'share':>7s}")
     for variant, entry in summary["variants"].items():
         print(f"{variant:20s} {entry['median_tokens_per_s']:8.2f} {entry['overhead_vs_plain'] * 100:8.2f}% "
+              f"{entry['paired_overhead_median'] * 100:7.2f}% {entry['median_decode_step_ms']:8.3f} "
+              f"{entry['step_overhead_vs_plain'] * 100:7.2f}% {entry['paired_step_overhead_median'] * 100:8.2f}% "
               f"{entry.get('recorder_us_median', 0):10.1f} {entry.get('recorder_us_mean', 0):11.1f} "
-              f"{entry.get('recorder_share_of_step', 0) * 100:6.2f}%")
+              f"{entry.get('recorder_share_of_plain_step', 0) * 100:6.2f}%")
 
 
 if __name__ == "__main__":

@@ -51,6 +51,17 @@ class SamplePolicy:
         return self.layers if self.layers is not None else ALL_LAYERS
 
 
+def _in_flight(cache: Any, tensors: list[tuple[int, str, torch.Tensor]]) -> bool:
+    """Whether sampled tensors may still be moving: an offloaded cache copies layers to and from the
+    host with non-blocking copies (on a prefetch stream), so a value read now could be stale."""
+    if not torch.cuda.is_available() or not torch.cuda.is_initialized():
+        return False
+    container = getattr(cache, "self_attention_cache", cache)
+    if getattr(container, "offloading", False) or hasattr(container, "prefetch_stream"):
+        return True
+    return any(t.is_cuda for _, _, t in tensors) and not all(t.is_cuda for _, _, t in tensors)
+
+
 class _AllLayers:
     def __contains__(self, layer: object) -> bool:
         return True
@@ -135,14 +146,16 @@ class StepRecorder:
             self.cache_class = type(cache).__name__ if cache is not None else None
         sample_layers = self.samples.layers_at(step)
         measured = measure_cache(cache, self.layout, self.seq_len, sample_layers) if cache is not None else None
-        del cache
         gen_id, run_id = self.gen_id, self.run_id
         if measured is not None:
             # Expanded into rows (and the step's unique bytes) on the writer thread, per batch.
             self._layer_rows.append((run_id, gen_id, step, self.seq_len, measured))
             if measured.sample_tensors:
+                if _in_flight(cache, measured.sample_tensors):
+                    torch.cuda.synchronize()  # offloading moves layers on side streams: wait before copying
                 self._copy_samples(measured.sample_tensors, step)
                 measured.sample_tensors = []  # never keep a cache tensor past the hook
+        del cache
         self._last_measured = measured
         reading = self.allocator.read()
         sampler = self.nvml_sampler
