@@ -30,6 +30,7 @@ from kvscope.twins import load_twin
 from kvscope.twins.build import build_twin
 
 VARIANTS = ("plain", "recorder", "recorder+samples64")
+OPTIONAL_VARIANTS = ("recorder-nvml-off",)  # attribution: the recorder without NVML readings
 
 
 class StepClock:
@@ -72,7 +73,8 @@ def run_once(model: torch.nn.Module, ids: torch.Tensor, new_tokens: int, variant
         _sync()
         return time.perf_counter() - start, [], clock.intervals_ms()
     trace = Path(tempfile.mkdtemp(dir=workdir))
-    with kvscope.record(model, trace, sample_kv_every=64 if "samples" in variant else 0) as rec:
+    with kvscope.record(model, trace, sample_kv_every=64 if "samples" in variant else 0,
+                        nvml=False if "nvml-off" in variant else "auto") as rec:
         _sync()
         start = time.perf_counter()
         out = model.generate(ids, **kwargs)
@@ -132,21 +134,25 @@ def main() -> None:
     parser.add_argument("--twin", default="pythia-1.4b")
     parser.add_argument("--out", type=Path, default=Path("bench-results.json"))
     parser.add_argument("--device", default="cuda")
+    parser.add_argument("--extra", nargs="*", default=[], choices=OPTIONAL_VARIANTS,
+                        help="variants to add to the three of the acceptance criteria")
     args = parser.parse_args()
+    variants = VARIANTS + tuple(args.extra)
     model = build_twin(load_twin(args.twin), dtype="bfloat16", device=args.device)
     generator = torch.Generator().manual_seed(0)
     ids = torch.randint(3, 50000, (1, args.prompt_tokens), generator=generator).to(args.device)
     workdir = Path(tempfile.mkdtemp())
-    for variant in VARIANTS:  # warm-up at full length: kernels load, allocator grows to its working size
+    for variant in variants:  # warm-up at full length: kernels load, allocator grows to its working size
         run_once(model, ids, args.new_tokens, variant, workdir)
     costs = component_costs(model, ids, args.new_tokens)
     print("component costs (median µs):", json.dumps(costs), flush=True)
-    results: dict[str, list[float]] = {v: [] for v in VARIANTS}
-    per_step: dict[str, list[int]] = {v: [] for v in VARIANTS}
-    step_ms: dict[str, list[float]] = {v: [] for v in VARIANTS}
-    round_step_ms: dict[str, list[float]] = {v: [] for v in VARIANTS}
+    results: dict[str, list[float]] = {v: [] for v in variants}
+    per_step: dict[str, list[int]] = {v: [] for v in variants}
+    step_ms: dict[str, list[float]] = {v: [] for v in variants}
+    round_step_ms: dict[str, list[float]] = {v: [] for v in variants}
     for round_index in range(args.rounds):
-        order = VARIANTS[round_index % 3:] + VARIANTS[:round_index % 3]
+        shift = round_index % len(variants)
+        order = variants[shift:] + variants[:shift]
         for variant in order:
             elapsed, steps, intervals = run_once(model, ids, args.new_tokens, variant, workdir)
             results[variant].append(args.new_tokens / elapsed)
@@ -163,7 +169,7 @@ def main() -> None:
     summary["round_median_step_ms"] = round_step_ms
     base = statistics.median(results["plain"])
     base_step = statistics.median(step_ms["plain"])
-    for variant in VARIANTS:
+    for variant in variants:
         median = statistics.median(results[variant])
         paired = [plain / other - 1 for plain, other in zip(results["plain"], results[variant], strict=True)]
         paired_step = [other / plain - 1 for plain, other in zip(round_step_ms["plain"], round_step_ms[variant],

@@ -28,7 +28,7 @@ from kvscope.recorder.hooks import AttentionDiscovery
 from kvscope.recorder.model_layout import attention_modules, model_layout
 from kvscope.recorder.run_info import run_metadata
 from kvscope.recorder.steps import SamplePolicy, StepRecorder
-from kvscope.recorder.telemetry import AllocatorProbe, NvmlProbe
+from kvscope.recorder.telemetry import AllocatorProbe, NvmlProbe, start_nvml_sampler
 from kvscope.trace.writer import TraceWriter
 
 MAX_FLUSH_EVERY = 64
@@ -80,12 +80,15 @@ class Recording:
         self.layout = model_layout(self.model)
         self.allocator = AllocatorProbe(self.layout.cuda_devices)
         self.nvml = NvmlProbe(self.layout.cuda_devices, self.nvml_mode)
+        self.nvml_sampler = start_nvml_sampler(self.nvml, self.origin_ns) if self.nvml.enabled else None
         self.compile_disabled = supports_disable_compile()
         options = {
             "sample_kv_every": self.samples.every,
             "sample_layers": sorted(self.samples.layers) if self.samples.layers else "all",
             "max_sample_bytes": self.samples.max_bytes, "flush_every": self.flush_every,
-            "nvml": self.nvml_mode, "nvml_available": self.nvml.enabled, "store_prompts": self.store_prompts,
+            "nvml": self.nvml_mode, "nvml_available": self.nvml.enabled,
+            "nvml_sampling": self.nvml_sampler.description if self.nvml_sampler is not None else None,
+            "store_prompts": self.store_prompts,
             "head_stats_every": self.head_stats_every,
             # generate's auto-compile would run the hooks inside a compiled graph: it is turned off.
             "compile": "disabled (generate(disable_compile=True))" if self.compile_disabled
@@ -103,7 +106,8 @@ class Recording:
         self.samples.prepare(cuda=self.allocator.enabled)
         self.discovery = AttentionDiscovery(attention_modules(self.model))
         self.steps = StepRecorder(self.run_id, self.layout, self.allocator, self.nvml, self.writer,
-                                  self.sample_writer, self.discovery, self.flush_every, self.samples, self.origin_ns)
+                                  self.sample_writer, self.discovery, self.flush_every, self.samples, self.origin_ns,
+                                  self.nvml_sampler)
         self._hook = self.model.register_forward_hook(self.steps.on_forward, with_kwargs=True)
         self.head_stats = None  # online per-head statistics (kvscope.kernels.online), every N steps
         if self.head_stats_every:

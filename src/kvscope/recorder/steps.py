@@ -19,7 +19,7 @@ from kvscope.recorder.flusher import BackgroundWriter
 from kvscope.recorder.hooks import AttentionDiscovery, batch_and_tokens, cache_from_kwargs, cache_from_output
 from kvscope.recorder.measure import measure_cache
 from kvscope.recorder.model_layout import ModelLayout
-from kvscope.recorder.telemetry import AllocatorProbe, NvmlProbe, NvmlSampler
+from kvscope.recorder.telemetry import AllocatorProbe, NvmlProbe
 
 STEP_FIELDS = (
     "run_id", "gen_id", "step", "t_ns", "seq_len", "batch_size", "kv_bytes", "allocated_bytes",
@@ -75,13 +75,16 @@ class StepRecorder:
 
     def __init__(self, run_id: str, layout: ModelLayout, allocator: AllocatorProbe, nvml: NvmlProbe,
                  writer: BackgroundWriter, sample_writer: BackgroundWriter, discovery: AttentionDiscovery, flush_every: int,
-                 samples: SamplePolicy, origin_ns: int) -> None:
+                 samples: SamplePolicy, origin_ns: int, nvml_sampler: Any = None) -> None:
         self.run_id = run_id
         self.layout = layout
         self.allocator = allocator
         self.nvml = nvml
         self.nvml_total = nvml.total
-        self.nvml_sampler = NvmlSampler(nvml) if nvml.enabled else None
+        # NvmlPoller (a polling process) or NvmlSampler (a thread); None without NVML.
+        self.nvml_sampler = nvml_sampler
+        self._nvml_request = nvml_sampler.request if nvml_sampler is not None and nvml_sampler.per_step_requests \
+            else None
         self.writer = writer
         self.sample_writer = sample_writer
         self.discovery = discovery
@@ -108,6 +111,8 @@ class StepRecorder:
         self._carry_ns = 0
         self.events: list[dict[str, Any]] = []
         self.active = gen_id >= 0
+        if self.active and self.nvml_sampler is not None:
+            self.nvml_sampler.begin(gen_id)
         if self.active and self.discovery.modules:
             self.discovery.install()
 
@@ -158,9 +163,9 @@ class StepRecorder:
         del cache
         self._last_measured = measured
         reading = self.allocator.read()
-        sampler = self.nvml_sampler
-        if sampler is not None:
-            sampler.request(gen_id, step)  # read on the sampler thread; filled in on the writer thread
+        request = self._nvml_request
+        if request is not None:
+            request(gen_id, step)  # read on the sampler thread; filled in on the writer thread
         t_ns = start - self.origin_ns
         self._last_t_ns, self._last_reading = t_ns, reading
         self.step = step + 1

@@ -120,6 +120,14 @@ class NvmlProbe:
     def enabled(self) -> bool:
         return bool(self.handles)
 
+    def device_ids(self) -> list[str]:
+        """NVML UUIDs of the handles (what the polling process opens)."""
+        ids = []
+        for handle in self.handles:
+            uuid = self._pynvml.nvmlDeviceGetUUID(handle)
+            ids.append(uuid.decode() if isinstance(uuid, bytes) else str(uuid))
+        return ids
+
     def used(self) -> int | None:
         if not self.handles:
             return None
@@ -128,13 +136,16 @@ class NvmlProbe:
 
 
 class NvmlSampler:
-    """Takes each step's NVML reading on its own thread, off the decode loop.
+    """Takes each step's NVML reading on a thread of this process: the fallback when the polling
+    process (`nvml_poller.NvmlPoller`, the default) cannot start.
 
-    Inside `generate` an NVML call costs about 100 µs on the H100 host (9 µs when the GPU is idle),
-    half the recorder's 1% budget. The hook only queues the step's key (about 1 µs); this thread
-    reads NVML right after (ctypes releases the GIL during the call) and keeps the value per key,
-    and the writer thread fills the steps rows from it. Without NVML it is never started.
+    The hook queues the step's key (about 1 µs); this thread reads NVML right after (ctypes
+    releases the GIL during the call) and keeps the value per key, and the writer thread fills the
+    steps rows from it. It costs the decode loop GIL hand-overs every step (see nvml_poller.py).
     """
+
+    per_step_requests = True
+    description = "thread, one reading per step"
 
     def __init__(self, probe: NvmlProbe) -> None:
         self.probe = probe
@@ -179,7 +190,10 @@ class NvmlSampler:
             self._wake.set()
             self._idle.wait(timeout)
 
-    def take(self, keys: list[tuple[int, int]]) -> list[int | None]:
+    def begin(self, gen_id: int) -> None:
+        """Nothing to do: readings are keyed by step."""
+
+    def take(self, keys: list[tuple[int, int]], times_ns: list[int] | None = None) -> list[int | None]:
         """The readings of these steps (waiting for any still pending), removed from the sampler."""
         if any(key not in self._values for key in keys):
             self.wait()
@@ -193,3 +207,17 @@ class NvmlSampler:
         self._stopping = True
         self._wake.set()
         self._thread.join(timeout=5.0)
+
+
+def start_nvml_sampler(probe: NvmlProbe, origin_ns: int) -> Any:
+    """The per-step NVML source: the polling process, or this process's thread if it cannot start."""
+    from kvscope.recorder.nvml_poller import NvmlPoller
+
+    try:
+        return NvmlPoller(probe.device_ids(), origin_ns)
+    except (RecordingError, OSError) as exc:
+        import warnings
+
+        warnings.warn(f"kvscope: NVML is read on a thread instead ({exc}); the decode loop pays for it.",
+                      RuntimeWarning, stacklevel=3)
+        return NvmlSampler(probe)
