@@ -183,7 +183,7 @@ STEPS = Table(
         _bytes("inactive_split_bytes", "memory_stats inactive_split_bytes.all.current: free bytes stranded in split blocks; null without CUDA.", nullable=True),
         Column("alloc_retries", INT, "memory_stats num_alloc_retries (cumulative); null without CUDA.", "count", True, encoding="delta"),
         Column("num_ooms", INT, "memory_stats num_ooms (cumulative); null without CUDA.", "count", True, encoding="delta"),
-        _bytes("nvml_used_bytes", "NVML used memory of the model's device; null without NVML.", nullable=True),
+        _bytes("nvml_used_bytes", "NVML used memory of the model's device(s) (summed), polled off the decode loop: the first reading taken at or after the step (about 1 ms later at most); null without NVML.", nullable=True),
         _bytes("nvml_total_bytes", "NVML total memory of the model's device; null without NVML.", nullable=True),
         _bytes("kv_logical_bytes", "Sum over layers of K and V logical bytes (numel x element size), aliases counted twice.", required=False),
         Column("recorder_ns", INT, "Time the recorder itself spent on this step (hooks, telemetry, buffering).", "ns", True, False, "delta"),
