@@ -15,7 +15,7 @@ import gc
 import statistics
 import sys
 import tempfile
-import time
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -23,6 +23,9 @@ from transformers import AutoConfig, AutoModelForCausalLM, LogitsProcessorList
 
 import kvscope
 from kvscope.recorder import session, telemetry
+
+sys.path.insert(0, str(Path(__file__).parent))
+from bench_recorder import StepClock  # noqa: E402 - the same per-step clock as the GPU benchmark
 
 LIBC = ctypes.CDLL(None)
 VARIANTS = ("plain", "noop_hook", "recorder", "recorder+fake_nvml_thread")
@@ -35,15 +38,6 @@ def fake_used(self: Any) -> int:
 
 def fake_init(self: Any, devices: tuple[int, ...], mode: object = "auto") -> None:
     self.handles, self.total, self.driver_version, self._pynvml = [1], 1 << 30, "fake", None
-
-
-class StepClock:
-    def __init__(self) -> None:
-        self.stamps: list[int] = []
-
-    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
-        self.stamps.append(time.perf_counter_ns())
-        return scores
 
 
 def main() -> None:
@@ -75,8 +69,7 @@ def main() -> None:
         else:
             with kvscope.record(model, tempfile.mkdtemp()):
                 model.generate(ids, **kwargs)
-        stamps = clock.stamps
-        return statistics.median((b - a) / 1e6 for a, b in zip(stamps, stamps[1:], strict=False))
+        return statistics.median(clock.intervals_ms())
 
     results: dict[str, list[float]] = {v: [] for v in VARIANTS}
     for _ in range(rounds):
