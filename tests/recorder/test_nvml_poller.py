@@ -124,3 +124,16 @@ def test_a_recording_gets_a_polled_reading_in_every_step(tmp_path: Path, monkeyp
     assert generations[0]["peak_nvml_used_bytes"] < min(v for g, v in zip(steps["gen_id"], used, strict=True) if g == 1)
     options = json.loads(trace.read("run").to_pylist()[0]["options"])
     assert options["nvml_sampling"].startswith("process")
+
+
+def test_steps_after_the_process_stopped_get_no_reading() -> None:
+    origin = time.perf_counter_ns()
+    poller = NvmlPoller(["fake"], origin)
+    early = time.perf_counter_ns() - origin
+    time.sleep(0.01)
+    poller._stop_process()  # the polling process is gone (killed, crashed)
+    late = time.perf_counter_ns() - origin + 10**9
+    values = poller.take([(0, 0), (0, 1)], [early, late])
+    assert values[0] is not None and values[1] is None  # null, never a stale reading
+    poller.close()
+    assert poller.take([(0, 2)], [late]) == [None]  # a closed poller answers, without readings

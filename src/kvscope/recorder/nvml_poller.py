@@ -81,6 +81,8 @@ class NvmlPoller:
 
     # -- reading the ring (writer thread and main thread, under the lock) -------------------------
     def _scan(self) -> None:
+        if not len(self._ring):  # closed
+            return
         count = int(self._ring[0])
         if count == self._seen:
             return
@@ -116,7 +118,8 @@ class NvmlPoller:
             self._gen = (gen_id, time.perf_counter_ns())
 
     def take(self, keys: list[tuple[int, int]], times_ns: list[int]) -> list[int | None]:
-        """Readings for steps at these times (ns since origin): the first taken at or after each."""
+        """Readings for steps at these times (ns since origin): the first taken at or after each; None
+        where none came (the process stopped, or fell more than the wait behind)."""
         if not times_ns:
             return []
         absolute = np.asarray(times_ns, dtype=np.int64) + self.origin_ns
@@ -126,8 +129,9 @@ class NvmlPoller:
             if not len(times):
                 return [None] * len(times_ns)
             at = np.searchsorted(times, absolute, side="left")
-            at = np.minimum(at, len(times) - 1)  # none after (the process stopped): the latest one
-            result = values[at].tolist()
+            found = at < len(times)
+            picked = values[np.minimum(at, len(times) - 1)].tolist()
+            result = [value if ok else None for value, ok in zip(picked, found.tolist(), strict=True)]
             keep = max(int(at.min()) - 1, 0)  # readings before this batch are never needed again
             self._times, self._values = times[keep:], values[keep:]
             return result
