@@ -23,6 +23,7 @@ import torch
 
 from kvscope.errors import RecordingError
 from kvscope.recorder.expand import expand_steps
+from kvscope.recorder.telemetry import NvmlSource
 from kvscope.schema.tables import TABLES
 from kvscope.trace.writer import TraceWriter
 
@@ -69,7 +70,7 @@ class BackgroundWriter:
             self._queue.put(("rows", table, tuple(names), rows))
 
     def step_batch(self, step_names: Sequence[str], step_rows: list[tuple], batch: list[tuple],
-                   nvml: Any = None) -> None:
+                   nvml: NvmlSource | None = None) -> None:
         """Queue steps rows (kv_bytes, kv_logical_bytes and nvml_used_bytes left None) and the measured
         layers of those steps, `(run_id, gen_id, step, seq_len, measured)`: expanded together on this
         thread, NVML readings taken from the sampler."""
@@ -126,12 +127,11 @@ class BackgroundWriter:
                 self.writer.extend_arrow("layers", table)
             if step_rows:
                 columns = dict(zip(names, (list(c) for c in zip(*step_rows, strict=True)), strict=True))
-                keys = zip(columns["gen_id"], columns["step"], strict=True)
+                keys = list(zip(columns["gen_id"], columns["step"], strict=True))
                 unique, logical = zip(*(totals.get(key, (0, 0)) for key in keys), strict=True)
                 columns["kv_bytes"], columns["kv_logical_bytes"] = list(unique), list(logical)
                 if nvml is not None:
-                    columns["nvml_used_bytes"] = nvml.take(
-                        list(zip(columns["gen_id"], columns["step"], strict=True)), columns["t_ns"])
+                    columns["nvml_used_bytes"] = nvml.take(keys, columns["t_ns"])
                 self.writer.extend("steps", columns)
         elif kind == "samples":
             _, rows, ready = item

@@ -70,7 +70,7 @@ class NvmlPoller:
         self._times = np.empty(0, dtype=np.int64)
         self._values = np.empty(0, dtype=np.int64)
         self.latest: int | None = None
-        self._gen: tuple[int, int] | None = None  # (gen_id, start ns, absolute) of the open generation
+        self._gen: tuple[int, int] | None = None  # (gen_id, absolute start ns) of the open generation
         self._peaks: dict[int, int] = {}
 
     def _first_line(self, timeout_s: float) -> str:
@@ -111,7 +111,10 @@ class NvmlPoller:
                 return
             time.sleep(self.interval_s)
 
-    # -- the sampler interface --------------------------------------------------------------------
+    # -- the sampler interface (telemetry.NvmlSource) ----------------------------------------------
+    def request(self, gen_id: int, step: int) -> None:
+        """Not needed: readings are matched to steps by time (per_step_requests is False)."""
+
     def begin(self, gen_id: int) -> None:
         with self._lock:
             self._scan()

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import threading
 from collections import deque
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, Protocol
 
 import torch
 
@@ -135,6 +135,20 @@ class NvmlProbe:
         return sum(get(h).used for h in self.handles)
 
 
+class NvmlSource(Protocol):
+    """Per-step NVML readings: `nvml_poller.NvmlPoller` (a process) or `NvmlSampler` (a thread)."""
+
+    per_step_requests: bool  # whether the hook must call request(gen_id, step) every step
+    description: str  # for the run's options
+    latest: int | None
+
+    def request(self, gen_id: int, step: int) -> None: ...
+    def begin(self, gen_id: int) -> None: ...
+    def take(self, keys: list[tuple[int, int]], times_ns: list[int]) -> list[int | None]: ...
+    def peak(self, gen_id: int) -> int | None: ...
+    def close(self) -> None: ...
+
+
 class NvmlSampler:
     """Takes each step's NVML reading on a thread of this process: the fallback when the polling
     process (`nvml_poller.NvmlPoller`, the default) cannot start.
@@ -209,7 +223,7 @@ class NvmlSampler:
         self._thread.join(timeout=5.0)
 
 
-def start_nvml_sampler(probe: NvmlProbe, origin_ns: int) -> Any:
+def start_nvml_sampler(probe: NvmlProbe, origin_ns: int) -> NvmlSource:
     """The per-step NVML source: the polling process, or this process's thread if it cannot start."""
     from kvscope.recorder.nvml_poller import NvmlPoller
 
