@@ -74,10 +74,24 @@ def layer_kind(layer_type: type) -> tuple[str, tuple[str, ...]]:
     return kind, extras
 
 
+# Cache classes seen without a `self_attention_cache`: skip the lookup (a miss raises and catches
+# an AttributeError, and this runs every step).
+_plain_cache_types: set[type] = set()
+
+
 def unwrap_container(cache: Any) -> Any:
     """The self-attention cache of an EncoderDecoderCache; the cache itself otherwise."""
-    inner = getattr(cache, "self_attention_cache", None)
+    kind = type(cache)
+    if kind in _plain_cache_types:
+        return cache
+    inner = getattr(cache, "self_attention_cache", _MISSING)
+    if inner is _MISSING:
+        _plain_cache_types.add(kind)
+        return cache
     return inner if inner is not None else cache
+
+
+_MISSING = object()
 
 
 def iter_layers(cache: Any) -> Iterator[LayerTensors]:

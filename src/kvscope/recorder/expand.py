@@ -10,13 +10,12 @@ finished rows and are passed through.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from itertools import chain
-from operator import itemgetter
+from dataclasses import dataclass
 
 import numpy as np
 import pyarrow as pa
 
-from kvscope.recorder.measure import LAYER_FIELDS, FastStep, LayerPlan, StepMeasure
+from kvscope.recorder.measure import CONTIGUOUS, LAYER_FIELDS, SHAPE_END, FastStep, LayerPlan, StepMeasure, decode_facts
 from kvscope.recorder.model_layout import LATENT
 from kvscope.recorder.storage import covered_bytes
 
@@ -27,25 +26,94 @@ Totals = dict[tuple[int, int], tuple[int, int]]  # (gen_id, step) -> (unique kv 
 _POS_SHIFT = 50  # address spaces are < 2**48: a step's position above bit 50 keeps steps apart when sorting
 
 
-_NUMBERS = itemgetter(0, 1, 2, 3, 5, 6, 7)  # layer, k_start, k_end, k_bytes, v_start, v_end, v_bytes
+@dataclass
+class _Facts:
+    """A batch's fact records as columns: one row per layer per step."""
+
+    counts: np.ndarray  # layers per step
+    layer: np.ndarray
+    k_start: np.ndarray
+    k_end: np.ndarray
+    k_bytes: np.ndarray
+    v_start: np.ndarray
+    v_end: np.ndarray
+    v_bytes: np.ndarray
+    k_dims: np.ndarray | list[tuple[int, ...]]  # [rows, rank] when every K has one rank
+    v_dims: np.ndarray | list[tuple[int, ...]]
 
 
-def _numbers(facts: list[tuple]) -> np.ndarray:
-    """The integer fields of the facts as an [n, 7] array (C-level iteration, no per-row Python)."""
-    flat = np.fromiter(chain.from_iterable(map(_NUMBERS, facts)), dtype=np.int64, count=7 * len(facts))
-    return flat.reshape(len(facts), 7)
+def _uniform_facts(flats: list[list[int]], plan: LayerPlan) -> _Facts | None:
+    """Decode a batch in numpy when every record has the same K and V ranks (the usual case)."""
+    joined: list[int] = []
+    for flat in flats:
+        joined += flat
+    if not joined:
+        return None
+    data = np.array(joined, dtype=np.int64)
+    ends = np.flatnonzero(data[:64] == SHAPE_END)  # the first record's two end markers
+    if len(ends) < 2:
+        return None
+    k_rank, v_rank = int(ends[0]) - 5, int(ends[1] - ends[0]) - 1
+    width = 7 + k_rank + v_rank
+    if any(len(flat) % width for flat in flats):
+        return None
+    records = data.reshape(-1, width)
+    # Layer indices, addresses and codes are never negative and neither are dims: records parse
+    # as fixed-width rows exactly when the end markers sit in these two columns and nowhere else.
+    if not ((records[:, 5 + k_rank] == SHAPE_END).all() and (records[:, -1] == SHAPE_END).all()
+            and int((records[:, 5:] == SHAPE_END).sum()) == 2 * len(records)):
+        return None
+    layer = records[:, 0]
+    k_dims, v_dims = records[:, 5:5 + k_rank], records[:, 6 + k_rank:-1]
+    k_start, v_start = records[:, 1], records[:, 3]
+    k_bytes = k_dims.prod(axis=1) * np.asarray(plan.k_itemsizes, dtype=np.int64)[layer]
+    k_end = np.where(records[:, 2] == CONTIGUOUS, k_start + k_bytes, records[:, 2])
+    if v_rank:
+        v_bytes = v_dims.prod(axis=1) * np.asarray(plan.v_itemsizes, dtype=np.int64)[layer]
+        v_end = np.where(records[:, 4] == CONTIGUOUS, v_start + v_bytes, records[:, 4])
+    else:  # no values
+        v_bytes, v_end = np.zeros(len(records), dtype=np.int64), records[:, 4]
+    counts = np.array([len(flat) // width for flat in flats], dtype=np.int64)
+    return _Facts(counts, layer, k_start, k_end, k_bytes, v_start, v_end, v_bytes, k_dims, v_dims)
 
 
-def _shape_column(shapes: list[tuple[int, ...]]) -> tuple[pa.Array, np.ndarray]:
+def _decoded_facts(flats: list[list[int]], plan: LayerPlan) -> _Facts:
+    """Decode a batch record by record (ranks differ between layers, or some layer has no values)."""
+    per_step = [decode_facts(flat, plan) for flat in flats]
+    facts = [fact for step in per_step for fact in step]
+    numbers = np.array([(f.layer, f.k_start, f.k_end, f.k_bytes, f.v_start, f.v_end, f.v_bytes) for f in facts],
+                       dtype=np.int64).reshape(len(facts), 7)
+    counts = np.array([len(step) for step in per_step], dtype=np.int64)
+    return _Facts(counts, *numbers.T, [f.k_shape for f in facts], [f.v_shape for f in facts])
+
+
+def _tokens_of(dims: np.ndarray) -> np.ndarray:
+    """Sequence length of each shape: dim -2, dim 0 of a 1-D tensor, 0 of a scalar."""
+    if dims.shape[1] >= 2:
+        return dims[:, -2].copy()
+    if dims.shape[1] == 1:
+        return dims[:, 0].copy()
+    return np.zeros(len(dims), dtype=np.int64)
+
+
+def _shape_column(shapes: np.ndarray | list[tuple[int, ...]]) -> tuple[pa.Array, np.ndarray]:
     """A list<int64> column of shapes, and the sequence length of each (dim -2, or dim 0 for 1-D)."""
-    ranks = set(map(len, shapes))
-    if len(ranks) == 1 and (rank := ranks.pop()) >= 2:
-        dims = np.fromiter(chain.from_iterable(shapes), dtype=np.int64, count=rank * len(shapes))
-        dims = dims.reshape(len(shapes), rank)
-        offsets = pa.array(np.arange(0, dims.size + 1, rank, dtype=np.int32))
-        return pa.ListArray.from_arrays(offsets, pa.array(dims.reshape(-1))), dims[:, -2]
+    if isinstance(shapes, np.ndarray):
+        rank = shapes.shape[1]
+        offsets = pa.array(np.arange(0, shapes.size + 1, rank, dtype=np.int32) if rank
+                           else np.zeros(len(shapes) + 1, dtype=np.int32))
+        return pa.ListArray.from_arrays(offsets, pa.array(np.ascontiguousarray(shapes).reshape(-1))), _tokens_of(shapes)
     tokens = np.fromiter(((s[-2] if len(s) >= 2 else (s[0] if s else 0)) for s in shapes), np.int64, len(shapes))
     return pa.array([tuple(s) for s in shapes], type=pa.list_(pa.int64())), tokens
+
+
+def _latent_mask(dims: np.ndarray | list[tuple[int, ...]], rank: int) -> np.ndarray:
+    """MLA latent layers: K is [batch, 1, tokens, kv_lora_rank]."""
+    if isinstance(dims, np.ndarray):
+        if dims.shape[1] != 4:
+            return np.zeros(len(dims), dtype=bool)
+        return (dims[:, 1] == 1) & (dims[:, 3] == rank)
+    return np.fromiter((len(d) == 4 and d[1] == 1 and d[3] == rank for d in dims), bool, len(dims))
 
 
 def _step_totals(pos: np.ndarray, starts: np.ndarray, ends: np.ndarray, steps: int) -> np.ndarray:
@@ -79,12 +147,13 @@ def _step_totals(pos: np.ndarray, starts: np.ndarray, ends: np.ndarray, steps: i
 
 def _expand_fast(items: list[tuple[str, int, int, int, FastStep]], plan: LayerPlan,
                  totals: Totals) -> pa.Table:
-    counts = np.array([len(item[4].facts) for item in items], dtype=np.int64)
-    facts = [f for item in items for f in item[4].facts]
-    numbers = _numbers(facts)
-    layer, k_start, k_end, k_bytes, v_start, v_end, v_bytes = numbers.T
-    k_shape, stored = _shape_column(list(map(itemgetter(4), facts)))
-    v_shape, _ = _shape_column(list(map(itemgetter(8), facts)))
+    flats = [item[4].facts for item in items]
+    facts = _uniform_facts(flats, plan) or _decoded_facts(flats, plan)
+    counts, layer = facts.counts, facts.layer
+    k_start, k_end, k_bytes = facts.k_start, facts.k_end, facts.k_bytes
+    v_start, v_end, v_bytes = facts.v_start, facts.v_end, facts.v_bytes
+    k_shape, stored = _shape_column(facts.k_dims)
+    v_shape, _ = _shape_column(facts.v_dims)
     aliased = (v_end > v_start) & (k_start < v_end) & (v_start < k_end)
     kv_bytes = np.where(aliased, np.maximum(k_end, v_end) - np.minimum(k_start, v_start),
                         (k_end - k_start) + (v_end - v_start))
@@ -96,8 +165,7 @@ def _expand_fast(items: list[tuple[str, int, int, int, FastStep]], plan: LayerPl
     indices = pa.array(layer.astype(np.int32))
     layer_type: pa.Array = pa.DictionaryArray.from_arrays(indices, pa.array(plan.layer_types, pa.string()))
     if plan.kv_lora_rank is not None:
-        dims = [tuple(f[4]) for f in facts]
-        latent = np.fromiter((len(d) == 4 and d[1] == 1 and d[3] == plan.kv_lora_rank for d in dims), bool, len(dims))
+        latent = _latent_mask(facts.k_dims, plan.kv_lora_rank)
         if latent.any():
             layer_type = pa.array(np.where(latent, LATENT, np.array(plan.layer_types, dtype=object)[layer]), pa.string())
     pos = np.repeat(np.arange(len(items), dtype=np.int64), counts)

@@ -26,15 +26,24 @@ def _is_cache(value: Any) -> bool:
     return True
 
 
-def cache_from_output(output: Any) -> Any:
-    for name in CACHE_OUTPUT_ATTRS:
+def cache_from_output(output: Any, name: str | None = None) -> tuple[Any, str | None]:
+    """The cache a model output carries, and the attribute it was found under.
+
+    With `name` (found at an earlier step) that attribute is read first: a missing attribute
+    costs an exception, and this runs every step.
+    """
+    if name is not None:
+        value = getattr(output, name, None)
+        if _is_cache(value):
+            return value, name
+    for attr in CACHE_OUTPUT_ATTRS:
         try:
-            value = getattr(output, name, None)
+            value = getattr(output, attr, None)
         except (AttributeError, KeyError):
             value = None
         if _is_cache(value):
-            return value
-    return None
+            return value, attr
+    return None, None
 
 
 def cache_from_kwargs(kwargs: dict[str, Any]) -> Any:
@@ -53,8 +62,10 @@ def batch_and_tokens(args: tuple, kwargs: dict[str, Any]) -> tuple[int, int]:
         ids = kwargs.get("input_ids")
     if ids is None and args and isinstance(args[0], torch.Tensor):
         ids = args[0]
-    if isinstance(ids, torch.Tensor) and ids.dim() >= 2:
-        return ids.shape[0], ids.shape[1]
+    if isinstance(ids, torch.Tensor):
+        shape = ids.shape
+        if len(shape) >= 2:
+            return shape[0], shape[1]
     embeds = kwargs.get("inputs_embeds")
     if isinstance(embeds, torch.Tensor) and embeds.dim() >= 3:
         return embeds.shape[0], embeds.shape[1]

@@ -11,7 +11,7 @@ from __future__ import annotations
 import weakref
 from collections.abc import Container
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 
@@ -139,34 +139,93 @@ class LayerPlan:
     k_dtypes: tuple[str, ...]
     v_dtypes: tuple[str, ...]
     kv_lora_rank: int | None
+    k_itemsizes: tuple[int, ...] = ()  # bytes per element: logical bytes are numel x itemsize
+    v_itemsizes: tuple[int, ...] = ()
 
 
-@dataclass
+# A fact record in `FastStep.facts` (a flat list of ints):
+#   layer, k_start, k_code, v_start, v_code, *k_shape, SHAPE_END, *v_shape, SHAPE_END
+# A code is CONTIGUOUS (the tensor's span is exactly its bytes, computed later from the shape) or
+# the end address of its span. A layer without values has v_start = v_code = 0 and no v dims.
+SHAPE_END = -1  # dims, addresses and layer indices are never negative
+CONTIGUOUS = 1  # `is_contiguous()` is True == 1; no span ends at address 1
+
+
+class Fact(NamedTuple):
+    """One decoded fact record (for the rare per-step readers; the writer decodes whole batches)."""
+
+    layer: int
+    k_start: int
+    k_end: int
+    k_bytes: int
+    k_shape: tuple[int, ...]
+    v_start: int
+    v_end: int
+    v_bytes: int
+    v_shape: tuple[int, ...]
+
+
+def _numel(shape: tuple[int, ...]) -> int:
+    count = 1
+    for dim in shape:
+        count *= dim
+    return count
+
+
+def decode_facts(flat: list[int], plan: LayerPlan) -> list[Fact]:
+    """The records of one step's flat fact list, with bytes and span ends resolved."""
+    facts: list[Fact] = []
+    i, n = 0, len(flat)
+    while i < n:
+        layer, k_start, k_code, v_start, v_code = flat[i:i + 5]
+        j = flat.index(SHAPE_END, i + 5)
+        k_shape = tuple(flat[i + 5:j])
+        m = flat.index(SHAPE_END, j + 1)
+        v_shape = tuple(flat[j + 1:m])
+        i = m + 1
+        k_bytes = _numel(k_shape) * plan.k_itemsizes[layer]
+        k_end = k_start + k_bytes if k_code == CONTIGUOUS else k_code
+        if v_shape:
+            v_bytes = _numel(v_shape) * plan.v_itemsizes[layer]
+            v_end = v_start + v_bytes if v_code == CONTIGUOUS else v_code
+        else:
+            v_bytes, v_end = 0, v_code
+        facts.append(Fact(layer, k_start, k_end, k_bytes, k_shape, v_start, v_end, v_bytes, v_shape))
+    return facts
+
+
+@dataclass(slots=True)
 class FastStep:
     """One step of a cache whose layers are all plain/static: raw facts per layer, expanded into
     rows later and vectorised (`expand.py`), so the hook does as little Python as possible.
 
-    A fact is `(layer, k_start, k_end, k_bytes, k_shape, v_start, v_end, v_bytes, v_shape)`; spans
-    are absolute address ranges (storage base + offset). With CUDA's unified virtual addressing no
-    two live allocations of a process share an address, on any device or the host, so the union of
-    address ranges is the union of storage spans, without creating storage objects.
+    `facts` is one flat list of ints (records described at `SHAPE_END`): ints are not tracked by
+    the garbage collector, so a buffered step holds a few tracked objects rather than three per
+    layer, and the recorder triggers (almost) no collections. Spans are absolute address ranges
+    (storage base + offset). With CUDA's unified virtual addressing no two live allocations of a
+    process share an address, on any device or the host, so the union of address ranges is the
+    union of storage spans, without creating storage objects.
     """
 
     plan: LayerPlan
-    facts: list[tuple]
-    sample_tensors: list[tuple[int, str, torch.Tensor]] = field(default_factory=list)
+    facts: list[int]
+    sample_tensors: list[tuple[int, str, torch.Tensor]] | None = None
+
+    def decoded(self) -> list[Fact]:
+        return decode_facts(self.facts, self.plan)
 
     @property
     def kv_bytes(self) -> int:
-        return covered_bytes([(f[1], f[2]) for f in self.facts] + [(f[5], f[6]) for f in self.facts])
+        facts = self.decoded()
+        return covered_bytes([(f.k_start, f.k_end) for f in facts] + [(f.v_start, f.v_end) for f in facts])
 
     @property
     def logical_bytes(self) -> int:
-        return sum(f[3] + f[7] for f in self.facts)
+        return sum(f.k_bytes + f.v_bytes for f in self.decoded())
 
     @property
     def layer_count(self) -> int:
-        return len(self.facts)
+        return len(self.decoded())
 
 
 # Plans per cache object (a generation reuses one), valid while it holds the same layers list.
@@ -174,14 +233,23 @@ class FastStep:
 _plans: weakref.WeakKeyDictionary[Any, tuple[int, int, LayerPlan | None]] = weakref.WeakKeyDictionary()
 
 
+# The last plan looked up, checked first: a generation asks about the same cache every step, and
+# calling a weak reference is cheaper than a WeakKeyDictionary lookup (which creates one).
+_last_plan: list[Any] = [None, None]  # [weakref to the container, (id(layers), len(layers), plan)]
+
+
 def _plan(container: Any, layers: list, layout: ModelLayout) -> LayerPlan | None:
+    last_ref, last = _last_plan
+    if last_ref is not None and last_ref() is container and last[0] == id(layers) and last[1] == len(layers):
+        return last[2]
     try:
         cached = _plans.get(container)
     except TypeError:  # not weak-referenceable: plan every step
         cached = None
     if cached is not None and cached[0] == id(layers) and cached[1] == len(layers):
+        _last_plan[:] = [weakref.ref(container), cached]
         return cached[2]
-    holders, static, k_dtypes, v_dtypes = [], [], [], []
+    holders, static, k_dtypes, v_dtypes, k_sizes, v_sizes = [], [], [], [], [], []
     plan: LayerPlan | None = None
     complete = True
     for layer in layers:
@@ -193,13 +261,17 @@ def _plan(container: Any, layers: list, layout: ModelLayout) -> LayerPlan | None
         keys, values = getattr(layer, "keys", None), getattr(layer, "values", None)
         complete = complete and isinstance(keys, torch.Tensor)
         k_dtypes.append(_dtype(keys.dtype) if isinstance(keys, torch.Tensor) else "")
+        k_sizes.append(keys.element_size() if isinstance(keys, torch.Tensor) else 0)
         v_dtypes.append(_dtype(values.dtype) if isinstance(values, torch.Tensor) else k_dtypes[-1])
+        v_sizes.append(values.element_size() if isinstance(values, torch.Tensor) else k_sizes[-1])
     else:
         types = tuple(layout.layer_type(i) for i in range(len(layers)))
-        plan = LayerPlan(tuple(holders), tuple(static), types, tuple(k_dtypes), tuple(v_dtypes), layout.kv_lora_rank)
+        plan = LayerPlan(tuple(holders), tuple(static), types, tuple(k_dtypes), tuple(v_dtypes), layout.kv_lora_rank,
+                         tuple(k_sizes), tuple(v_sizes))
     if plan is None or complete:  # a layer not yet filled (lazy init): plan again next step
         try:
-            _plans[container] = (id(layers), len(layers), plan)
+            _plans[container] = entry = (id(layers), len(layers), plan)
+            _last_plan[:] = [weakref.ref(container), entry]
         except TypeError:
             pass
     return plan
@@ -224,26 +296,26 @@ def _capture_fast(container: Any, layers: list, layout: ModelLayout,
     plan = _plan(container, layers, layout)
     if plan is None:
         return None
-    facts: list[tuple] = []
-    append = facts.append
+    facts: list[int] = []
+    extend = facts.extend
     tensor = torch.Tensor
+    end = SHAPE_END
     for index, layer in enumerate(layers):
         keys = layer.keys
         if not isinstance(keys, tensor):
             continue
         values = layer.values
         k_start = keys.data_ptr()
-        k_bytes = keys.nbytes
-        k_end = k_start + k_bytes if keys.is_contiguous() else _extent(keys, k_start)
         if values is not None:
             v_start = values.data_ptr()
-            v_bytes = values.nbytes
-            v_end = v_start + v_bytes if values.is_contiguous() else _extent(values, v_start)
-            append((index, k_start, k_end, k_bytes, keys.shape, v_start, v_end, v_bytes, values.shape))
+            extend((index, k_start, keys.is_contiguous() or _extent(keys, k_start),
+                    v_start, values.is_contiguous() or _extent(values, v_start),
+                    *keys.shape, end, *values.shape, end))
         else:
-            append((index, k_start, k_end, k_bytes, keys.shape, 0, 0, 0, ()))
+            extend((index, k_start, keys.is_contiguous() or _extent(keys, k_start), 0, 0, *keys.shape, end, end))
     step = FastStep(plan, facts)
     if sample_layers is not None:
+        step.sample_tensors = []
         rank = plan.kv_lora_rank
         for index, layer in enumerate(layers):
             if index in sample_layers and isinstance(layer.keys, tensor):

@@ -109,6 +109,7 @@ class StepRecorder:
         self._last_t_ns = 0
         self._last_reading: Any = None
         self._carry_ns = 0
+        self._cache_attr: str | None = None  # the output attribute that carries the cache
         self.events: list[dict[str, Any]] = []
         self.active = gen_id >= 0
         if self.active and self.nvml_sampler is not None:
@@ -141,7 +142,7 @@ class StepRecorder:
             self.prompt_tokens = tokens
             self.batch_size = batch
         self.seq_len += tokens
-        cache = cache_from_output(output)
+        cache, self._cache_attr = cache_from_output(output, self._cache_attr)
         if cache is None:
             cache = self.discovery.cache if self.discovery.cache is not None else cache_from_kwargs(kwargs)
         elif step == 0 and self.discovery.installed:
@@ -159,7 +160,7 @@ class StepRecorder:
                 if _in_flight(cache, measured.sample_tensors):
                     torch.cuda.synchronize()  # offloading moves layers on side streams: wait before copying
                 self._copy_samples(measured.sample_tensors, step)
-                measured.sample_tensors = []  # never keep a cache tensor past the hook
+                measured.sample_tensors = None  # never keep a cache tensor past the hook
         del cache
         self._last_measured = measured
         reading = self.allocator.read()

@@ -28,6 +28,9 @@ class AllocatorReading(NamedTuple):  # a tuple: built every step, so cheaper tha
     peak_reserved: int
 
 
+_new_reading = tuple.__new__  # builds the named tuple in C (its generated __new__ is Python code)
+
+
 def _nested_stats_reader() -> Any:
     # The C entry point returns the nested dict that memory_stats() would flatten afterwards.
     raw = getattr(torch._C, "_cuda_memoryStats", None)
@@ -50,6 +53,14 @@ class AllocatorProbe:
     def read(self) -> AllocatorReading | None:
         if not self.devices:
             return None
+        if len(self.devices) == 1:  # the usual case, every step: no summing loop
+            stats = self._read(self.devices[0])
+            allocated = stats["allocated_bytes"]["all"]
+            reserved = stats["reserved_bytes"]["all"]
+            return _new_reading(AllocatorReading, (
+                allocated["current"], reserved["current"], stats["active_bytes"]["all"]["current"],
+                stats["inactive_split_bytes"]["all"]["current"], stats["num_alloc_retries"], stats["num_ooms"],
+                allocated["peak"], reserved["peak"]))
         totals = [0] * 8
         for device in self.devices:
             stats = self._read(device)
