@@ -6,9 +6,14 @@ Builds the pythia-1.4b twin (bf16, random weights), a 64-token prompt, 512 new t
 and runs rounds of three variants in rotating order: plain generate, generate inside
 `kvscope.record` (telemetry every step, no samples), and the same with KV samples every 64 steps.
 Reports, per variant: the median of tokens/s over rounds; the median of per-round ratios to the
-plain run of the same round (pairs cancel slow drifts of the host); the median decode-step time over
-all steps of all rounds (a logits processor stamps each step in every variant, so its ~1 µs cost is
-common to all); and the recorder's own per-step time (`recorder_ns` from the traces).
+plain run of the same round (pairs cancel slow drifts of the host), with a bootstrap 95% interval;
+the median decode-step time over all steps of all rounds (a logits processor stamps each step in
+every variant, so its ~1 µs cost is common to all); and the recorder's own per-step time
+(`recorder_ns` from the traces).
+
+`--variants plain recorder` runs only those; `--cpus 2-7` pins the process (and the threads and
+processes it starts) to those cores; `--max-minutes` stops starting rounds after that long. The
+JSON is rewritten after every round, so a run cut short still leaves its results.
 """
 
 from __future__ import annotations
@@ -16,6 +21,8 @@ from __future__ import annotations
 import argparse
 import gc
 import json
+import os
+import random
 import shutil
 import statistics
 import tempfile
@@ -87,6 +94,24 @@ def run_once(model: torch.nn.Module, ids: torch.Tensor, new_tokens: int, variant
     return elapsed, per_step, clock.intervals_ms()
 
 
+def bootstrap_interval(values: list[float], *, resamples: int = 10000, seed: int = 0) -> tuple[float, float]:
+    """A percentile bootstrap 95% interval of the median of `values`."""
+    if len(values) < 2:
+        return (values[0], values[0]) if values else (float("nan"), float("nan"))
+    rng = random.Random(seed)
+    medians = sorted(statistics.median(rng.choices(values, k=len(values))) for _ in range(resamples))
+    return medians[int(0.025 * resamples)], medians[int(0.975 * resamples) - 1]
+
+
+def parse_cpus(text: str) -> set[int]:
+    """'2-7,10' -> {2, 3, 4, 5, 6, 7, 10}."""
+    cpus: set[int] = set()
+    for part in text.split(","):
+        low, _, high = part.partition("-")
+        cpus.update(range(int(low), int(high or low) + 1))
+    return cpus
+
+
 def component_costs(model: torch.nn.Module, ids: torch.Tensor, new_tokens: int, repeats: int = 500) -> dict:
     """Median µs of each part of the per-step hook, on the cache of a finished generation."""
     from kvscope.recorder.expand import expand_steps
@@ -126,6 +151,42 @@ def component_costs(model: torch.nn.Module, ids: torch.Tensor, new_tokens: int, 
     return costs
 
 
+def summarise(args: argparse.Namespace, variants: tuple[str, ...], costs: dict, results: dict[str, list[float]],
+              per_step: dict[str, list[int]], step_ms: dict[str, list[float]],
+              round_step_ms: dict[str, list[float]]) -> dict:
+    """Estimators per variant against plain, with bootstrap intervals of the paired medians."""
+    device_name = torch.cuda.get_device_name(0) if args.device.startswith("cuda") else args.device
+    summary: dict = {"device": device_name, "torch": torch.__version__,
+                     "transformers": __import__("transformers").__version__, "twin": args.twin,
+                     "prompt_tokens": args.prompt_tokens, "new_tokens": args.new_tokens,
+                     "rounds": len(results["plain"]), "cpus": sorted(os.sched_getaffinity(0)),
+                     "tokens_per_s": results, "component_us": costs, "round_median_step_ms": round_step_ms,
+                     "variants": {}}
+    base = statistics.median(results["plain"])
+    base_step = statistics.median(step_ms["plain"])
+    for variant in variants:
+        median = statistics.median(results[variant])
+        paired = [plain / other - 1 for plain, other in zip(results["plain"], results[variant], strict=True)]
+        paired_step = [other / plain - 1 for plain, other in zip(round_step_ms["plain"], round_step_ms[variant],
+                                                                strict=True)]
+        entry = {"median_tokens_per_s": median, "overhead_vs_plain": 1 - median / base,
+                 "paired_overhead_median": statistics.median(paired),
+                 "paired_overhead_ci95": bootstrap_interval(paired),
+                 "median_decode_step_ms": statistics.median(step_ms[variant]),
+                 "step_overhead_vs_plain": statistics.median(step_ms[variant]) / base_step - 1,
+                 "paired_step_overhead_median": statistics.median(paired_step),
+                 "paired_step_overhead_ci95": bootstrap_interval(paired_step),
+                 "paired_step_overheads": paired_step}
+        if per_step[variant]:
+            ns = sorted(per_step[variant])
+            entry.update(recorder_us_median=ns[len(ns) // 2] / 1000, recorder_us_mean=sum(ns) / len(ns) / 1000,
+                         recorder_us_p99=ns[int(len(ns) * 0.99)] / 1000,
+                         recorder_share_of_step=(sum(ns) / len(ns) / 1e9) * median,
+                         recorder_share_of_plain_step=(sum(ns) / len(ns) / 1e6) / base_step)
+        summary["variants"][variant] = entry
+    return summary
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--rounds", type=int, default=5)
@@ -136,21 +197,37 @@ def main() -> None:
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--extra", nargs="*", default=[], choices=OPTIONAL_VARIANTS,
                         help="variants to add to the three of the acceptance criteria")
+    parser.add_argument("--variants", nargs="*", choices=VARIANTS + OPTIONAL_VARIANTS,
+                        help="run only these (plain is always included)")
+    parser.add_argument("--cpus", help="pin the process to these cores, e.g. 2-7")
+    parser.add_argument("--max-minutes", type=float, default=0, help="start no round after this long (0: no limit)")
+    parser.add_argument("--skip-components", action="store_true", help="skip timing the hook's parts alone")
     args = parser.parse_args()
-    variants = VARIANTS + tuple(args.extra)
+    began = time.perf_counter()
+    if args.cpus:
+        os.sched_setaffinity(0, parse_cpus(args.cpus))
+    if args.variants:
+        variants = ("plain", *(v for v in args.variants if v != "plain"))
+    else:
+        variants = VARIANTS + tuple(args.extra)
+    print(f"cores: {sorted(os.sched_getaffinity(0))}; load average {os.getloadavg()}", flush=True)
     model = build_twin(load_twin(args.twin), dtype="bfloat16", device=args.device)
     generator = torch.Generator().manual_seed(0)
     ids = torch.randint(3, 50000, (1, args.prompt_tokens), generator=generator).to(args.device)
     workdir = Path(tempfile.mkdtemp())
     for variant in variants:  # warm-up at full length: kernels load, allocator grows to its working size
         run_once(model, ids, args.new_tokens, variant, workdir)
-    costs = component_costs(model, ids, args.new_tokens)
+    costs = {} if args.skip_components else component_costs(model, ids, args.new_tokens)
     print("component costs (median µs):", json.dumps(costs), flush=True)
     results: dict[str, list[float]] = {v: [] for v in variants}
     per_step: dict[str, list[int]] = {v: [] for v in variants}
     step_ms: dict[str, list[float]] = {v: [] for v in variants}
     round_step_ms: dict[str, list[float]] = {v: [] for v in variants}
+    summary: dict = {}
     for round_index in range(args.rounds):
+        if args.max_minutes and time.perf_counter() - began > 60 * args.max_minutes:
+            print(f"time limit: stopping after {round_index} rounds", flush=True)
+            break
         shift = round_index % len(variants)
         order = variants[shift:] + variants[:shift]
         for variant in order:
@@ -161,38 +238,22 @@ def main() -> None:
             round_step_ms[variant].append(statistics.median(intervals))
             print(f"round {round_index} {variant:20s} {args.new_tokens / elapsed:7.2f} tokens/s  "
                   f"median step {statistics.median(intervals):6.3f} ms", flush=True)
-    device_name = torch.cuda.get_device_name(0) if args.device.startswith("cuda") else args.device
-    summary = {"device": device_name, "torch": torch.__version__,
-               "transformers": __import__("transformers").__version__, "twin": args.twin,
-               "prompt_tokens": args.prompt_tokens, "new_tokens": args.new_tokens, "rounds": args.rounds,
-               "tokens_per_s": results, "component_us": costs, "variants": {}}
-    summary["round_median_step_ms"] = round_step_ms
-    base = statistics.median(results["plain"])
-    base_step = statistics.median(step_ms["plain"])
-    for variant in variants:
-        median = statistics.median(results[variant])
-        paired = [plain / other - 1 for plain, other in zip(results["plain"], results[variant], strict=True)]
-        paired_step = [other / plain - 1 for plain, other in zip(round_step_ms["plain"], round_step_ms[variant],
-                                                                strict=True)]
-        entry = {"median_tokens_per_s": median, "overhead_vs_plain": 1 - median / base,
-                 "paired_overhead_median": statistics.median(paired),
-                 "median_decode_step_ms": statistics.median(step_ms[variant]),
-                 "step_overhead_vs_plain": statistics.median(step_ms[variant]) / base_step - 1,
-                 "paired_step_overhead_median": statistics.median(paired_step)}
-        if per_step[variant]:
-            ns = sorted(per_step[variant])
-            entry.update(recorder_us_median=ns[len(ns) // 2] / 1000, recorder_us_mean=sum(ns) / len(ns) / 1000,
-                         recorder_us_p99=ns[int(len(ns) * 0.99)] / 1000,
-                         recorder_share_of_step=(sum(ns) / len(ns) / 1e9) * median,
-                         recorder_share_of_plain_step=(sum(ns) / len(ns) / 1e6) / base_step)
-        summary["variants"][variant] = entry
-    args.out.write_text(json.dumps(summary, indent=2))
-    print(f"{'variant':20s} {'tok/s':>8s} {'overhead':>9s} {'paired':>8s} {'step ms':>8s} {'step ovh':>8s} "
-          f"{'pair step':>9s} {'rec µs med':>10s} {'rec µs mean':>11s} {'share':>7s}")
+        summary = summarise(args, variants, costs, results, per_step, step_ms, round_step_ms)
+        args.out.write_text(json.dumps(summary, indent=2))
+    if not summary:
+        return
+    print(f"{summary['rounds']} rounds on {summary['device']}")
+    print(f"{'variant':20s} {'tok/s':>8s} {'overhead':>9s} {'paired':>8s} {'paired 95% CI':>16s} {'step ms':>8s} "
+          f"{'step ovh':>8s} {'pair step':>9s} {'pair step 95% CI':>17s} {'rec µs med':>10s} {'rec µs mean':>11s} "
+          f"{'share':>7s}")
     for variant, entry in summary["variants"].items():
+        low, high = entry["paired_overhead_ci95"]
+        step_low, step_high = entry["paired_step_overhead_ci95"]
         print(f"{variant:20s} {entry['median_tokens_per_s']:8.2f} {entry['overhead_vs_plain'] * 100:8.2f}% "
-              f"{entry['paired_overhead_median'] * 100:7.2f}% {entry['median_decode_step_ms']:8.3f} "
+              f"{entry['paired_overhead_median'] * 100:7.2f}% [{low * 100:6.2f}, {high * 100:5.2f}]% "
+              f"{entry['median_decode_step_ms']:8.3f} "
               f"{entry['step_overhead_vs_plain'] * 100:7.2f}% {entry['paired_step_overhead_median'] * 100:8.2f}% "
+              f"[{step_low * 100:6.2f}, {step_high * 100:5.2f}]% "
               f"{entry.get('recorder_us_median', 0):10.1f} {entry.get('recorder_us_mean', 0):11.1f} "
               f"{entry.get('recorder_share_of_plain_step', 0) * 100:6.2f}%")
 
