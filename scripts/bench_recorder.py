@@ -37,7 +37,9 @@ from kvscope.twins import load_twin
 from kvscope.twins.build import build_twin
 
 VARIANTS = ("plain", "recorder", "recorder+samples64")
-OPTIONAL_VARIANTS = ("recorder-nvml-off",)  # attribution: the recorder without NVML readings
+# Attribution: the recorder without NVML readings; without the writer's mid-generation flushes
+# (everything is written when generate returns: a diagnostic only, the trace is then not crash-safe).
+OPTIONAL_VARIANTS = ("recorder-nvml-off", "recorder-no-midflush")
 
 
 class StepClock:
@@ -82,6 +84,8 @@ def run_once(model: torch.nn.Module, ids: torch.Tensor, new_tokens: int, variant
     trace = Path(tempfile.mkdtemp(dir=workdir))
     with kvscope.record(model, trace, sample_kv_every=64 if "samples" in variant else 0,
                         nvml=False if "nvml-off" in variant else "auto") as rec:
+        if "no-midflush" in variant:
+            rec.steps.flush_every = 1 << 30
         _sync()
         start = time.perf_counter()
         out = model.generate(ids, **kwargs)
@@ -223,6 +227,7 @@ def main() -> None:
     per_step: dict[str, list[int]] = {v: [] for v in variants}
     step_ms: dict[str, list[float]] = {v: [] for v in variants}
     round_step_ms: dict[str, list[float]] = {v: [] for v in variants}
+    outside_ms: dict[str, list[float]] = {v: [] for v in variants}
     summary: dict = {}
     for round_index in range(args.rounds):
         if args.max_minutes and time.perf_counter() - began > 60 * args.max_minutes:
@@ -236,9 +241,13 @@ def main() -> None:
             per_step[variant].extend(steps)
             step_ms[variant].extend(intervals)
             round_step_ms[variant].append(statistics.median(intervals))
+            # generate's time outside the decode steps: prefill, setup before and work after the loop
+            outside_ms[variant].append(1e3 * elapsed - sum(intervals))
             print(f"round {round_index} {variant:20s} {args.new_tokens / elapsed:7.2f} tokens/s  "
                   f"median step {statistics.median(intervals):6.3f} ms", flush=True)
         summary = summarise(args, variants, costs, results, per_step, step_ms, round_step_ms)
+        summary["outside_steps_ms"] = outside_ms
+        summary["step_intervals_ms"] = {v: [round(x, 4) for x in values] for v, values in step_ms.items()}
         args.out.write_text(json.dumps(summary, indent=2))
     if not summary:
         return

@@ -218,7 +218,9 @@ class Recording:
                 record.prompt_text = json.dumps(ids[0].tolist())
         self._write_events(steps.events, record.gen_id)
         self._write_head_stats()
-        steps.end(wait=True)
+        # No wait: generate returns while the writer thread writes the last parts (settle() and the
+        # end of the `with` block wait for them, and report any write error).
+        steps.end(wait=False)
         self._pending = record
 
     def _abort_generation(self, record: GenerationRecord, exc: BaseException) -> None:
