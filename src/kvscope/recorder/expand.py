@@ -15,9 +15,17 @@ from dataclasses import dataclass
 import numpy as np
 import pyarrow as pa
 
-from kvscope.recorder.measure import CONTIGUOUS, LAYER_FIELDS, SHAPE_END, FastStep, LayerPlan, StepMeasure, decode_facts
-from kvscope.recorder.model_layout import LATENT
-from kvscope.recorder.storage import covered_bytes
+from kvscope.recorder.facts import (
+    CONTIGUOUS,
+    LATENT,
+    LAYER_FIELDS,
+    SHAPE_END,
+    FastStep,
+    LayerPlan,
+    StepMeasure,
+    decode_facts,
+)
+from kvscope.recorder.spans import covered_bytes
 
 # (run_id, gen_id, step, seq_len, measured) per recorded step.
 StepBatch = Sequence[tuple[str, int, int, int, "StepMeasure | FastStep"]]

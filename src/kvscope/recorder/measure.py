@@ -10,28 +10,27 @@ from __future__ import annotations
 
 import weakref
 from collections.abc import Container
-from dataclasses import dataclass, field
-from typing import Any, NamedTuple
+from typing import Any
 
 import torch
 
 from kvscope.recorder.cache_walk import KIND_PLAIN, KIND_STATIC, LayerTensors, iter_layers, layer_kind, unwrap_container
-from kvscope.recorder.model_layout import LATENT, ModelLayout
-from kvscope.recorder.storage import (
-    Span,
-    StorageKey,
-    covered_bytes,
-    dtype_name,
-    spans_overlap,
-    tensor_span,
-    union_bytes,
+from kvscope.recorder.facts import (
+    CONTIGUOUS,
+    LATENT,
+    LAYER_FIELDS,
+    SHAPE_END,
+    Fact,
+    FastStep,
+    LayerPlan,
+    StepMeasure,
+    decode_facts,
 )
+from kvscope.recorder.model_layout import ModelLayout
+from kvscope.recorder.storage import Span, dtype_name, spans_overlap, tensor_span, union_bytes
 
-# Order of the fields in a layer row tuple (after run_id/gen_id/step, added by the step recorder).
-LAYER_FIELDS = (
-    "layer", "layer_type", "cache_layer_class", "k_shape", "v_shape", "k_dtype", "v_dtype",
-    "k_bytes", "v_bytes", "kv_bytes", "aliased", "stored_tokens", "capacity_tokens",
-)
+__all__ = ["CONTIGUOUS", "LAYER_FIELDS", "SHAPE_END", "Fact", "FastStep", "LayerPlan", "StepMeasure", "decode_facts",
+           "measure_cache"]
 
 _dtype_names: dict[torch.dtype, str] = {}
 
@@ -41,41 +40,6 @@ def _dtype(dtype: torch.dtype) -> str:
     if name is None:
         name = _dtype_names[dtype] = dtype_name(dtype)
     return name
-
-
-@dataclass
-class StepMeasure:
-    """One step's layer rows and totals."""
-
-    rows: list[tuple] = field(default_factory=list)
-    logical_bytes: int = 0
-    sample_tensors: list[tuple[int, str, torch.Tensor]] = field(default_factory=list)
-    # Spans per storage; while no storage has two spans, the total is a plain sum.
-    _by_storage: dict[StorageKey, list[tuple[int, int]]] = field(default_factory=dict)
-    _plain_total: int = 0
-    _overlapping: bool = False
-
-    def add_spans(self, spans: list[Span]) -> None:
-        by_storage = self._by_storage
-        for key, start, end in spans:
-            ranges = by_storage.get(key)
-            if ranges is None:
-                by_storage[key] = [(start, end)]
-                self._plain_total += end - start
-            else:
-                ranges.append((start, end))
-                self._overlapping = True
-
-    @property
-    def layer_count(self) -> int:
-        return len(self.rows)
-
-    @property
-    def kv_bytes(self) -> int:
-        """All layers' unique bytes: spans merged per storage, so shared layers count once."""
-        if not self._overlapping:
-            return self._plain_total
-        return union_bytes((key, s, e) for key, ranges in self._by_storage.items() for s, e in ranges)
 
 
 def _layer_row(out: StepMeasure, layout: ModelLayout, seq_len: int, index: int, holder: str, keys: torch.Tensor,
@@ -127,105 +91,6 @@ def _measure_entry(out: StepMeasure, layout: ModelLayout, seq_len: int, entry: L
         v_bytes = values.nbytes if values is not None else 0
     _layer_row(out, layout, seq_len, entry.layer, entry.holder_class, keys, values, k_spans, v_spans,
                k_bytes, v_bytes, [tensor_span(t) for t in entry.extras], entry.preallocated, entry.quantized)
-
-
-@dataclass(frozen=True)
-class LayerPlan:
-    """Per-layer constants of one `cache.layers` list, read once per generation, not per step."""
-
-    holders: tuple[str, ...]  # cache-layer class names
-    static: tuple[bool, ...]  # preallocated (StaticLayer and subclasses)
-    layer_types: tuple[str, ...]  # declared types (latent is decided per step from the shape)
-    k_dtypes: tuple[str, ...]
-    v_dtypes: tuple[str, ...]
-    kv_lora_rank: int | None
-    k_itemsizes: tuple[int, ...] = ()  # bytes per element: logical bytes are numel x itemsize
-    v_itemsizes: tuple[int, ...] = ()
-
-
-# A fact record in `FastStep.facts` (a flat list of ints):
-#   layer, k_start, k_code, v_start, v_code, *k_shape, SHAPE_END, *v_shape, SHAPE_END
-# A code is CONTIGUOUS (the tensor's span is exactly its bytes, computed later from the shape) or
-# the end address of its span. A layer without values has v_start = v_code = 0 and no v dims.
-SHAPE_END = -1  # dims, addresses and layer indices are never negative
-CONTIGUOUS = 1  # `is_contiguous()` is True == 1; no span ends at address 1
-
-
-class Fact(NamedTuple):
-    """One decoded fact record (for the rare per-step readers; the writer decodes whole batches)."""
-
-    layer: int
-    k_start: int
-    k_end: int
-    k_bytes: int
-    k_shape: tuple[int, ...]
-    v_start: int
-    v_end: int
-    v_bytes: int
-    v_shape: tuple[int, ...]
-
-
-def _numel(shape: tuple[int, ...]) -> int:
-    count = 1
-    for dim in shape:
-        count *= dim
-    return count
-
-
-def decode_facts(flat: list[int], plan: LayerPlan) -> list[Fact]:
-    """The records of one step's flat fact list, with bytes and span ends resolved."""
-    facts: list[Fact] = []
-    i, n = 0, len(flat)
-    while i < n:
-        layer, k_start, k_code, v_start, v_code = flat[i:i + 5]
-        j = flat.index(SHAPE_END, i + 5)
-        k_shape = tuple(flat[i + 5:j])
-        m = flat.index(SHAPE_END, j + 1)
-        v_shape = tuple(flat[j + 1:m])
-        i = m + 1
-        k_bytes = _numel(k_shape) * plan.k_itemsizes[layer]
-        k_end = k_start + k_bytes if k_code == CONTIGUOUS else k_code
-        if v_shape:
-            v_bytes = _numel(v_shape) * plan.v_itemsizes[layer]
-            v_end = v_start + v_bytes if v_code == CONTIGUOUS else v_code
-        else:
-            v_bytes, v_end = 0, v_code
-        facts.append(Fact(layer, k_start, k_end, k_bytes, k_shape, v_start, v_end, v_bytes, v_shape))
-    return facts
-
-
-@dataclass(slots=True)
-class FastStep:
-    """One step of a cache whose layers are all plain/static: raw facts per layer, expanded into
-    rows later and vectorised (`expand.py`), so the hook does as little Python as possible.
-
-    `facts` is one flat list of ints (records described at `SHAPE_END`): ints are not tracked by
-    the garbage collector, so a buffered step holds a few tracked objects rather than three per
-    layer, and the recorder triggers (almost) no collections. Spans are absolute address ranges
-    (storage base + offset). With CUDA's unified virtual addressing no two live allocations of a
-    process share an address, on any device or the host, so the union of address ranges is the
-    union of storage spans, without creating storage objects.
-    """
-
-    plan: LayerPlan
-    facts: list[int]
-    sample_tensors: list[tuple[int, str, torch.Tensor]] | None = None
-
-    def decoded(self) -> list[Fact]:
-        return decode_facts(self.facts, self.plan)
-
-    @property
-    def kv_bytes(self) -> int:
-        facts = self.decoded()
-        return covered_bytes([(f.k_start, f.k_end) for f in facts] + [(f.v_start, f.v_end) for f in facts])
-
-    @property
-    def logical_bytes(self) -> int:
-        return sum(f.k_bytes + f.v_bytes for f in self.decoded())
-
-    @property
-    def layer_count(self) -> int:
-        return len(self.decoded())
 
 
 # Plans per cache object (a generation reuses one), valid while it holds the same layers list.

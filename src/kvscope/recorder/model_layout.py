@@ -15,9 +15,12 @@ from typing import Any
 
 import torch
 
+from kvscope.recorder.facts import LATENT
+
+__all__ = ["FULL", "LATENT", "SLIDING", "ModelLayout", "model_layout"]
+
 FULL = "full_attention"
 SLIDING = "sliding_attention"
-LATENT = "latent"
 
 _LAYER_INDEX = re.compile(r"\.(?:layers|layer|h|blocks|block)\.(\d+)\.")
 
