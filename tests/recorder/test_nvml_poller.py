@@ -124,6 +124,7 @@ def test_a_recording_gets_a_polled_reading_in_every_step(tmp_path: Path, monkeyp
     assert generations[0]["peak_nvml_used_bytes"] < min(v for g, v in zip(steps["gen_id"], used, strict=True) if g == 1)
     options = json.loads(trace.read("run").to_pylist()[0]["options"])
     assert options["nvml_sampling"].startswith("process")
+    assert options["writer"] == "process"  # the writer process matched the readings from the shared ring
 
 
 def test_steps_after_the_process_stopped_get_no_reading() -> None:

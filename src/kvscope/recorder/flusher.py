@@ -22,7 +22,7 @@ import pyarrow.parquet as pq
 import torch
 
 from kvscope.errors import RecordingError
-from kvscope.recorder.expand import expand_steps
+from kvscope.recorder.batch_writer import BatchWriter
 from kvscope.recorder.telemetry import NvmlSource
 from kvscope.schema.tables import TABLES
 from kvscope.trace.writer import TraceWriter
@@ -59,6 +59,7 @@ class BackgroundWriter:
 
     def __init__(self, writer: TraceWriter) -> None:
         self.writer = writer
+        self._core = BatchWriter(writer)
         self._queue: queue.Queue[Any] = queue.Queue()
         self._error: BaseException | None = None
         self._thread = threading.Thread(target=self._run, name="kvscope-writer", daemon=True)
@@ -115,28 +116,10 @@ class BackgroundWriter:
                     item[1].set()
 
     def _handle(self, item: tuple) -> None:
-        kind = item[0]
-        if kind == "rows":
-            _, table, names, rows = item
-            columns = [list(c) for c in zip(*rows, strict=False)]
-            self.writer.extend(table, dict(zip(names, columns, strict=False)))
-        elif kind == "steps":
-            _, names, step_rows, batch, nvml = item
-            tables, totals = expand_steps(batch)
-            for table in tables:
-                self.writer.extend_arrow("layers", table)
-            if step_rows:
-                columns = dict(zip(names, (list(c) for c in zip(*step_rows, strict=True)), strict=True))
-                keys = list(zip(columns["gen_id"], columns["step"], strict=True))
-                unique, logical = zip(*(totals.get(key, (0, 0)) for key in keys), strict=True)
-                columns["kv_bytes"], columns["kv_logical_bytes"] = list(unique), list(logical)
-                if nvml is not None:
-                    columns["nvml_used_bytes"] = nvml.take(keys, columns["t_ns"])
-                self.writer.extend("steps", columns)
-        elif kind == "samples":
+        if item[0] == "samples":
             _, rows, ready = item
             if ready is not None:
                 ready.synchronize()  # the asynchronous copies into pinned host memory are done
             write_samples_part(self.writer.path / "kv_samples", [(*row[:-1], tensor_bytes(row[-1])) for row in rows])
-        elif kind == "flush":
-            self.writer.flush()
+        else:
+            self._core.handle(item)

@@ -49,8 +49,11 @@ class NvmlPoller:
         try:
             os.ftruncate(fd, 8 * (1 + 2 * RING_SLOTS))
             self._map = mmap.mmap(fd, 0)
-        finally:
+        except BaseException:
             os.close(fd)
+            raise
+        # Kept open for the writer process, which maps the same ring (`attach`).
+        self.ring_fd: int | None = fd
         self._ring = np.frombuffer(self._map, dtype=np.int64)
         child = Path(__file__).with_name("nvml_child.py")
         try:
@@ -64,7 +67,27 @@ class NvmlPoller:
             self._ring = np.empty(0, dtype=np.int64)
             self._stop_process()
             self._release_map()
+            os.close(fd)
             raise RecordingError(f"the NVML polling process did not start ({line or 'no answer'})")
+        self._init_reader(keep_history=True)
+
+    @classmethod
+    def attach(cls, ring_fd: int, origin_ns: int, interval_s: float = POLL_INTERVAL_S) -> NvmlPoller:
+        """A reader of a ring another process polls into (the writer process's view): `take` works,
+        the polling process is not this object's to stop."""
+        self = cls.__new__(cls)
+        self.origin_ns, self.interval_s = origin_ns, interval_s
+        self._map = mmap.mmap(ring_fd, 0, access=mmap.ACCESS_READ)
+        self.ring_fd = None
+        self._ring = np.frombuffer(self._map, dtype=np.int64)
+        self._process = None
+        self._init_reader(keep_history=True)
+        return self
+
+    def _init_reader(self, *, keep_history: bool) -> None:
+        # keep_history: keep readings until `take` matches them to steps. A poller whose steps are
+        # matched by another reader (the writer process) keeps only the latest reading and peaks.
+        self.keep_history = keep_history
         self._lock = threading.Lock()
         self._seen = 0
         self._times = np.empty(0, dtype=np.int64)
@@ -97,8 +120,11 @@ class NvmlPoller:
             inside = values[times >= start]
             if len(inside):
                 self._peaks[gen_id] = max(self._peaks.get(gen_id, -1), int(inside.max()))
-        self._times = np.concatenate([self._times, times])
-        self._values = np.concatenate([self._values, values])
+        if self.keep_history:
+            self._times = np.concatenate([self._times, times])
+            self._values = np.concatenate([self._values, values])
+        else:
+            self._times, self._values = times[-1:], values[-1:]
 
     def _wait_for(self, absolute_ns: int, timeout_s: float = 0.25) -> None:
         """Scan until a reading taken at or after `absolute_ns` has arrived (or the timeout)."""
@@ -107,13 +133,19 @@ class NvmlPoller:
             self._scan()
             if (len(self._times) and self._times[-1] >= absolute_ns) or time.monotonic() > deadline:
                 return
-            if self._process.poll() is not None:
+            if self._process is not None and self._process.poll() is not None:
                 return
             time.sleep(self.interval_s)
 
     # -- the sampler interface (telemetry.NvmlSource) ----------------------------------------------
     def request(self, gen_id: int, step: int) -> None:
         """Not needed: readings are matched to steps by time (per_step_requests is False)."""
+
+    def refresh(self) -> None:
+        """Read the readings that arrived (so a long generation's peak sees all of them: the ring
+        holds about a minute)."""
+        with self._lock:
+            self._scan()
 
     def begin(self, gen_id: int) -> None:
         with self._lock:
@@ -151,9 +183,14 @@ class NvmlPoller:
         self._stop_process()
         self._ring = np.empty(0, dtype=np.int64)
         self._release_map()
+        if self.ring_fd is not None:
+            os.close(self.ring_fd)
+            self.ring_fd = None
 
     def _stop_process(self) -> None:
         process = self._process
+        if process is None:
+            return
         if process.poll() is None:
             try:
                 assert process.stdin is not None

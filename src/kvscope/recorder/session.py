@@ -16,12 +16,13 @@ from __future__ import annotations
 import gc
 import json
 import time
+import warnings
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from kvscope.errors import UsageError
+from kvscope.errors import RecordingError, UsageError
 from kvscope.recorder.flusher import BackgroundWriter
 from kvscope.recorder.generation import GenerationRecord, generated_tokens, supports_disable_compile
 from kvscope.recorder.hooks import AttentionDiscovery
@@ -29,9 +30,13 @@ from kvscope.recorder.model_layout import attention_modules, model_layout
 from kvscope.recorder.run_info import run_metadata
 from kvscope.recorder.steps import SamplePolicy, StepRecorder
 from kvscope.recorder.telemetry import AllocatorProbe, NvmlProbe, start_nvml_sampler
+from kvscope.recorder.writer_process import WriterProcess
 from kvscope.trace.writer import TraceWriter
 
 MAX_FLUSH_EVERY = 64
+# "process": parts are encoded and written by a child process (no GIL shared with generate);
+# "thread": by a thread of this process; "auto": the process, else the thread with a warning.
+WRITER_MODES = ("auto", "process", "thread")
 OOM_ERRORS: tuple[type[BaseException], ...] = tuple(
     {getattr(torch, "OutOfMemoryError", torch.cuda.OutOfMemoryError), torch.cuda.OutOfMemoryError})
 
@@ -43,11 +48,15 @@ class Recording:
                  sample_kv_every: int = 0, sample_layers: list[int] | None = None,
                  max_sample_bytes: int = 256 * 2**20, flush_every: int = MAX_FLUSH_EVERY,
                  nvml: str | bool = "auto", store_prompts: bool = False, model_name: str | None = None,
-                 tokenizer: str | None = None, options: dict[str, Any] | None = None, head_stats_every: int = 0) -> None:
+                 tokenizer: str | None = None, options: dict[str, Any] | None = None, head_stats_every: int = 0,
+                 writer: str = "auto") -> None:
         if not 1 <= flush_every <= MAX_FLUSH_EVERY:
             raise UsageError(f"flush_every must be between 1 and {MAX_FLUSH_EVERY} steps, got {flush_every}.")
         if sample_kv_every < 0 or max_sample_bytes < 0 or head_stats_every < 0:
             raise UsageError("sample_kv_every, max_sample_bytes and head_stats_every must be >= 0.")
+        if writer not in WRITER_MODES:
+            raise UsageError(f"writer must be one of {', '.join(WRITER_MODES)}, got {writer!r}.")
+        self.writer_mode = writer
         self.head_stats_every = head_stats_every
         if not hasattr(model, "generate"):
             raise UsageError(f"{type(model).__name__} has no generate(): pass the model you call generate on.")
@@ -82,12 +91,14 @@ class Recording:
         self.nvml = NvmlProbe(self.layout.cuda_devices, self.nvml_mode)
         self.nvml_sampler = start_nvml_sampler(self.nvml, self.origin_ns) if self.nvml.enabled else None
         self.compile_disabled = supports_disable_compile()
+        self.writer, writer_kind = self._start_writer()
         options = {
             "sample_kv_every": self.samples.every,
             "sample_layers": sorted(self.samples.layers) if self.samples.layers else "all",
             "max_sample_bytes": self.samples.max_bytes, "flush_every": self.flush_every,
             "nvml": self.nvml_mode, "nvml_available": self.nvml.enabled,
             "nvml_sampling": self.nvml_sampler.description if self.nvml_sampler is not None else None,
+            "writer": writer_kind,
             "store_prompts": self.store_prompts,
             "head_stats_every": self.head_stats_every,
             # generate's auto-compile would run the hooks inside a compiled graph: it is turned off.
@@ -98,7 +109,6 @@ class Recording:
         self.metadata = run_metadata(self.model, self.layout, self.model_name, self.labels, self.tokenizer,
                                      options, self.nvml)
         self.run_id = self.metadata.run_id
-        self.writer = BackgroundWriter(TraceWriter(self.path))
         # Samples get their own thread, so a generate boundary never waits for their copies.
         self.sample_writer = BackgroundWriter(TraceWriter(self.path))
         self.writer.rows("run", list(self.metadata.to_row()), [tuple(self.metadata.to_row().values())])
@@ -140,6 +150,28 @@ class Recording:
         self.sample_writer.close(compact=False)
         self.samples.staging = None  # give the pinned buffer back
         self.writer.close()
+
+    def _start_writer(self) -> tuple[BackgroundWriter | WriterProcess, str]:
+        """The writer process where NVML (if any) is polled into a shared ring; else a thread."""
+        sampler = self.nvml_sampler
+        ring_fd = getattr(sampler, "ring_fd", None)
+        process_possible = sampler is None or ring_fd is not None
+        if self.writer_mode != "thread" and process_possible:
+            try:
+                writer = WriterProcess(self.path, ring_fd=ring_fd, origin_ns=self.origin_ns)
+            except RecordingError as exc:
+                if self.writer_mode == "process":
+                    raise
+                warnings.warn(f"kvscope: writing the trace from a thread instead of a process ({exc}); "
+                              "decode steps after each flush may be slower.", RuntimeWarning, stacklevel=3)
+            else:
+                if sampler is not None:
+                    sampler.keep_history = False  # the writer process matches readings to steps
+                return writer, "process"
+        elif self.writer_mode == "process":
+            raise RecordingError("writer='process' needs NVML polled by a process (or no NVML); "
+                                 "the NVML thread fallback is in use.")
+        return BackgroundWriter(TraceWriter(self.path)), "thread"
 
     # -- user API --------------------------------------------------------------------------
     def next_prompt(self, prompt_id: str, text: str | None = None) -> None:

@@ -1,0 +1,80 @@
+"""The writer process: same rows as the writer thread, errors reported at the next wait, never in the hook."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+import torch
+from recorder_helpers import NEW_TOKENS, prompt_ids, tiny_model
+
+import kvscope
+from kvscope.errors import RecordingError, UsageError
+from kvscope.recorder.writer_process import WriterProcess
+from kvscope.trace.reader import check_invariants, open_trace
+
+EVENT_FIELDS = ("run_id", "gen_id", "step", "t_ns", "kind", "detail")
+TIMING = {"t_ns", "recorder_ns", "started_ns", "ended_ns", "created_unix_s", "run_id"}
+
+
+def _record(model: torch.nn.Module, path: Path, writer: str) -> None:
+    with kvscope.record(model, path, writer=writer) as rec:
+        for new_tokens in (NEW_TOKENS, 3):
+            out = model.generate(prompt_ids(), max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False)
+            del out
+            rec.settle()
+
+
+def _rows(path: Path, table: str, keys: list[str]) -> list[dict]:
+    rows = open_trace(path).read(table).sort_by([(k, "ascending") for k in keys]).to_pylist()
+    return [{k: v for k, v in row.items() if k not in TIMING and not k.startswith("created")} for row in rows]
+
+
+@pytest.mark.parametrize("family", ["gpt_neox", "gemma3_text"])
+def test_process_and_thread_writers_write_the_same_rows(tmp_path: Path, family: str) -> None:
+    model = tiny_model(family)
+    _record(model, tmp_path / "process", "process")
+    _record(model, tmp_path / "thread", "thread")
+    for path in (tmp_path / "process", tmp_path / "thread"):
+        assert check_invariants(open_trace(path)).ok
+    assert _rows(tmp_path / "process", "steps", ["gen_id", "step"]) == _rows(tmp_path / "thread", "steps",
+                                                                               ["gen_id", "step"])
+    layers = _rows(tmp_path / "process", "layers", ["gen_id", "step", "layer"])
+    assert layers == _rows(tmp_path / "thread", "layers", ["gen_id", "step", "layer"])
+    assert len(layers) == (NEW_TOKENS + 3) * model.config.num_hidden_layers
+    runs = {name: json.loads(open_trace(tmp_path / name).read("run").to_pylist()[0]["options"])
+            for name in ("process", "thread")}
+    assert runs["process"]["writer"] == "process" and runs["thread"]["writer"] == "thread"
+
+
+def test_a_failed_write_is_raised_at_the_next_wait_and_later_writes_still_land(tmp_path: Path) -> None:
+    writer = WriterProcess(tmp_path / "t")
+    writer.rows("no_such_table", ("a",), [(1,)])
+    with pytest.raises(RecordingError, match="no_such_table"):
+        writer.flush(wait=True)
+    writer.rows("events", EVENT_FIELDS, [("r", 0, 1, 5, "marker", "{}")])
+    writer.flush(wait=True)
+    writer.close()
+    events = pq.read_table(tmp_path / "t" / "events").to_pylist()  # no run row: read the part itself
+    assert [(e["kind"], e["step"]) for e in events] == [("marker", 1)]
+
+
+def test_a_killed_writer_process_is_reported_at_the_next_wait_never_on_hand_over(tmp_path: Path) -> None:
+    writer = WriterProcess(tmp_path / "t")
+    os.kill(writer._process.pid, signal.SIGKILL)
+    writer._process.wait()
+    for step in range(3):  # what the hook calls: no exception, whatever the writer's state
+        writer.step_batch(("run_id",), [], [("r", 0, step, 1, None)])
+        writer.flush()
+    with pytest.raises(RecordingError, match="writer process"):
+        writer.flush(wait=True)
+    writer.close()  # already reported: closing does not raise again
+
+
+def test_the_writer_option_is_validated(tmp_path: Path) -> None:
+    with pytest.raises(UsageError, match="writer"):
+        kvscope.record(tiny_model("gpt_neox"), tmp_path / "t", writer="fast")
