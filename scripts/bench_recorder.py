@@ -39,7 +39,8 @@ from kvscope.twins.build import build_twin
 VARIANTS = ("plain", "recorder", "recorder+samples64")
 # Attribution: the recorder without NVML readings; without the writer's mid-generation flushes
 # (everything is written when generate returns: a diagnostic only, the trace is then not crash-safe).
-OPTIONAL_VARIANTS = ("recorder-nvml-off", "recorder-no-midflush")
+# And the writer on a thread of this process instead of its own process (the fallback).
+OPTIONAL_VARIANTS = ("recorder-nvml-off", "recorder-no-midflush", "recorder-thread-writer")
 
 
 class StepClock:
@@ -83,7 +84,8 @@ def run_once(model: torch.nn.Module, ids: torch.Tensor, new_tokens: int, variant
         return time.perf_counter() - start, [], clock.intervals_ms()
     trace = Path(tempfile.mkdtemp(dir=workdir))
     with kvscope.record(model, trace, sample_kv_every=64 if "samples" in variant else 0,
-                        nvml=False if "nvml-off" in variant else "auto") as rec:
+                        nvml=False if "nvml-off" in variant else "auto",
+                        writer="thread" if "thread-writer" in variant else "auto") as rec:
         if "no-midflush" in variant:
             rec.steps.flush_every = 1 << 30
         _sync()
