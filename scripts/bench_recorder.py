@@ -28,6 +28,7 @@ import statistics
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 import pyarrow.parquet as pq
 import torch
@@ -40,7 +41,13 @@ VARIANTS = ("plain", "recorder", "recorder+samples64")
 # Attribution: the recorder without NVML readings; without the writer's mid-generation flushes
 # (everything is written when generate returns: a diagnostic only, the trace is then not crash-safe).
 # And the writer on a thread of this process instead of its own process (the fallback).
-OPTIONAL_VARIANTS = ("recorder-nvml-off", "recorder-no-midflush", "recorder-thread-writer")
+# "recorder-ab" switches the hook on and off in alternate blocks of AB_BLOCK decode steps within one
+# generation: adjacent blocks are a fraction of a second apart, so host noise that drifts over
+# seconds (it does on the lent H100 hosts) cancels in the per-step overhead, which pairs of whole
+# runs cannot resolve. Its trace has gaps: a measurement only.
+OPTIONAL_VARIANTS = ("recorder-nvml-off", "recorder-no-midflush", "recorder-thread-writer", "recorder-ab")
+AB_BLOCK = 32
+AB_RATIOS: list[float] = []  # block ratios of every "recorder-ab" run
 
 
 class StepClock:
@@ -48,10 +55,28 @@ class StepClock:
 
     def __init__(self) -> None:
         self.stamps: list[int] = []
+        self.toggle: Any = None  # a StepRecorder switched on/off per block ("recorder-ab")
+        self.active: list[bool] = []  # per interval: whether the hook ran in that step
 
     def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
         self.stamps.append(time.perf_counter_ns())
+        if self.toggle is not None:
+            on = (len(self.stamps) - 1) // AB_BLOCK % 2 == 0
+            self.toggle.active = on  # for the next forward pass, i.e. the interval that starts now
+            self.active.append(on)
         return scores
+
+    def block_ratios(self) -> list[float]:
+        """Median step time of each hook-on block over the next hook-off block, minus 1."""
+        intervals = self.intervals_ms()
+        blocks: list[tuple[bool, list[float]]] = []
+        for interval, on in zip(intervals, self.active, strict=False):
+            if not blocks or blocks[-1][0] != on:
+                blocks.append((on, []))
+            blocks[-1][1].append(interval)
+        return [statistics.median(a) / statistics.median(b) - 1
+                for (on_a, a), (on_b, b) in zip(blocks, blocks[1:], strict=False)
+                if on_a and not on_b and len(a) >= AB_BLOCK // 2 and len(b) >= AB_BLOCK // 2]
 
     def intervals_ms(self) -> list[float]:
         """Decode-step times (the prefill step, before the first stamp, is excluded)."""
@@ -88,6 +113,8 @@ def run_once(model: torch.nn.Module, ids: torch.Tensor, new_tokens: int, variant
                         writer="thread" if "thread-writer" in variant else "auto") as rec:
         if "no-midflush" in variant:
             rec.steps.flush_every = 1 << 30
+        if variant == "recorder-ab":
+            clock.toggle = rec.steps
         _sync()
         start = time.perf_counter()
         out = model.generate(ids, **kwargs)
@@ -97,6 +124,7 @@ def run_once(model: torch.nn.Module, ids: torch.Tensor, new_tokens: int, variant
         rec.settle()
     per_step = recorder_ns(trace)
     shutil.rmtree(trace)
+    AB_RATIOS.extend(clock.block_ratios())
     return elapsed, per_step, clock.intervals_ms()
 
 
@@ -223,6 +251,7 @@ def main() -> None:
     workdir = Path(tempfile.mkdtemp())
     for variant in variants:  # warm-up at full length: kernels load, allocator grows to its working size
         run_once(model, ids, args.new_tokens, variant, workdir)
+    AB_RATIOS.clear()
     costs = {} if args.skip_components else component_costs(model, ids, args.new_tokens)
     print("component costs (median µs):", json.dumps(costs), flush=True)
     results: dict[str, list[float]] = {v: [] for v in variants}
@@ -249,10 +278,21 @@ def main() -> None:
                   f"median step {statistics.median(intervals):6.3f} ms", flush=True)
         summary = summarise(args, variants, costs, results, per_step, step_ms, round_step_ms)
         summary["outside_steps_ms"] = outside_ms
+        if AB_RATIOS:
+            summary["ab_block_ratios"] = AB_RATIOS
+            summary["ab_block_overhead_median"] = statistics.median(AB_RATIOS)
+            summary["ab_block_overhead_ci95"] = bootstrap_interval(AB_RATIOS)
         summary["step_intervals_ms"] = {v: [round(x, 4) for x in values] for v, values in step_ms.items()}
         args.out.write_text(json.dumps(summary, indent=2))
     if not summary:
         return
+    if AB_RATIOS:
+        low, high = summary["ab_block_overhead_ci95"]
+        print(f"hook on/off in alternate blocks of {AB_BLOCK} steps: {len(AB_RATIOS)} block pairs, median step "
+              f"{summary['ab_block_overhead_median'] * 100:+.2f}% [{low * 100:+.2f}, {high * 100:+.2f}]%")
+    outside = summary["outside_steps_ms"]
+    print("time outside the decode steps (prefill, generation start and end), median ms: "
+          + ", ".join(f"{v} {statistics.median(x):.1f}" for v, x in outside.items()))
     print(f"{summary['rounds']} rounds on {summary['device']}")
     print(f"{'variant':20s} {'tok/s':>8s} {'overhead':>9s} {'paired':>8s} {'paired 95% CI':>16s} {'step ms':>8s} "
           f"{'step ovh':>8s} {'pair step':>9s} {'pair step 95% CI':>17s} {'rec µs med':>10s} {'rec µs mean':>11s} "
