@@ -1,6 +1,6 @@
 """Expand a batch of recorded steps into `layers` rows and step totals, vectorised, off the hook.
 
-The per-step hook keeps raw facts per layer (`measure.FastStep`); here, on the writer thread and
+The per-step hook keeps raw facts per layer (`measure.FastStep`); here, in the writer (process or thread) and
 once per flush, numpy turns a whole batch (up to 64 steps x all layers) into Arrow columns: unique
 bytes per layer, aliasing, stored tokens and capacity, latent layers, and each step's unique bytes
 over all layers (the union of its address ranges). Steps measured by the general walk arrive as

@@ -1,9 +1,11 @@
-"""A writer thread: the hot path hands over row batches; Parquet encoding happens off it.
+"""A writer thread: the KV samples' writer, and the fallback for the trace writer process.
 
 Encoding a 64-step batch of layer rows with zstd takes milliseconds, which would be several
-percent of a step if done inline every 64 steps. The session queues plain Python rows (tuples per
-layer) and this thread expands them into columns, copies sampled tensors to host bytes and
-writes atomic parts through `TraceWriter`. Only this thread touches the writer.
+percent of a step if done inline every 64 steps. The session queues plain Python rows and this
+thread applies them (`batch_writer.BatchWriter`), copies sampled tensors to host bytes and writes
+atomic parts through `TraceWriter`. Only this thread touches its writer. Its Python work competes
+with `generate` for the GIL, which is why the trace itself is written by a process
+(`writer_process.py`) where one can start.
 """
 
 from __future__ import annotations

@@ -5,7 +5,7 @@ cost the decode loop more than the calls themselves: every wake-up and every ret
 needs the GIL, and handing the GIL back and forth with the thread that runs `generate` costs
 context switches on every step (measured on the H200 host: 2.7% longer decode steps with the
 thread, against 1.0% of recorder time inside the hook). A process shares no GIL. It polls NVML
-every `interval_s` into a ring in shared memory (`nvml_child.py`); the writer thread gives each
+every `interval_s` into a ring in shared memory (`nvml_child.py`); the writer (process) gives each
 step the first reading taken at or after the step's time, and each generation the highest reading
 taken while it ran. The hook itself does nothing for NVML.
 """
@@ -102,7 +102,7 @@ class NvmlPoller:
         readable, _, _ = select.select([stdout], [], [], timeout_s)
         return stdout.readline().strip() if readable else ""
 
-    # -- reading the ring (writer thread and main thread, under the lock) -------------------------
+    # -- reading the ring (writer and main thread, under the lock) -------------------------
     def _scan(self) -> None:
         if not len(self._ring):  # closed
             return

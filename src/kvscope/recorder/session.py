@@ -2,8 +2,8 @@
 
 Lifecycle of one generation (a `generate` call):
   baseline reading (allocator + NVML), peak counters reset → steps recorded by the forward hook
-  → post-return reading as generate returns, rows flushed (the parts are on disk when generate
-  returns) → post-release and post-empty-cache readings at `rec.settle()` (call it after dropping
+  → post-return reading as generate returns, rows handed to the writer (generate does not wait
+  for the parts; settle() and the end of the block do) → post-release and post-empty-cache readings at `rec.settle()` (call it after dropping
   the outputs) or, if the user never settles, at the next `generate` (left null then) or at the
   `with` exit (taken there, with whatever the user still holds alive). The generation's row is
   written when it is settled.

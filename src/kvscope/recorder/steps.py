@@ -3,7 +3,7 @@
 Budget: about 1% of an 11–12 ms decode step (~115 µs) for the 24-layer pythia-1.4b twin on the H100
 host. The hook reads the cache's tensor facts once (`measure.py`), makes one allocator stats call
 and appends tuples; NVML is polled by another process (`nvml_poller.py`), and rows are expanded and
-encoded on the writer thread. It times itself and stores that time per step as `recorder_ns`.
+encoded by the writer process (`writer_process.py`). It times itself and stores that time per step as `recorder_ns`.
 """
 
 from __future__ import annotations
@@ -154,7 +154,7 @@ class StepRecorder:
         measured = measure_cache(cache, self.layout, self.seq_len, sample_layers) if cache is not None else None
         gen_id, run_id = self.gen_id, self.run_id
         if measured is not None:
-            # Expanded into rows (and the step's unique bytes) on the writer thread, per batch.
+            # Expanded into rows (and the step's unique bytes) by the writer, per batch.
             self._layer_rows.append((run_id, gen_id, step, self.seq_len, measured))
             if measured.sample_tensors:
                 if _in_flight(cache, measured.sample_tensors):
@@ -176,7 +176,7 @@ class StepRecorder:
             telemetry = (reading.allocated, reading.reserved, reading.active, reading.inactive_split,
                          reading.alloc_retries, reading.num_ooms)
         # The hand-over below is timed into the next step's recorder_ns (this row is already built).
-        # kv_bytes, nvml_used_bytes and kv_logical_bytes (None here) are filled in on the writer thread.
+        # kv_bytes, nvml_used_bytes and kv_logical_bytes (None here) are filled in by the writer.
         spent = time.perf_counter_ns() - start + self._carry_ns
         self._step_rows.append((
             run_id, gen_id, step, t_ns, self.seq_len, batch, None, *telemetry, None,
