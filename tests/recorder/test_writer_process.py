@@ -78,3 +78,27 @@ def test_a_killed_writer_process_is_reported_at_the_next_wait_never_on_hand_over
 def test_the_writer_option_is_validated(tmp_path: Path) -> None:
     with pytest.raises(UsageError, match="writer"):
         kvscope.record(tiny_model("gpt_neox"), tmp_path / "t", writer="fast")
+
+
+def test_a_recording_that_fails_to_start_leaves_no_writer_process(tmp_path: Path,
+                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    from kvscope.recorder import session
+
+    started: list[WriterProcess] = []
+
+    class Tracked(WriterProcess):
+        def __init__(self, *args: object, **kwargs: object) -> None:
+            super().__init__(*args, **kwargs)
+            started.append(self)
+
+    def broken_metadata(*args: object, **kwargs: object) -> None:
+        raise RuntimeError("metadata failed")
+
+    monkeypatch.setattr(session, "WriterProcess", Tracked)
+    monkeypatch.setattr(session, "run_metadata", broken_metadata)
+    model = tiny_model("gpt_neox")
+    with pytest.raises(RuntimeError, match="metadata failed"):
+        with kvscope.record(model, tmp_path / "t"):
+            pass
+    assert len(started) == 1 and started[0]._process.poll() is not None  # exited, not left running
+    assert "generate" not in vars(model)

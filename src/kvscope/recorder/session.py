@@ -91,7 +91,14 @@ class Recording:
         self.nvml = NvmlProbe(self.layout.cuda_devices, self.nvml_mode)
         self.nvml_sampler = start_nvml_sampler(self.nvml, self.origin_ns) if self.nvml.enabled else None
         self.compile_disabled = supports_disable_compile()
-        self.writer, writer_kind = self._start_writer()
+        try:
+            self.writer, writer_kind = self._start_writer()
+            self._start_recording(writer_kind)
+        except BaseException:
+            self._release_helpers()  # no process or thread outlives a recording that failed to start
+            raise
+
+    def _start_recording(self, writer_kind: str) -> None:
         options = {
             "sample_kv_every": self.samples.every,
             "sample_layers": sorted(self.samples.layers) if self.samples.layers else "all",
@@ -128,6 +135,19 @@ class Recording:
         self._original_generate = self.model.generate
         self.model.generate = self._generate  # type: ignore[method-assign]
         self._started = True
+
+    def _release_helpers(self) -> None:
+        hook = getattr(self, "_hook", None)
+        if hook is not None:
+            hook.remove()
+        for helper in (getattr(self, "sample_writer", None), getattr(self, "writer", None)):
+            if helper is not None:
+                try:
+                    helper.close(compact=False)
+                except Exception:  # noqa: BLE001 - the start failure is the error to report
+                    pass
+        if self.nvml_sampler is not None:
+            self.nvml_sampler.close()
 
     def stop(self, *, settle: bool = True) -> None:
         if not self._started:
