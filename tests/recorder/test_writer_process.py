@@ -102,3 +102,14 @@ def test_a_recording_that_fails_to_start_leaves_no_writer_process(tmp_path: Path
             pass
     assert len(started) == 1 and started[0]._process.poll() is not None  # exited, not left running
     assert "generate" not in vars(model)
+
+
+def test_the_writer_child_imports_no_torch() -> None:
+    import subprocess
+    import sys
+
+    code = ("import sys; import kvscope.recorder.writer_child, kvscope.recorder.nvml_poller; "
+            "print('torch' in sys.modules)")
+    env = dict(os.environ, PYTHONPATH=str(Path(kvscope.__file__).resolve().parents[1]))
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True)
+    assert result.stdout.strip() == "False"
