@@ -34,6 +34,30 @@ CHILD = textwrap.dedent(
 )
 
 
+def _writer_processes(path: Path) -> list[int]:
+    """Pids of writer processes (kvscope.recorder.writer_child) writing to `path`, from /proc."""
+    pids = []
+    for entry in Path("/proc").glob("[0-9]*"):
+        try:
+            argv = (entry / "cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if b"kvscope.recorder.writer_child" in argv and str(path).encode() in argv:
+            pids.append(int(entry.name))
+    return pids
+
+
+def _wait_for_the_writer_process(path: Path, timeout_s: float = 60) -> None:
+    if not Path("/proc/self").exists():  # no /proc: give the writer a moment
+        time.sleep(2)
+        return
+    deadline = time.monotonic() + timeout_s
+    while _writer_processes(path):
+        if time.monotonic() > deadline:
+            pytest.fail("the writer process did not exit after the recording process was killed")
+        time.sleep(0.05)
+
+
 @pytest.mark.skipif(not hasattr(signal, "SIGKILL"), reason="needs SIGKILL (POSIX)")
 def test_sigkill_mid_generation_leaves_a_valid_trace(tmp_path: Path) -> None:
     path = tmp_path / "killed"
@@ -49,6 +73,8 @@ def test_sigkill_mid_generation_leaves_a_valid_trace(tmp_path: Path) -> None:
             time.sleep(0.05)
         else:
             pytest.fail("no parts appeared within 120 s")
+        if Path("/proc/self").exists():
+            assert _writer_processes(path), "the recording should write through its writer process"
         os.kill(child.pid, signal.SIGKILL)
         child.wait(timeout=30)
     finally:
@@ -56,6 +82,7 @@ def test_sigkill_mid_generation_leaves_a_valid_trace(tmp_path: Path) -> None:
             child.kill()
             child.wait()
     assert child.returncode == -signal.SIGKILL
+    _wait_for_the_writer_process(path)  # it writes what it was handed, then exits
     assert kvscope_main(["inspect", str(path)]) == 0
     trace = open_trace(path)
     steps = trace.read("steps", ["step"])["step"].to_pylist()

@@ -45,13 +45,16 @@ def main(argv: list[str]) -> int:
         nvml = NvmlPoller.attach(ring_fd, origin_ns)
     writer = TraceWriter(trace_dir)
     core = BatchWriter(writer, nvml)
-    stdin, out = sys.stdin.buffer, sys.stdout
+    stdin = sys.stdin.buffer
     error: str | None = None
     print("ready", flush=True)
 
     def answer(seq: int) -> None:
         nonlocal error
-        print(f"ok {seq}" if error is None else f"error {seq} {json.dumps(error)}", flush=True)
+        try:
+            print(f"ok {seq}" if error is None else f"error {seq} {json.dumps(error)}", flush=True)
+        except OSError:  # the recording process is gone; keep writing what it sent until end of input
+            pass
         error = None
 
     while True:
@@ -80,7 +83,6 @@ def main(argv: list[str]) -> int:
             if kind == "close":
                 answer(item[1])
                 return 1
-        out.flush()
 
 
 if __name__ == "__main__":
