@@ -3,7 +3,8 @@
 Budget: about 1% of an 11–12 ms decode step (~115 µs) for the 24-layer pythia-1.4b twin on the H100
 host. The hook reads the cache's tensor facts once (`measure.py`), makes one allocator stats call
 and appends tuples; NVML is polled by another process (`nvml_poller.py`), and rows are expanded and
-encoded by the writer process (`writer_process.py`). It times itself and stores that time per step as `recorder_ns`.
+encoded by the writer process (`writer_process.py`). It times itself and stores that time per step
+as `recorder_ns`.
 """
 
 from __future__ import annotations
