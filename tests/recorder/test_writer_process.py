@@ -113,3 +113,20 @@ def test_the_writer_child_imports_no_torch() -> None:
     env = dict(os.environ, PYTHONPATH=str(Path(kvscope.__file__).resolve().parents[1]))
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True)
     assert result.stdout.strip() == "False"
+
+
+def test_without_a_writer_process_auto_falls_back_to_a_thread_and_process_is_an_error(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import sys
+
+    monkeypatch.setattr(sys, "executable", str(tmp_path / "no-python-here"))
+    model = tiny_model("gpt_neox")
+    with pytest.warns(RuntimeWarning, match="thread instead of a process"):
+        with kvscope.record(model, tmp_path / "auto"):
+            model.generate(prompt_ids(), max_new_tokens=3, min_new_tokens=3, do_sample=False)
+    trace = open_trace(tmp_path / "auto")
+    assert json.loads(trace.read("run").to_pylist()[0]["options"])["writer"] == "thread"
+    assert trace.num_rows("steps") == 3
+    with pytest.raises(RecordingError, match="writer process did not start"):
+        kvscope.record(model, tmp_path / "process", writer="process").start()
+    assert "generate" not in vars(model)

@@ -54,7 +54,7 @@ class WriterProcess:
                  str(ring_fd if ring_fd is not None else -1), str(origin_ns)],
                 stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self._stderr, pass_fds=fds, env=env,
                 bufsize=0)
-        except OSError as exc:
+        except (OSError, ValueError) as exc:  # no interpreter to run, or no fd passing on this platform
             self._stderr.close()
             raise RecordingError(f"the writer process did not start ({exc})") from exc
         assert self._process.stdin is not None and self._process.stdout is not None
@@ -65,7 +65,10 @@ class WriterProcess:
             fcntl.fcntl(self._stdin.fileno(), fcntl.F_SETPIPE_SZ, PIPE_BYTES)
         except (ImportError, AttributeError, OSError):  # not Linux, or over the system's limit: the default works
             pass
-        line = self._read_line(start_timeout_s)
+        try:
+            line = self._read_line(start_timeout_s)
+        except (OSError, ValueError) as exc:  # select() on a pipe is POSIX-only
+            line = f"error: {exc}"
         if line != "ready":
             self._kill()
             raise RecordingError(f"the writer process did not start ({line or self._stderr_tail() or 'no answer'})")
