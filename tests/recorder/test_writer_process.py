@@ -130,3 +130,11 @@ def test_without_a_writer_process_auto_falls_back_to_a_thread_and_process_is_an_
     with pytest.raises(RecordingError, match="writer process did not start"):
         kvscope.record(model, tmp_path / "process", writer="process").start()
     assert "generate" not in vars(model)
+
+
+def test_a_writer_process_that_died_unnoticed_is_reported_at_close(tmp_path: Path) -> None:
+    writer = WriterProcess(tmp_path / "t")
+    os.kill(writer._process.pid, signal.SIGKILL)
+    writer._process.wait()
+    with pytest.raises(RecordingError, match="before the trace was closed"):
+        writer.close()

@@ -43,6 +43,7 @@ class WriterProcess:
                  start_timeout_s: float = 60.0) -> None:
         self.path = Path(path)
         self._error: str | None = None
+        self._failed = False  # an error was raised: a dead process is not reported twice
         self._seq = 0
         self._stderr = tempfile.TemporaryFile()
         env = dict(os.environ)
@@ -105,9 +106,12 @@ class WriterProcess:
                 self._await(self._seq)
             finally:
                 self._finish()
-        else:
-            self._finish()
-            self._raise_pending()
+            return
+        if self._error is None and not self._failed:  # it died quietly: what it had not written is lost
+            self._error = (f"the writer process exited ({self._process.returncode}) before the trace was closed; "
+                           f"{self._stderr_tail()}").strip()
+        self._finish()
+        self._raise_pending()
 
     # -- plumbing -----------------------------------------------------------------------------------
     def _send(self, item: tuple) -> None:
@@ -138,6 +142,7 @@ class WriterProcess:
     def _raise_pending(self) -> None:
         if self._error is not None:
             error, self._error = self._error, None
+            self._failed = True
             raise RecordingError(f"writing the trace to {self.path} failed: {error}")
 
     def _read_line(self, timeout_s: float | None) -> str:
