@@ -138,3 +138,17 @@ def test_a_writer_process_that_died_unnoticed_is_reported_at_close(tmp_path: Pat
     writer._process.wait()
     with pytest.raises(RecordingError, match="before the trace was closed"):
         writer.close()
+
+
+def test_the_child_gets_kvscope_on_its_path_but_never_a_site_packages_directory(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    import site
+
+    from kvscope.recorder import writer_process
+
+    root = writer_process._package_root()
+    monkeypatch.setenv("PYTHONPATH", "/somewhere/else")
+    monkeypatch.setattr(site, "getsitepackages", lambda: ["/usr/lib/python3/site-packages"])
+    assert writer_process._child_pythonpath() == os.pathsep.join([root, "/somewhere/else"])
+    monkeypatch.setattr(site, "getsitepackages", lambda: [root])  # an installed (non-editable) kvscope
+    assert writer_process._child_pythonpath() == "/somewhere/else"

@@ -34,6 +34,20 @@ def _package_root() -> str:
     return str(Path(kvscope.__file__).resolve().parents[1])
 
 
+def _child_pythonpath() -> str | None:
+    """PYTHONPATH for the child: this kvscope's location first, unless it is a site-packages
+    directory (the child finds that itself, and putting it on PYTHONPATH would let installed
+    packages shadow the standard library)."""
+    import site
+
+    root = _package_root()
+    current = os.environ.get("PYTHONPATH")
+    site_dirs = {str(Path(d).resolve()) for d in [*site.getsitepackages(), site.getusersitepackages()]}
+    if root in site_dirs:
+        return current
+    return os.pathsep.join(p for p in (root, current) if p)
+
+
 class WriterProcess:
     """Same interface as `flusher.BackgroundWriter` for rows and steps (samples stay on a thread)."""
 
@@ -47,7 +61,9 @@ class WriterProcess:
         self._seq = 0
         self._stderr = tempfile.TemporaryFile()
         env = dict(os.environ)
-        env["PYTHONPATH"] = os.pathsep.join(p for p in (_package_root(), env.get("PYTHONPATH")) if p)
+        pythonpath = _child_pythonpath()
+        if pythonpath:
+            env["PYTHONPATH"] = pythonpath
         fds = (ring_fd,) if ring_fd is not None else ()
         try:
             self._process = subprocess.Popen(
