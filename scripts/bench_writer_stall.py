@@ -72,7 +72,7 @@ def main() -> None:
         for index in range(args.flushes):
             steps, layers = batch(64 * index)
             handover = time.perf_counter()
-            writer.step_batch(STEP_FIELDS, steps, layers, None)
+            writer.step_batch(STEP_FIELDS, steps, layers)
             writer.flush()
             handover = time.perf_counter() - handover
             stall, gap = busy_loop(0.3)
@@ -80,7 +80,7 @@ def main() -> None:
             longest.append(gap)
             start = time.perf_counter()
             steps, layers = batch(10_000 + 64 * index)
-            writer.step_batch(STEP_FIELDS, steps, layers, None)
+            writer.step_batch(STEP_FIELDS, steps, layers)
             writer.flush(wait=True)
             alone.append(1e3 * (time.perf_counter() - start))
         writer.close(compact=False)

@@ -12,7 +12,7 @@ Both writers run this: the writer process (`writer_process.py`, the default) and
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any, Protocol
+from typing import Protocol
 
 from kvscope.recorder.expand import expand_steps
 from kvscope.trace.writer import TraceWriter
@@ -37,8 +37,8 @@ class BatchWriter:
             _, table, names, rows = item
             self.rows(table, names, rows)
         elif kind == "steps":
-            _, names, step_rows, batch = item[:4]
-            self.steps(names, step_rows, batch, item[4] if len(item) > 4 else self.nvml)
+            _, names, step_rows, batch = item
+            self.steps(names, step_rows, batch)
         elif kind == "flush":
             self.writer.flush()
         else:
@@ -48,7 +48,7 @@ class BatchWriter:
         columns = [list(c) for c in zip(*rows, strict=False)]
         self.writer.extend(table, dict(zip(names, columns, strict=False)))
 
-    def steps(self, names: Sequence[str], step_rows: list[tuple], batch: list[tuple], nvml: Any) -> None:
+    def steps(self, names: Sequence[str], step_rows: list[tuple], batch: list[tuple]) -> None:
         tables, totals = expand_steps(batch)
         for table in tables:
             self.writer.extend_arrow("layers", table)
@@ -58,6 +58,6 @@ class BatchWriter:
         keys = list(zip(columns["gen_id"], columns["step"], strict=True))
         unique, logical = zip(*(totals.get(key, (0, 0)) for key in keys), strict=True)
         columns["kv_bytes"], columns["kv_logical_bytes"] = list(unique), list(logical)
-        if nvml is not None:
-            columns["nvml_used_bytes"] = nvml.take(keys, columns["t_ns"])
+        if self.nvml is not None:
+            columns["nvml_used_bytes"] = self.nvml.take(keys, columns["t_ns"])
         self.writer.extend("steps", columns)

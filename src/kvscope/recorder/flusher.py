@@ -59,9 +59,9 @@ def write_samples_part(directory: Path, rows: list[tuple]) -> None:
 class BackgroundWriter:
     """Owns a `TraceWriter` on its own thread; `flush(wait=True)` returns once parts are on disk."""
 
-    def __init__(self, writer: TraceWriter) -> None:
+    def __init__(self, writer: TraceWriter, nvml: NvmlSource | None = None) -> None:
         self.writer = writer
-        self._core = BatchWriter(writer)
+        self._core = BatchWriter(writer, nvml)  # nvml: the source of each step's NVML reading
         self._queue: queue.Queue[Any] = queue.Queue()
         self._error: BaseException | None = None
         self._thread = threading.Thread(target=self._run, name="kvscope-writer", daemon=True)
@@ -72,13 +72,12 @@ class BackgroundWriter:
         if rows:
             self._queue.put(("rows", table, tuple(names), rows))
 
-    def step_batch(self, step_names: Sequence[str], step_rows: list[tuple], batch: list[tuple],
-                   nvml: NvmlSource | None = None) -> None:
+    def step_batch(self, step_names: Sequence[str], step_rows: list[tuple], batch: list[tuple]) -> None:
         """Queue steps rows (kv_bytes, kv_logical_bytes and nvml_used_bytes left None) and the measured
         layers of those steps, `(run_id, gen_id, step, seq_len, measured)`: expanded together on this
-        thread, NVML readings taken from the sampler."""
+        thread, NVML readings taken from the source given at construction."""
         if step_rows or batch:
-            self._queue.put(("steps", tuple(step_names), step_rows, batch, nvml))
+            self._queue.put(("steps", tuple(step_names), step_rows, batch))
 
     def samples(self, rows: list[tuple], ready: Any = None) -> None:
         """Queue kv_samples rows whose last field is a host tensor (pinned, filled asynchronously) or a

@@ -27,6 +27,7 @@ from kvscope.recorder.flusher import BackgroundWriter
 from kvscope.recorder.generation import GenerationRecord, generated_tokens, supports_disable_compile
 from kvscope.recorder.hooks import AttentionDiscovery
 from kvscope.recorder.model_layout import attention_modules, model_layout
+from kvscope.recorder.nvml_poller import NvmlPoller
 from kvscope.recorder.run_info import run_metadata
 from kvscope.recorder.steps import SamplePolicy, StepRecorder
 from kvscope.recorder.telemetry import AllocatorProbe, NvmlProbe, start_nvml_sampler
@@ -174,24 +175,19 @@ class Recording:
     def _start_writer(self) -> tuple[BackgroundWriter | WriterProcess, str]:
         """The writer process where NVML (if any) is polled into a shared ring; else a thread."""
         sampler = self.nvml_sampler
-        ring_fd = getattr(sampler, "ring_fd", None)
-        process_possible = sampler is None or ring_fd is not None
+        process_possible = sampler is None or isinstance(sampler, NvmlPoller)
         if self.writer_mode != "thread" and process_possible:
             try:
-                writer = WriterProcess(self.path, ring_fd=ring_fd, origin_ns=self.origin_ns)
+                return WriterProcess(self.path, nvml=sampler, origin_ns=self.origin_ns), "process"
             except RecordingError as exc:
                 if self.writer_mode == "process":
                     raise
                 warnings.warn(f"kvscope: writing the trace from a thread instead of a process ({exc}); "
                               "decode steps after each flush may be slower.", RuntimeWarning, stacklevel=3)
-            else:
-                if sampler is not None:
-                    sampler.keep_history = False  # the writer process matches readings to steps
-                return writer, "process"
         elif self.writer_mode == "process":
             raise RecordingError("writer='process' needs NVML polled by a process (or no NVML); "
                                  "the NVML thread fallback is in use.")
-        return BackgroundWriter(TraceWriter(self.path)), "thread"
+        return BackgroundWriter(TraceWriter(self.path), nvml=sampler), "thread"
 
     # -- user API --------------------------------------------------------------------------
     def next_prompt(self, prompt_id: str, text: str | None = None) -> None:

@@ -129,7 +129,7 @@ class StepRecorder:
         self._sample_rows, self._sample_ready = [], None
 
     def _hand_over(self) -> None:
-        self.writer.step_batch(STEP_FIELDS, self._step_rows, self._layer_rows, self.nvml_sampler)
+        self.writer.step_batch(STEP_FIELDS, self._step_rows, self._layer_rows)
         self._step_rows, self._layer_rows = [], []
 
     def on_forward(self, module: torch.nn.Module, args: tuple, kwargs: dict[str, Any], output: Any) -> None:

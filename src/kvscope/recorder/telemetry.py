@@ -53,28 +53,19 @@ class AllocatorProbe:
     def read(self) -> AllocatorReading | None:
         if not self.devices:
             return None
-        if len(self.devices) == 1:  # the usual case, every step: no summing loop
-            stats = self._read(self.devices[0])
-            allocated = stats["allocated_bytes"]["all"]
-            reserved = stats["reserved_bytes"]["all"]
-            return _new_reading(AllocatorReading, (
-                allocated["current"], reserved["current"], stats["active_bytes"]["all"]["current"],
+        if len(self.devices) == 1:  # the usual case, every step: no summing
+            return _new_reading(AllocatorReading, self._device_values(self.devices[0]))
+        per_device = [self._device_values(device) for device in self.devices]
+        return _new_reading(AllocatorReading, tuple(map(sum, zip(*per_device, strict=True))))
+
+    def _device_values(self, device: int) -> tuple[int, ...]:
+        """One device's reading, in `AllocatorReading` order, from one nested stats call."""
+        stats = self._read(device)
+        allocated = stats["allocated_bytes"]["all"]
+        reserved = stats["reserved_bytes"]["all"]
+        return (allocated["current"], reserved["current"], stats["active_bytes"]["all"]["current"],
                 stats["inactive_split_bytes"]["all"]["current"], stats["num_alloc_retries"], stats["num_ooms"],
-                allocated["peak"], reserved["peak"]))
-        totals = [0] * 8
-        for device in self.devices:
-            stats = self._read(device)
-            allocated = stats["allocated_bytes"]["all"]
-            reserved = stats["reserved_bytes"]["all"]
-            totals[0] += allocated["current"]
-            totals[1] += reserved["current"]
-            totals[2] += stats["active_bytes"]["all"]["current"]
-            totals[3] += stats["inactive_split_bytes"]["all"]["current"]
-            totals[4] += stats["num_alloc_retries"]
-            totals[5] += stats["num_ooms"]
-            totals[6] += allocated["peak"]
-            totals[7] += reserved["peak"]
-        return AllocatorReading(*totals)
+                allocated["peak"], reserved["peak"])
 
     def reset_peaks(self) -> None:
         for device in self.devices:

@@ -21,9 +21,12 @@ import sys
 import tempfile
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from kvscope.errors import RecordingError
+
+if TYPE_CHECKING:
+    from kvscope.recorder.nvml_poller import NvmlPoller
 
 PIPE_BYTES = 1 << 20  # a 64-step batch of a 24-layer model pickles to about 80 KB
 
@@ -53,9 +56,16 @@ class WriterProcess:
 
     description = "process"
 
-    def __init__(self, path: str | os.PathLike[str], *, ring_fd: int | None = None, origin_ns: int = 0,
+    def __init__(self, path: str | os.PathLike[str], *, nvml: NvmlPoller | None = None, origin_ns: int = 0,
                  start_timeout_s: float = 60.0) -> None:
+        """`nvml`: the recording's NVML poller; the child reads the same ring (its file descriptor is
+        inherited) and matches readings to steps, so this process's poller keeps only the latest
+        reading and the peaks, reading the ring forward at every hand-over."""
         self.path = Path(path)
+        ring_fd = nvml.ring_fd if nvml is not None else None
+        if nvml is not None and ring_fd is None:
+            raise RecordingError("the NVML poller's ring is closed: the writer process cannot read it")
+        self._nvml = nvml
         self._error: str | None = None
         self._failed = False  # an error was raised: a dead process is not reported twice
         self._seq = 0
@@ -89,18 +99,18 @@ class WriterProcess:
         if line != "ready":
             self._kill()
             raise RecordingError(f"the writer process did not start ({line or self._stderr_tail() or 'no answer'})")
+        if nvml is not None:
+            nvml.keep_history = False  # the child matches readings to steps
 
     # -- the writer interface -------------------------------------------------------------------
     def rows(self, table: str, names: Sequence[str], rows: list[tuple]) -> None:
         if rows:
             self._send(("rows", table, tuple(names), rows))
 
-    def step_batch(self, step_names: Sequence[str], step_rows: list[tuple], batch: list[tuple],
-                   nvml: Any = None) -> None:
-        """Hand over steps and their measured layers; the child fills NVML readings from the ring.
-        `nvml` (this process's poller) only reads the ring forward, so its peaks see every reading."""
-        if nvml is not None and hasattr(nvml, "refresh"):
-            nvml.refresh()
+    def step_batch(self, step_names: Sequence[str], step_rows: list[tuple], batch: list[tuple]) -> None:
+        """Hand over steps and their measured layers; the child fills NVML readings from the ring."""
+        if self._nvml is not None:
+            self._nvml.refresh()  # so a long generation's peak sees every reading (the ring holds ~1 min)
         if step_rows or batch:
             self._send(("steps", tuple(step_names), step_rows, batch))
 
