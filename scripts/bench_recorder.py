@@ -45,9 +45,12 @@ VARIANTS = ("plain", "recorder", "recorder+samples64")
 # generation: adjacent blocks are a fraction of a second apart, so host noise that drifts over
 # seconds (it does on the lent H100 hosts) cancels in the per-step overhead, which pairs of whole
 # runs cannot resolve. Its trace has gaps: a measurement only.
-OPTIONAL_VARIANTS = ("recorder-nvml-off", "recorder-no-midflush", "recorder-thread-writer", "recorder-ab")
+# "-python" variants measure in Python instead of the C++ fast path (`native=False`); the others
+# use the fast path, built before the first round.
+OPTIONAL_VARIANTS = ("recorder-nvml-off", "recorder-no-midflush", "recorder-thread-writer", "recorder-ab",
+                     "recorder-python", "recorder-python-ab")
 AB_BLOCK = 32
-AB_RATIOS: list[float] = []  # block ratios of every "recorder-ab" run
+AB_RATIOS: dict[str, list[float]] = {}  # block ratios of every run of each "-ab" variant
 
 
 class StepClock:
@@ -110,10 +113,11 @@ def run_once(model: torch.nn.Module, ids: torch.Tensor, new_tokens: int, variant
     trace = Path(tempfile.mkdtemp(dir=workdir))
     with kvscope.record(model, trace, sample_kv_every=64 if "samples" in variant else 0,
                         nvml=False if "nvml-off" in variant else "auto",
-                        writer="thread" if "thread-writer" in variant else "auto") as rec:
+                        writer="thread" if "thread-writer" in variant else "auto",
+                        native="python" not in variant) as rec:
         if "no-midflush" in variant:
             rec.steps.flush_every = 1 << 30
-        if variant == "recorder-ab":
+        if variant.endswith("-ab"):
             clock.toggle = rec.steps
         _sync()
         start = time.perf_counter()
@@ -124,7 +128,8 @@ def run_once(model: torch.nn.Module, ids: torch.Tensor, new_tokens: int, variant
         rec.settle()
     per_step = recorder_ns(trace)
     shutil.rmtree(trace)
-    AB_RATIOS.extend(clock.block_ratios())
+    if variant.endswith("-ab"):
+        AB_RATIOS.setdefault(variant, []).extend(clock.block_ratios())
     return elapsed, per_step, clock.intervals_ms()
 
 
@@ -159,7 +164,11 @@ def component_costs(model: torch.nn.Module, ids: torch.Tensor, new_tokens: int, 
     layout = model_layout(model)
     step = measure_cache(cache, layout, ids.shape[-1] + new_tokens)
     batch = [("bench", 0, i, ids.shape[-1] + i, step) for i in range(64)]
+    from kvscope.recorder import native as native_fast_path
+
+    native = native_fast_path.build()
     allocator = AllocatorProbe(layout.cuda_devices)
+    native_allocator = AllocatorProbe(layout.cuda_devices, native)
     nvml = NvmlProbe(layout.cuda_devices)
     parts = {
         "allocator_stats_call": allocator.read,
@@ -167,6 +176,10 @@ def component_costs(model: torch.nn.Module, ids: torch.Tensor, new_tokens: int, 
         "nvml_used": nvml.used,
         # the hook's own share: raw facts per layer (rows and totals are expanded later, per batch)
         "measure_cache_all_layers": lambda: measure_cache(cache, layout, ids.shape[-1] + new_tokens),
+        # the same two reads through the C++ fast path
+        "native_allocator_stats": native_allocator.read,
+        "native_measure_cache_all_layers": lambda: measure_cache(cache, layout, ids.shape[-1] + new_tokens,
+                                                                 native=native),
         # the writer thread's share, per batch of 64 steps (divide by 64 for a per-step figure)
         "expand_64_step_batch": lambda: expand_steps(batch),
     }
@@ -249,6 +262,13 @@ def main() -> None:
     generator = torch.Generator().manual_seed(0)
     ids = torch.randint(3, 50000, (1, args.prompt_tokens), generator=generator).to(args.device)
     workdir = Path(tempfile.mkdtemp())
+    if any(v != "plain" and "python" not in v for v in variants):
+        from kvscope.recorder import native
+
+        started = time.perf_counter()
+        native.build()
+        print(f"native fast path ready in {time.perf_counter() - started:.1f} s ({native.build_directory()})",
+              flush=True)
     for variant in variants:  # warm-up at full length: kernels load, allocator grows to its working size
         run_once(model, ids, args.new_tokens, variant, workdir)
     AB_RATIOS.clear()
@@ -280,16 +300,17 @@ def main() -> None:
         summary["outside_steps_ms"] = outside_ms
         if AB_RATIOS:
             summary["ab_block_ratios"] = AB_RATIOS
-            summary["ab_block_overhead_median"] = statistics.median(AB_RATIOS)
-            summary["ab_block_overhead_ci95"] = bootstrap_interval(AB_RATIOS)
+            summary["ab_block_overhead_median"] = {v: statistics.median(r) for v, r in AB_RATIOS.items()}
+            summary["ab_block_overhead_ci95"] = {v: bootstrap_interval(r) for v, r in AB_RATIOS.items()}
         summary["step_intervals_ms"] = {v: [round(x, 4) for x in values] for v, values in step_ms.items()}
         args.out.write_text(json.dumps(summary, indent=2))
     if not summary:
         return
-    if AB_RATIOS:
-        low, high = summary["ab_block_overhead_ci95"]
-        print(f"hook on/off in alternate blocks of {AB_BLOCK} steps: {len(AB_RATIOS)} block pairs, median step "
-              f"{summary['ab_block_overhead_median'] * 100:+.2f}% [{low * 100:+.2f}, {high * 100:+.2f}]%")
+    for variant, ratios in AB_RATIOS.items():
+        low, high = summary["ab_block_overhead_ci95"][variant]
+        print(f"{variant}: hook on/off in alternate blocks of {AB_BLOCK} steps: {len(ratios)} block pairs, "
+              f"median step {summary['ab_block_overhead_median'][variant] * 100:+.2f}% "
+              f"[{low * 100:+.2f}, {high * 100:+.2f}]%")
     outside = summary["outside_steps_ms"]
     print("time outside the decode steps (prefill, generation start and end), median ms: "
           + ", ".join(f"{v} {statistics.median(x):.1f}" for v, x in outside.items()))

@@ -24,6 +24,7 @@ from kvscope.recorder.facts import (
     LayerPlan,
     StepMeasure,
     decode_facts,
+    fact_list,
 )
 from kvscope.recorder.spans import covered_bytes
 
@@ -155,7 +156,7 @@ def _step_totals(pos: np.ndarray, starts: np.ndarray, ends: np.ndarray, steps: i
 
 def _expand_fast(items: list[tuple[str, int, int, int, FastStep]], plan: LayerPlan,
                  totals: Totals) -> pa.Table:
-    flats = [item[4].facts for item in items]
+    flats = [fact_list(item[4].facts) for item in items]
     facts = _uniform_facts(flats, plan) or _decoded_facts(flats, plan)
     counts, layer = facts.counts, facts.layer
     k_start, k_end, k_bytes = facts.k_start, facts.k_end, facts.k_bytes

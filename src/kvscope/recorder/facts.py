@@ -6,6 +6,7 @@ module, `spans.py` and `expand.py` import neither torch nor the recorder's sessi
 
 from __future__ import annotations
 
+from array import array
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
@@ -99,6 +100,11 @@ def _numel(shape: tuple[int, ...]) -> int:
     return count
 
 
+def fact_list(facts: list[int] | bytes) -> list[int]:
+    """The flat int list of a step's facts, whichever path captured them."""
+    return array("q", facts).tolist() if isinstance(facts, bytes) else facts
+
+
 def decode_facts(flat: list[int], plan: LayerPlan) -> list[Fact]:
     """The records of one step's flat fact list, with bytes and span ends resolved."""
     facts: list[Fact] = []
@@ -135,11 +141,11 @@ class FastStep:
     """
 
     plan: LayerPlan
-    facts: list[int]
+    facts: list[int] | bytes  # bytes: the same records as native int64 (the C++ fast path)
     sample_tensors: list[tuple[int, str, Any]] | None = None
 
     def decoded(self) -> list[Fact]:
-        return decode_facts(self.facts, self.plan)
+        return decode_facts(fact_list(self.facts), self.plan)
 
     @property
     def kv_bytes(self) -> int:

@@ -153,14 +153,31 @@ def _extent(tensor: torch.Tensor, start: int) -> int:
 
 
 def _capture_fast(container: Any, layers: list, layout: ModelLayout,
-                  sample_layers: Container[int] | None) -> FastStep | None:
+                  sample_layers: Container[int] | None, native: Any = None) -> FastStep | None:
     """Raw facts of `cache.layers` when every layer is a plain/static one; None if not.
 
-    One tight loop with locals only: this is most of the recorder's per-step time.
+    With the native module, one C call (it answers None for anything unusual); otherwise one tight
+    loop with locals only: this is most of the recorder's per-step time.
     """
     plan = _plan(container, layers, layout)
     if plan is None:
         return None
+    captured = native.capture(layers) if native is not None and type(layers) is list else None
+    step = FastStep(plan, captured) if captured is not None else FastStep(plan, _python_facts(layers))
+    if sample_layers is not None:
+        step.sample_tensors = []
+        rank = plan.kv_lora_rank
+        tensor = torch.Tensor
+        for index, layer in enumerate(layers):
+            if index in sample_layers and isinstance(layer.keys, tensor):
+                shape = layer.keys.shape
+                latent = rank is not None and len(shape) == 4 and shape[1] == 1 and shape[-1] == rank
+                _add_samples(step.sample_tensors, index, layer.keys, layer.values, latent)
+    return step
+
+
+def _python_facts(layers: list) -> list[int]:
+    """The fact records of plain/static layers (`facts.SHAPE_END` describes them)."""
     facts: list[int] = []
     extend = facts.extend
     tensor = torch.Tensor
@@ -178,16 +195,7 @@ def _capture_fast(container: Any, layers: list, layout: ModelLayout,
                     *keys.shape, end, *values.shape, end))
         else:
             extend((index, k_start, keys.is_contiguous() or _extent(keys, k_start), 0, 0, *keys.shape, end, end))
-    step = FastStep(plan, facts)
-    if sample_layers is not None:
-        step.sample_tensors = []
-        rank = plan.kv_lora_rank
-        for index, layer in enumerate(layers):
-            if index in sample_layers and isinstance(layer.keys, tensor):
-                shape = layer.keys.shape
-                latent = rank is not None and len(shape) == 4 and shape[1] == 1 and shape[-1] == rank
-                _add_samples(step.sample_tensors, index, layer.keys, layer.values, latent)
-    return step
+    return facts
 
 
 def _add_samples(out: list[tuple[int, str, torch.Tensor]], index: int, keys: torch.Tensor,
@@ -199,15 +207,16 @@ def _add_samples(out: list[tuple[int, str, torch.Tensor]], index: int, keys: tor
 
 
 def measure_cache(cache: Any, layout: ModelLayout, seq_len: int,
-                  sample_layers: Container[int] | None = None) -> StepMeasure | FastStep:
+                  sample_layers: Container[int] | None = None, native: Any = None) -> StepMeasure | FastStep:
     """Measure every layer of `cache`; with `sample_layers`, also hand back their K/V to copy.
 
     Caches whose layers are all plain/static come back as raw facts (`FastStep`), the rest as rows.
+    `native` is the C++ fast path (`recorder/native`), or None to capture in Python.
     """
     container = unwrap_container(cache)
     layers = getattr(container, "layers", None)
     if isinstance(layers, list) and layers and not isinstance(layers[0], torch.Tensor):
-        fast = _capture_fast(container, layers, layout, sample_layers)
+        fast = _capture_fast(container, layers, layout, sample_layers, native)
         if fast is not None:
             return fast
     out = StepMeasure()

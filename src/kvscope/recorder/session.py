@@ -23,6 +23,7 @@ from typing import Any
 import torch
 
 from kvscope.errors import RecordingError, UsageError
+from kvscope.recorder import native as native_fast_path
 from kvscope.recorder.flusher import BackgroundWriter
 from kvscope.recorder.generation import GenerationRecord, generated_tokens, supports_disable_compile
 from kvscope.recorder.hooks import AttentionDiscovery
@@ -38,6 +39,9 @@ MAX_FLUSH_EVERY = 64
 # "process": parts are encoded and written by a child process (no GIL shared with generate);
 # "thread": by a thread of this process; "auto": the process, else the thread with a warning.
 WRITER_MODES = ("auto", "process", "thread")
+# The C++ fast path for the per-step reads: True builds it (or fails), False never uses it,
+# "auto" uses a cached build on CUDA and starts a background build otherwise (recorder/native).
+NATIVE_MODES: tuple[str | bool, ...] = ("auto", True, False)
 OOM_ERRORS: tuple[type[BaseException], ...] = tuple(
     {getattr(torch, "OutOfMemoryError", torch.cuda.OutOfMemoryError), torch.cuda.OutOfMemoryError})
 
@@ -50,7 +54,7 @@ class Recording:
                  max_sample_bytes: int = 256 * 2**20, flush_every: int = MAX_FLUSH_EVERY,
                  nvml: str | bool = "auto", store_prompts: bool = False, model_name: str | None = None,
                  tokenizer: str | None = None, options: dict[str, Any] | None = None, head_stats_every: int = 0,
-                 writer: str = "auto") -> None:
+                 writer: str = "auto", native: str | bool = "auto") -> None:
         if not 1 <= flush_every <= MAX_FLUSH_EVERY:
             raise UsageError(f"flush_every must be between 1 and {MAX_FLUSH_EVERY} steps, got {flush_every}.")
         if sample_kv_every < 0 or max_sample_bytes < 0 or head_stats_every < 0:
@@ -58,6 +62,9 @@ class Recording:
         if writer not in WRITER_MODES:
             raise UsageError(f"writer must be one of {', '.join(WRITER_MODES)}, got {writer!r}.")
         self.writer_mode = writer
+        if native not in NATIVE_MODES:
+            raise UsageError(f"native must be 'auto', True or False, got {native!r}.")
+        self.native_mode = native
         self.head_stats_every = head_stats_every
         if not hasattr(model, "generate"):
             raise UsageError(f"{type(model).__name__} has no generate(): pass the model you call generate on.")
@@ -88,7 +95,8 @@ class Recording:
     def start(self) -> None:
         self.origin_ns = time.perf_counter_ns()
         self.layout = model_layout(self.model)
-        self.allocator = AllocatorProbe(self.layout.cuda_devices)
+        self.native = native_fast_path.resolve(self.native_mode, on_cuda=bool(self.layout.cuda_devices))
+        self.allocator = AllocatorProbe(self.layout.cuda_devices, self.native)
         self.nvml = NvmlProbe(self.layout.cuda_devices, self.nvml_mode)
         self.nvml_sampler = start_nvml_sampler(self.nvml, self.origin_ns) if self.nvml.enabled else None
         self.compile_disabled = supports_disable_compile()
@@ -107,6 +115,8 @@ class Recording:
             "nvml": self.nvml_mode, "nvml_available": self.nvml.enabled,
             "nvml_sampling": self.nvml_sampler.description if self.nvml_sampler is not None else None,
             "writer": writer_kind,
+            # whether the per-step reads ran in the C++ fast path (True) or in Python (same rows)
+            "native": self.native is not None,
             "store_prompts": self.store_prompts,
             "head_stats_every": self.head_stats_every,
             # generate's auto-compile would run the hooks inside a compiled graph: it is turned off.
@@ -125,7 +135,7 @@ class Recording:
         self.discovery = AttentionDiscovery(attention_modules(self.model))
         self.steps = StepRecorder(self.run_id, self.layout, self.allocator, self.nvml, self.writer,
                                   self.sample_writer, self.discovery, self.flush_every, self.samples, self.origin_ns,
-                                  self.nvml_sampler)
+                                  self.nvml_sampler, native=self.native)
         self._hook = self.model.register_forward_hook(self.steps.on_forward, with_kwargs=True)
         self.head_stats = None  # online per-head statistics (kvscope.kernels.online), every N steps
         if self.head_stats_every:
@@ -324,6 +334,7 @@ def record(model: torch.nn.Module, path: str | Path, **options: Any) -> Recordin
 
     Options: labels, sample_kv_every (0 = off), sample_layers, max_sample_bytes, flush_every
     (≤ 64), nvml ("auto", True, False), store_prompts, model_name, tokenizer, head_stats_every (0 = off:
-    per-head statistics every N steps into head_stats, see docs/kernels.md). See docs/recorder.md.
+    per-head statistics every N steps into head_stats, see docs/kernels.md), writer ("auto", "process",
+    "thread"), native ("auto", True, False: the C++ fast path of the per-step reads). See docs/recorder.md.
     """
     return Recording(model, path, **options)

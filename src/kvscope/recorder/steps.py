@@ -76,8 +76,10 @@ class StepRecorder:
 
     def __init__(self, run_id: str, layout: ModelLayout, allocator: AllocatorProbe, nvml: NvmlProbe,
                  writer: BackgroundWriter, sample_writer: BackgroundWriter, discovery: AttentionDiscovery, flush_every: int,
-                 samples: SamplePolicy, origin_ns: int, nvml_sampler: NvmlSource | None = None) -> None:
+                 samples: SamplePolicy, origin_ns: int, nvml_sampler: NvmlSource | None = None,
+                 native: Any = None) -> None:
         self.run_id = run_id
+        self.native = native  # the C++ fast path (recorder/native) or None
         self.layout = layout
         self.allocator = allocator
         self.nvml = nvml
@@ -152,7 +154,8 @@ class StepRecorder:
         if step == 0:
             self.cache_class = type(cache).__name__ if cache is not None else None
         sample_layers = self.samples.layers_at(step)
-        measured = measure_cache(cache, self.layout, self.seq_len, sample_layers) if cache is not None else None
+        measured = measure_cache(cache, self.layout, self.seq_len, sample_layers, self.native) \
+            if cache is not None else None
         gen_id, run_id = self.gen_id, self.run_id
         if measured is not None:
             # Expanded into rows (and the step's unique bytes) by the writer, per batch.

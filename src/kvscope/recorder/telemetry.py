@@ -42,9 +42,12 @@ def _nested_stats_reader() -> Any:
 class AllocatorProbe:
     """Reads the caching allocator of the model's CUDA device(s), one stats call per device."""
 
-    def __init__(self, devices: tuple[int, ...]) -> None:
+    def __init__(self, devices: tuple[int, ...], native: Any = None) -> None:
         self.devices = devices if torch.cuda.is_available() else ()
         self._read = _nested_stats_reader() if self.devices else None
+        # The C++ fast path's reader (8 ints straight from the allocator), where this torch has
+        # the device-allocator API; it answers None where it cannot read, and the stats call does.
+        self._native_read = native.allocator_stats if native is not None and self.devices else None
 
     @property
     def enabled(self) -> bool:
@@ -60,6 +63,10 @@ class AllocatorProbe:
 
     def _device_values(self, device: int) -> tuple[int, ...]:
         """One device's reading, in `AllocatorReading` order, from one nested stats call."""
+        if self._native_read is not None:
+            values = self._native_read(device)
+            if values is not None:
+                return values
         stats = self._read(device)
         allocated = stats["allocated_bytes"]["all"]
         reserved = stats["reserved_bytes"]["all"]

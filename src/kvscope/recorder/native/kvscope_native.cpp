@@ -1,0 +1,193 @@
+// The recorder's per-step reads in C++: the facts of every cache layer and the allocator counters.
+//
+// The Python hook makes ~6 C calls per cache layer (data_ptr, is_contiguous, shape, for K and V)
+// and one `_cuda_memoryStats` call that builds ~300 Python objects; on a decode loop's cold
+// caches that is most of the recorder's cost. Here each is one call that creates one object.
+// Anything unusual (a tensor subclass, a tensor without storage, symbolic sizes) returns None and
+// the Python path measures that step instead: this module is a fast path, never a second meaning.
+#include <torch/csrc/autograd/python_variable.h>
+
+#include <c10/core/Allocator.h>
+#if __has_include(<c10/core/CachingDeviceAllocator.h>)
+#include <c10/core/CachingDeviceAllocator.h>
+#endif
+
+#include <cstdint>
+#include <vector>
+
+namespace {
+
+constexpr int64_t kShapeEnd = -1;  // facts.SHAPE_END
+constexpr int64_t kContiguous = 1;  // facts.CONTIGUOUS
+
+PyObject* g_keys = nullptr;
+PyObject* g_values = nullptr;
+
+// A plain tensor (or Parameter) with storage and concrete sizes: its facts are read here.
+bool readable(PyObject* obj) {
+  if (!THPVariable_CheckExact(obj)) {
+    return false;
+  }
+  const at::Tensor& t = THPVariable_Unpack(obj);
+  if (!t.defined() || !t.has_storage()) {
+    return false;
+  }
+  auto* impl = t.unsafeGetTensorImpl();
+  return !impl->has_symbolic_sizes_strides() && !t.is_sparse();
+}
+
+int64_t address(const at::Tensor& t) {
+  return static_cast<int64_t>(reinterpret_cast<intptr_t>(t.const_data_ptr()));
+}
+
+// 1 when contiguous, else the end address of the elements' span (recorder/storage.py: extent).
+int64_t span_code(const at::Tensor& t, int64_t start) {
+  if (t.is_contiguous()) {
+    return kContiguous;
+  }
+  if (t.numel() == 0) {
+    return start;
+  }
+  int64_t last = 0;
+  auto sizes = t.sizes();
+  auto strides = t.strides();
+  for (size_t d = 0; d < sizes.size(); ++d) {
+    last += (sizes[d] - 1) * strides[d];
+  }
+  return start + (last + 1) * static_cast<int64_t>(t.element_size());
+}
+
+void push_shape(std::vector<int64_t>& out, const at::Tensor& t) {
+  for (int64_t size : t.sizes()) {
+    out.push_back(size);
+  }
+  out.push_back(kShapeEnd);
+}
+
+// capture(layers: list) -> bytes | None
+// The records of measure._capture_fast, as native int64: per layer whose `keys` is a tensor,
+// `layer, k_start, k_code, v_start, v_code, *k_shape, -1, *v_shape, -1` (no values: 0, 0 and an
+// empty shape). None when any layer needs the Python path.
+PyObject* capture(PyObject* /*self*/, PyObject* layers) {
+  if (!PyList_Check(layers)) {
+    PyErr_SetString(PyExc_TypeError, "capture() takes a list of cache layers");
+    return nullptr;
+  }
+  const Py_ssize_t count = PyList_GET_SIZE(layers);
+  std::vector<int64_t> out;
+  out.reserve(static_cast<size_t>(count) * 16);
+  try {
+    for (Py_ssize_t index = 0; index < count; ++index) {
+      PyObject* layer = PyList_GET_ITEM(layers, index);
+      PyObject* keys = PyObject_GetAttr(layer, g_keys);
+      if (keys == nullptr) {
+        PyErr_Clear();
+        Py_RETURN_NONE;
+      }
+      if (!THPVariable_Check(keys)) {  // None: a layer not filled yet (lazy init) is skipped
+        const bool skip = keys == Py_None;
+        Py_DECREF(keys);
+        if (skip) {
+          continue;
+        }
+        Py_RETURN_NONE;
+      }
+      PyObject* values = PyObject_GetAttr(layer, g_values);
+      if (values == nullptr) {
+        PyErr_Clear();
+        Py_DECREF(keys);
+        Py_RETURN_NONE;
+      }
+      const bool has_values = values != Py_None;
+      if (!readable(keys) || (has_values && !readable(values))) {
+        Py_DECREF(keys);
+        Py_DECREF(values);
+        Py_RETURN_NONE;
+      }
+      // The layer holds references to both tensors for the rest of this call.
+      const at::Tensor& k = THPVariable_Unpack(keys);
+      const int64_t k_start = address(k);
+      out.push_back(index);
+      out.push_back(k_start);
+      out.push_back(span_code(k, k_start));
+      if (has_values) {
+        const at::Tensor& v = THPVariable_Unpack(values);
+        const int64_t v_start = address(v);
+        out.push_back(v_start);
+        out.push_back(span_code(v, v_start));
+        push_shape(out, k);
+        push_shape(out, v);
+      } else {
+        out.push_back(0);
+        out.push_back(0);
+        push_shape(out, k);
+        out.push_back(kShapeEnd);
+      }
+      Py_DECREF(keys);
+      Py_DECREF(values);
+    }
+  } catch (const std::exception&) {  // a c10::Error from an unusual tensor: the Python path decides
+    PyErr_Clear();
+    Py_RETURN_NONE;
+  }
+  return PyBytes_FromStringAndSize(reinterpret_cast<const char*>(out.data()),
+                                   static_cast<Py_ssize_t>(out.size() * sizeof(int64_t)));
+}
+
+// allocator_stats(device: int) -> tuple of 8 ints, or None where this torch has no device allocator API.
+// The order of telemetry.AllocatorReading: allocated, reserved, active, inactive_split (bytes, current),
+// alloc_retries, num_ooms, peak allocated, peak reserved.
+PyObject* allocator_stats(PyObject* /*self*/, PyObject* arg) {
+#if __has_include(<c10/core/CachingDeviceAllocator.h>)
+  const long device = PyLong_AsLong(arg);
+  if (device == -1 && PyErr_Occurred()) {
+    return nullptr;
+  }
+  try {
+    auto* allocator = dynamic_cast<c10::DeviceAllocator*>(c10::GetAllocator(c10::DeviceType::CUDA));
+    if (allocator == nullptr || !allocator->initialized()) {
+      Py_RETURN_NONE;
+    }
+    const auto stats = allocator->getDeviceStats(static_cast<c10::DeviceIndex>(device));
+    constexpr size_t all = static_cast<size_t>(c10::CachingAllocator::StatType::AGGREGATE);
+    return Py_BuildValue("(LLLLLLLL)",
+                         static_cast<long long>(stats.allocated_bytes[all].current),
+                         static_cast<long long>(stats.reserved_bytes[all].current),
+                         static_cast<long long>(stats.active_bytes[all].current),
+                         static_cast<long long>(stats.inactive_split_bytes[all].current),
+                         static_cast<long long>(stats.num_alloc_retries),
+                         static_cast<long long>(stats.num_ooms),
+                         static_cast<long long>(stats.allocated_bytes[all].peak),
+                         static_cast<long long>(stats.reserved_bytes[all].peak));
+  } catch (const std::exception& error) {
+    PyErr_SetString(PyExc_RuntimeError, error.what());
+    return nullptr;
+  }
+#else
+  (void)arg;
+  Py_RETURN_NONE;
+#endif
+}
+
+PyMethodDef methods[] = {
+    {"capture", capture, METH_O, "Facts of every cache layer as native int64 records, or None."},
+    {"allocator_stats", allocator_stats, METH_O, "Allocator counters of one CUDA device, or None."},
+    {nullptr, nullptr, 0, nullptr},
+};
+
+}  // namespace
+
+#ifndef KVSCOPE_NATIVE_NAME
+#define KVSCOPE_NATIVE_NAME kvscope_native
+#endif
+#define KVSCOPE_CAT(a, b) a##b
+#define KVSCOPE_INIT(name) KVSCOPE_CAT(PyInit_, name)
+#define KVSCOPE_STR2(x) #x
+#define KVSCOPE_STR(x) KVSCOPE_STR2(x)
+
+PyMODINIT_FUNC KVSCOPE_INIT(KVSCOPE_NATIVE_NAME)(void) {
+  static PyModuleDef module = {PyModuleDef_HEAD_INIT, KVSCOPE_STR(KVSCOPE_NATIVE_NAME), nullptr, -1, methods};
+  g_keys = PyUnicode_InternFromString("keys");
+  g_values = PyUnicode_InternFromString("values");
+  return PyModule_Create(&module);
+}
