@@ -209,3 +209,17 @@ def test_cuda_recordings_with_and_without_the_native_path_agree(native: object, 
         _rows(tmp_path / "python", "layers", ["gen_id", "step", "layer"])
     options = json.loads(traces["native"].read("run").to_pylist()[0]["options"])
     assert options["native"] is True
+
+
+def test_record_cli_native_on_and_off(native: object, tmp_path: Path) -> None:
+    from kvscope.cli.main import main as kvscope_main
+
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text('{"id": "a", "text": "hello"}\n')
+    for mode, used in (("on", True), ("off", False)):
+        code = kvscope_main(["record", "--twin", "pythia-1.4b", "--shrink", "--prompts", str(prompts),
+                             "--max-new-tokens", "3", "--device", "cpu", "--native", mode, "-o", str(tmp_path / mode)])
+        assert code == 0
+        assert json.loads(open_trace(tmp_path / mode).read("run").to_pylist()[0]["options"])["native"] is used
+    assert _rows(tmp_path / "on", "layers", ["gen_id", "step", "layer"]) == _rows(tmp_path / "off", "layers",
+                                                                                  ["gen_id", "step", "layer"])

@@ -48,10 +48,13 @@ def _labels(values: tuple[str, ...]) -> dict[str, str]:
 @click.option("--head-stats-every", default=0, show_default=True, type=click.IntRange(min=0),
               help="Per-head norms, attention entropy and low-mass fraction every N steps into head_stats (0 = off).")
 @click.option("--label", "labels", multiple=True, help="key=value stored with the run (repeatable).")
+@click.option("--native", "native_mode", type=click.Choice(["auto", "on", "off"]), default="auto", show_default=True,
+              help="The C++ fast path for per-step reads: auto = a cached build on CUDA (else built in the "
+                   "background for later runs), on = build it now or fail, off = Python only. Same rows either way.")
 def record_command(model: str | None, output: Path, twin: str | None, shrink: bool, prompts_file: str | None,
                    limit: int | None, max_new_tokens: int, min_new_tokens: int | None, dtype: str | None,
                    device: str | None, cache_implementation: str | None, attn_implementation: str | None,
-                   sample_kv_every: int, head_stats_every: int, labels: tuple[str, ...]) -> int:
+                   sample_kv_every: int, head_stats_every: int, labels: tuple[str, ...], native_mode: str) -> int:
     """Record the KV cache of MODEL (a local Hugging Face model directory) or of --twin."""
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
@@ -67,7 +70,7 @@ def record_command(model: str | None, output: Path, twin: str | None, shrink: bo
                     device=device, cache_implementation=cache_implementation,
                     attn_implementation=attn_implementation, sample_kv_every=sample_kv_every,
                     head_stats_every=head_stats_every,
-                    labels=_labels(labels))
+                    labels=_labels(labels), native={"auto": "auto", "on": True, "off": False}[native_mode])
     console = Console(stderr=True)
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
     with Progress(*columns, console=console, transient=False) as progress:

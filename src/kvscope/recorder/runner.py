@@ -38,6 +38,7 @@ class RecordJob:
     sample_kv_every: int = 0
     head_stats_every: int = 0
     labels: dict[str, str] = field(default_factory=dict)
+    native: str | bool = "auto"  # the recorder's C++ fast path: "auto", True (build it now) or False
 
 
 @dataclass
@@ -109,7 +110,8 @@ def run_record(job: RecordJob, progress: ProgressHook | None = None) -> RecordRe
     hook = progress or (lambda event, index, value: None)
     hook("start", 0, len(prompts))
     with Recording(model, job.output, labels=job.labels, sample_kv_every=job.sample_kv_every, model_name=name,
-                   tokenizer=tokenizer, options=options, head_stats_every=job.head_stats_every) as rec:
+                   tokenizer=tokenizer, options=options, head_stats_every=job.head_stats_every,
+                   native=job.native) as rec:
         for index, prompt in enumerate(prompts):
             ids = torch.tensor([encode(prompt.text)], dtype=torch.long, device=device)
             hook("prompt", index, ids.shape[-1])
