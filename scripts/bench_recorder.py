@@ -56,7 +56,8 @@ AB_RATIOS: dict[str, list[float]] = {}  # block ratios of every run of each "-ab
 class StepClock:
     """A logits processor that stamps the host clock at every decode step (same cost in every variant)."""
 
-    def __init__(self) -> None:
+    def __init__(self, block: int = 32) -> None:
+        self.block = block  # steps per on/off block ("-ab" variants)
         self.stamps: list[int] = []
         self.toggle: Any = None  # a StepRecorder switched on/off per block ("recorder-ab")
         self.active: list[bool] = []  # per interval: whether the hook ran in that step
@@ -64,7 +65,7 @@ class StepClock:
     def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
         self.stamps.append(time.perf_counter_ns())
         if self.toggle is not None:
-            on = (len(self.stamps) - 1) // AB_BLOCK % 2 == 0
+            on = (len(self.stamps) - 1) // self.block % 2 == 0
             self.toggle.active = on  # for the next forward pass, i.e. the interval that starts now
             self.active.append(on)
         return scores
@@ -79,7 +80,7 @@ class StepClock:
             blocks[-1][1].append(interval)
         return [statistics.median(a) / statistics.median(b) - 1
                 for (on_a, a), (on_b, b) in zip(blocks, blocks[1:], strict=False)
-                if on_a and not on_b and len(a) >= AB_BLOCK // 2 and len(b) >= AB_BLOCK // 2]
+                if on_a and not on_b and len(a) >= self.block // 2 and len(b) >= self.block // 2]
 
     def intervals_ms(self) -> list[float]:
         """Decode-step times (the prefill step, before the first stamp, is excluded)."""
@@ -100,7 +101,7 @@ def run_once(model: torch.nn.Module, ids: torch.Tensor, new_tokens: int, variant
              workdir: Path) -> tuple[float, list[int], list[float]]:
     from transformers import LogitsProcessorList
 
-    clock = StepClock()
+    clock = StepClock(AB_BLOCK)
     kwargs = dict(max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
                   attention_mask=torch.ones_like(ids), logits_processor=LogitsProcessorList([clock]))
     gc.collect()  # every variant starts from the same collector state
@@ -235,6 +236,7 @@ def summarise(args: argparse.Namespace, variants: tuple[str, ...], costs: dict, 
 
 
 def main() -> None:
+    global AB_BLOCK
     parser = argparse.ArgumentParser()
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--new-tokens", type=int, default=512)
@@ -248,9 +250,11 @@ def main() -> None:
                         help="run only these (plain is always included)")
     parser.add_argument("--cpus", help="pin the process to these cores, e.g. 2-7")
     parser.add_argument("--max-minutes", type=float, default=0, help="start no round after this long (0: no limit)")
+    parser.add_argument("--ab-block", type=int, default=AB_BLOCK, help="decode steps per on/off block of '-ab' runs")
     parser.add_argument("--skip-components", action="store_true", help="skip timing the hook's parts alone")
     args = parser.parse_args()
     began = time.perf_counter()
+    AB_BLOCK = args.ab_block
     if args.cpus:
         os.sched_setaffinity(0, parse_cpus(args.cpus))
     if args.variants:
@@ -299,6 +303,7 @@ def main() -> None:
         summary = summarise(args, variants, costs, results, per_step, step_ms, round_step_ms)
         summary["outside_steps_ms"] = outside_ms
         if AB_RATIOS:
+            summary["ab_block"] = AB_BLOCK
             summary["ab_block_ratios"] = AB_RATIOS
             summary["ab_block_overhead_median"] = {v: statistics.median(r) for v, r in AB_RATIOS.items()}
             summary["ab_block_overhead_ci95"] = {v: bootstrap_interval(r) for v, r in AB_RATIOS.items()}
