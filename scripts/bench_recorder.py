@@ -24,6 +24,7 @@ import json
 import os
 import random
 import shutil
+import signal
 import statistics
 import tempfile
 import time
@@ -47,8 +48,11 @@ VARIANTS = ("plain", "recorder", "recorder+samples64")
 # runs cannot resolve. Its trace has gaps: a measurement only.
 # "-python" variants measure in Python instead of the C++ fast path (`native=False`); the others
 # use the fast path, built before the first round.
+# "poller-ab" keeps the hook off and stops/continues the NVML polling process (SIGSTOP/SIGCONT) in
+# alternate blocks: the poller's own cost to the decode loop, which "recorder-ab" (poller always on)
+# cannot see. "poller5-ab" polls every 5 ms instead of 1. "recorder-full-ab" toggles hook and poller.
 OPTIONAL_VARIANTS = ("recorder-nvml-off", "recorder-no-midflush", "recorder-thread-writer", "recorder-ab",
-                     "recorder-python", "recorder-python-ab")
+                     "recorder-python", "recorder-python-ab", "poller-ab", "poller5-ab", "recorder-full-ab")
 AB_BLOCK = 32
 AB_RATIOS: dict[str, list[float]] = {}  # block ratios of every run of each "-ab" variant
 
@@ -60,13 +64,17 @@ class StepClock:
         self.block = block  # steps per on/off block ("-ab" variants)
         self.stamps: list[int] = []
         self.toggle: Any = None  # a StepRecorder switched on/off per block ("recorder-ab")
+        self.hook_off = False  # keep the hook off in every block ("poller-ab")
+        self.pause_pid: int | None = None  # a process stopped in off blocks, continued in on blocks
         self.active: list[bool] = []  # per interval: whether the hook ran in that step
 
     def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
         self.stamps.append(time.perf_counter_ns())
         if self.toggle is not None:
             on = (len(self.stamps) - 1) // self.block % 2 == 0
-            self.toggle.active = on  # for the next forward pass, i.e. the interval that starts now
+            self.toggle.active = on and not self.hook_off  # for the next forward pass (the interval starting now)
+            if self.pause_pid is not None and (not self.active or self.active[-1] != on):
+                os.kill(self.pause_pid, signal.SIGCONT if on else signal.SIGSTOP)
             self.active.append(on)
         return scores
 
@@ -115,16 +123,23 @@ def run_once(model: torch.nn.Module, ids: torch.Tensor, new_tokens: int, variant
     with kvscope.record(model, trace, sample_kv_every=64 if "samples" in variant else 0,
                         nvml=False if "nvml-off" in variant else "auto",
                         writer="thread" if "thread-writer" in variant else "auto",
-                        native="python" not in variant) as rec:
+                        native="python" not in variant,
+                        nvml_interval_ms=5.0 if "poller5" in variant else 1.0) as rec:
         if "no-midflush" in variant:
             rec.steps.flush_every = 1 << 30
         if variant.endswith("-ab"):
             clock.toggle = rec.steps
+        if variant.startswith("poller"):
+            clock.hook_off = True
+        if variant.startswith("poller") or variant == "recorder-full-ab":
+            clock.pause_pid = rec.nvml_sampler._process.pid
         _sync()
         start = time.perf_counter()
         out = model.generate(ids, **kwargs)
         _sync()
         elapsed = time.perf_counter() - start
+        if clock.pause_pid is not None:
+            os.kill(clock.pause_pid, signal.SIGCONT)  # the poller must answer when the recording stops
         del out
         rec.settle()
     per_step = recorder_ns(trace)

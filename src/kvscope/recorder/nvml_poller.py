@@ -39,12 +39,12 @@ class NvmlPoller:
     """
 
     per_step_requests = False  # the hook need not announce steps (see NvmlSampler)
-    description = f"process, polled every {POLL_INTERVAL_S * 1e3:g} ms"
 
     def __init__(self, devices: list[str], origin_ns: int, interval_s: float = POLL_INTERVAL_S,
                  start_timeout_s: float = 20.0) -> None:
         self.origin_ns = origin_ns
         self.interval_s = interval_s
+        self.description = f"process, polled every {interval_s * 1e3:g} ms"
         fd, name = tempfile.mkstemp(prefix="kvscope-nvml-", suffix=".ring")
         try:
             os.ftruncate(fd, 8 * (1 + 2 * RING_SLOTS))

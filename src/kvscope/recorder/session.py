@@ -54,7 +54,7 @@ class Recording:
                  max_sample_bytes: int = 256 * 2**20, flush_every: int = MAX_FLUSH_EVERY,
                  nvml: str | bool = "auto", store_prompts: bool = False, model_name: str | None = None,
                  tokenizer: str | None = None, options: dict[str, Any] | None = None, head_stats_every: int = 0,
-                 writer: str = "auto", native: str | bool = "auto") -> None:
+                 writer: str = "auto", native: str | bool = "auto", nvml_interval_ms: float = 1.0) -> None:
         if not 1 <= flush_every <= MAX_FLUSH_EVERY:
             raise UsageError(f"flush_every must be between 1 and {MAX_FLUSH_EVERY} steps, got {flush_every}.")
         if sample_kv_every < 0 or max_sample_bytes < 0 or head_stats_every < 0:
@@ -65,6 +65,9 @@ class Recording:
         if native not in NATIVE_MODES:
             raise UsageError(f"native must be 'auto', True or False, got {native!r}.")
         self.native_mode = native
+        if not 0.1 <= nvml_interval_ms <= 1000:
+            raise UsageError(f"nvml_interval_ms must be between 0.1 and 1000, got {nvml_interval_ms}.")
+        self.nvml_interval_s = nvml_interval_ms / 1e3
         self.head_stats_every = head_stats_every
         if not hasattr(model, "generate"):
             raise UsageError(f"{type(model).__name__} has no generate(): pass the model you call generate on.")
@@ -98,7 +101,8 @@ class Recording:
         self.native = native_fast_path.resolve(self.native_mode, on_cuda=bool(self.layout.cuda_devices))
         self.allocator = AllocatorProbe(self.layout.cuda_devices, self.native)
         self.nvml = NvmlProbe(self.layout.cuda_devices, self.nvml_mode)
-        self.nvml_sampler = start_nvml_sampler(self.nvml, self.origin_ns) if self.nvml.enabled else None
+        self.nvml_sampler = start_nvml_sampler(self.nvml, self.origin_ns, self.nvml_interval_s) \
+            if self.nvml.enabled else None
         self.compile_disabled = supports_disable_compile()
         try:
             self.writer, writer_kind = self._start_writer()
@@ -335,6 +339,7 @@ def record(model: torch.nn.Module, path: str | Path, **options: Any) -> Recordin
     Options: labels, sample_kv_every (0 = off), sample_layers, max_sample_bytes, flush_every
     (≤ 64), nvml ("auto", True, False), store_prompts, model_name, tokenizer, head_stats_every (0 = off:
     per-head statistics every N steps into head_stats, see docs/kernels.md), writer ("auto", "process",
-    "thread"), native ("auto", True, False: the C++ fast path of the per-step reads). See docs/recorder.md.
+    "thread"), native ("auto", True, False: the C++ fast path of the per-step reads), nvml_interval_ms (how
+    often the polling process reads NVML, default 1). See docs/recorder.md.
     """
     return Recording(model, path, **options)

@@ -232,12 +232,12 @@ class NvmlSampler:
         self._thread.join(timeout=5.0)
 
 
-def start_nvml_sampler(probe: NvmlProbe, origin_ns: int) -> NvmlSource:
+def start_nvml_sampler(probe: NvmlProbe, origin_ns: int, interval_s: float | None = None) -> NvmlSource:
     """The per-step NVML source: the polling process, or this process's thread if it cannot start."""
-    from kvscope.recorder.nvml_poller import NvmlPoller
+    from kvscope.recorder.nvml_poller import POLL_INTERVAL_S, NvmlPoller
 
     try:
-        return NvmlPoller(probe.device_ids(), origin_ns)
+        return NvmlPoller(probe.device_ids(), origin_ns, interval_s or POLL_INTERVAL_S)
     except (RecordingError, OSError) as exc:
         import warnings
 
