@@ -223,3 +223,19 @@ def test_record_cli_native_on_and_off(native: object, tmp_path: Path) -> None:
         assert json.loads(open_trace(tmp_path / mode).read("run").to_pylist()[0]["options"])["native"] is used
     assert _rows(tmp_path / "on", "layers", ["gen_id", "step", "layer"]) == _rows(tmp_path / "off", "layers",
                                                                                   ["gen_id", "step", "layer"])
+
+
+def test_auto_on_cuda_builds_in_the_background_for_later_recordings(tmp_path: Path,
+                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    if native_fast_path.find_ninja() is None or shutil.which("c++") is None:
+        pytest.skip("no C++ toolchain")
+    monkeypatch.setenv("KVSCOPE_NATIVE_DIR", str(tmp_path / "cache"))
+    monkeypatch.setattr(native_fast_path, "_loaded", {})
+    monkeypatch.setattr(native_fast_path, "_background", {})
+    assert native_fast_path.resolve("auto", on_cuda=True) is None  # this recording measures in Python
+    process = native_fast_path._background[native_fast_path.module_name()]
+    assert native_fast_path.resolve("auto", on_cuda=True) is None  # a second call starts no second build
+    assert native_fast_path._background[native_fast_path.module_name()] is process
+    assert process.wait(timeout=300) == 0, (native_fast_path.build_directory() / "build.log").read_text()
+    module = native_fast_path.resolve("auto", on_cuda=True)  # the next recording uses the cached build
+    assert module is not None and module.capture([_Layer(None, None)]) == b""

@@ -15,8 +15,10 @@ import time
 from pathlib import Path
 
 import pytest
+from recorder_helpers import tiny_model
 
-from kvscope.errors import RecordingError
+import kvscope
+from kvscope.errors import RecordingError, UsageError
 from kvscope.recorder.nvml_poller import NvmlPoller
 
 
@@ -138,3 +140,13 @@ def test_steps_after_the_process_stopped_get_no_reading() -> None:
     assert values[0] is not None and values[1] is None  # null, never a stale reading
     poller.close()
     assert poller.take([(0, 2)], [late]) == [None]  # a closed poller answers, without readings
+
+
+def test_the_polling_interval_is_an_option_and_is_recorded(tmp_path: Path) -> None:
+    poller = NvmlPoller(["fake"], time.perf_counter_ns(), interval_s=0.005)
+    try:
+        assert poller.description == "process, polled every 5 ms"
+    finally:
+        poller.close()
+    with pytest.raises(UsageError, match="nvml_interval_ms"):
+        kvscope.record(tiny_model("gpt_neox"), tmp_path / "t", nvml_interval_ms=0)
