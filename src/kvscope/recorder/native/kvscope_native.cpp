@@ -23,6 +23,15 @@ constexpr int64_t kContiguous = 1;  // facts.CONTIGUOUS
 PyObject* g_keys = nullptr;
 PyObject* g_values = nullptr;
 
+// An owned reference, released on every way out (returns and C++ exceptions alike).
+struct Owned {
+  PyObject* object;
+  explicit Owned(PyObject* o) : object(o) {}
+  Owned(const Owned&) = delete;
+  Owned& operator=(const Owned&) = delete;
+  ~Owned() { Py_XDECREF(object); }
+};
+
 // A plain tensor (or Parameter) with storage and concrete sizes: its facts are read here.
 bool readable(PyObject* obj) {
   if (!THPVariable_CheckExact(obj)) {
@@ -79,39 +88,31 @@ PyObject* capture(PyObject* /*self*/, PyObject* layers) {
   try {
     for (Py_ssize_t index = 0; index < count; ++index) {
       PyObject* layer = PyList_GET_ITEM(layers, index);
-      PyObject* keys = PyObject_GetAttr(layer, g_keys);
-      if (keys == nullptr) {
+      Owned keys(PyObject_GetAttr(layer, g_keys));
+      if (keys.object == nullptr) {
         PyErr_Clear();
         Py_RETURN_NONE;
       }
-      if (!THPVariable_Check(keys)) {  // None: a layer not filled yet (lazy init) is skipped
-        const bool skip = keys == Py_None;
-        Py_DECREF(keys);
-        if (skip) {
-          continue;
-        }
-        Py_RETURN_NONE;
+      if (keys.object == Py_None) {  // a layer not filled yet (lazy init) is skipped
+        continue;
       }
-      PyObject* values = PyObject_GetAttr(layer, g_values);
-      if (values == nullptr) {
+      Owned values(PyObject_GetAttr(layer, g_values));
+      if (values.object == nullptr) {
         PyErr_Clear();
-        Py_DECREF(keys);
         Py_RETURN_NONE;
       }
-      const bool has_values = values != Py_None;
-      if (!readable(keys) || (has_values && !readable(values))) {
-        Py_DECREF(keys);
-        Py_DECREF(values);
+      const bool has_values = values.object != Py_None;
+      if (!readable(keys.object) || (has_values && !readable(values.object))) {
         Py_RETURN_NONE;
       }
-      // The layer holds references to both tensors for the rest of this call.
-      const at::Tensor& k = THPVariable_Unpack(keys);
+      // `keys` and `values` hold references to both tensors for the rest of this iteration.
+      const at::Tensor& k = THPVariable_Unpack(keys.object);
       const int64_t k_start = address(k);
       out.push_back(index);
       out.push_back(k_start);
       out.push_back(span_code(k, k_start));
       if (has_values) {
-        const at::Tensor& v = THPVariable_Unpack(values);
+        const at::Tensor& v = THPVariable_Unpack(values.object);
         const int64_t v_start = address(v);
         out.push_back(v_start);
         out.push_back(span_code(v, v_start));
@@ -123,8 +124,6 @@ PyObject* capture(PyObject* /*self*/, PyObject* layers) {
         push_shape(out, k);
         out.push_back(kShapeEnd);
       }
-      Py_DECREF(keys);
-      Py_DECREF(values);
     }
   } catch (const std::exception&) {  // a c10::Error from an unusual tensor: the Python path decides
     PyErr_Clear();
