@@ -239,3 +239,24 @@ def test_auto_on_cuda_builds_in_the_background_for_later_recordings(tmp_path: Pa
     assert process.wait(timeout=300) == 0, (native_fast_path.build_directory() / "build.log").read_text()
     module = native_fast_path.resolve("auto", on_cuda=True)  # the next recording uses the cached build
     assert module is not None and module.capture([_Layer(None, None)]) == b""
+
+
+def test_a_broken_cached_build_and_a_stale_lock_are_replaced(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    if native_fast_path.find_ninja() is None or shutil.which("c++") is None:
+        pytest.skip("no C++ toolchain")
+    import os
+
+    monkeypatch.setenv("KVSCOPE_NATIVE_DIR", str(tmp_path / "cache"))
+    monkeypatch.setattr(native_fast_path, "_loaded", {})
+    monkeypatch.setattr(native_fast_path, "_background", {})
+    directory = native_fast_path.build_directory()
+    directory.mkdir(parents=True)
+    broken = directory / f"{native_fast_path.module_name()}.so"
+    broken.write_bytes(b"not a shared library")
+    assert native_fast_path.load_built() is None and not broken.exists()  # auto: Python now, rebuilt later
+    broken.write_bytes(b"not a shared library")
+    lock = directory / "lock"  # what a build killed mid-way leaves: torch's builder would wait forever
+    lock.write_text("")
+    os.utime(lock, (0, 0))
+    module = native_fast_path.build()
+    assert module.capture([_Layer(None, None)]) == b"" and not lock.exists()

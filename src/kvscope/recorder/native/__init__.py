@@ -18,6 +18,7 @@ import subprocess
 import sys
 import sysconfig
 import threading
+import time
 from pathlib import Path
 from types import ModuleType
 
@@ -76,6 +77,20 @@ def find_ninja() -> str | None:
     return found
 
 
+STALE_LOCK_S = 600  # a build takes ~15 s: a lock this old was left by a build that was killed
+
+
+def _remove_stale_lock(directory: Path) -> None:
+    """torch's builder waits for as long as its lock file exists; one left by a killed build would
+    make every later build wait forever."""
+    lock = directory / "lock"
+    try:
+        if time.time() - lock.stat().st_mtime > STALE_LOCK_S:
+            lock.unlink(missing_ok=True)
+    except FileNotFoundError:
+        pass
+
+
 def build(verbose: bool = False) -> ModuleType:
     """Compile (or reuse) the extension and import it; RecordingError with the cause if it cannot."""
     name = module_name()
@@ -83,21 +98,27 @@ def build(verbose: bool = False) -> ModuleType:
         if name in _loaded:
             return _loaded[name]
         library = _built_library(name)
-        try:
-            if library is None:
-                from torch.utils import cpp_extension
-
-                if find_ninja() is None:
-                    raise RecordingError("the recorder's native fast path needs ninja to build "
-                                         "(pip install ninja, or kvscope[record])")
-                directory = build_directory(name)
-                directory.mkdir(parents=True, exist_ok=True)
-                module = cpp_extension.load(
-                    name=name, sources=[str(SOURCE)], build_directory=str(directory),
-                    extra_cflags=["-O2", f"-DKVSCOPE_NATIVE_NAME={name}"], is_python_module=True,
-                    verbose=verbose)
-            else:
+        if library is not None:
+            try:
                 module = _import(name, library)
+            except Exception:  # noqa: BLE001 - a broken cached build (e.g. a link cut short): build it again
+                library.unlink(missing_ok=True)
+            else:
+                _loaded[name] = module
+                return module
+        try:
+            from torch.utils import cpp_extension
+
+            if find_ninja() is None:
+                raise RecordingError("the recorder's native fast path needs ninja to build "
+                                     "(pip install ninja, or kvscope[record])")
+            directory = build_directory(name)
+            directory.mkdir(parents=True, exist_ok=True)
+            _remove_stale_lock(directory)
+            module = cpp_extension.load(
+                name=name, sources=[str(SOURCE)], build_directory=str(directory),
+                extra_cflags=["-O2", f"-DKVSCOPE_NATIVE_NAME={name}"], is_python_module=True,
+                verbose=verbose)
         except RecordingError:
             raise
         except Exception as exc:  # noqa: BLE001 - compiler missing, ninja missing, build or import error
@@ -117,7 +138,8 @@ def load_built() -> ModuleType | None:
             return None
         try:
             module = _import(name, library)
-        except Exception:  # noqa: BLE001 - a broken cache entry: the Python path records
+        except Exception:  # noqa: BLE001 - a broken cached build: the Python path records, and it is removed
+            library.unlink(missing_ok=True)  # so that the next build makes it again
             return None
         _loaded[name] = module
         return module
