@@ -39,9 +39,6 @@ MAX_FLUSH_EVERY = 64
 # "process": parts are encoded and written by a child process (no GIL shared with generate);
 # "thread": by a thread of this process; "auto": the process, else the thread with a warning.
 WRITER_MODES = ("auto", "process", "thread")
-# The C++ fast path for the per-step reads: True builds it (or fails), False never uses it,
-# "auto" uses a cached build on CUDA and starts a background build otherwise (recorder/native).
-NATIVE_MODES: tuple[str | bool, ...] = ("auto", True, False)
 OOM_ERRORS: tuple[type[BaseException], ...] = tuple(
     {getattr(torch, "OutOfMemoryError", torch.cuda.OutOfMemoryError), torch.cuda.OutOfMemoryError})
 
@@ -62,7 +59,7 @@ class Recording:
         if writer not in WRITER_MODES:
             raise UsageError(f"writer must be one of {', '.join(WRITER_MODES)}, got {writer!r}.")
         self.writer_mode = writer
-        if native not in NATIVE_MODES:
+        if not (native == "auto" or isinstance(native, bool)):
             raise UsageError(f"native must be 'auto', True or False, got {native!r}.")
         self.native_mode = native
         if not 0.1 <= nvml_interval_ms <= 1000:

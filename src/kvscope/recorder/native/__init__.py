@@ -172,9 +172,9 @@ def resolve(mode: str | bool, on_cuda: bool) -> ModuleType | None:
     True: build now or raise. False: never. "auto": on CUDA, a cached build, else start a
     background build for later recordings; on CPU (where the hook's cost does not matter) none.
     """
-    if mode is False or mode == "off":
+    if mode is False:
         return None
-    if mode is True or mode == "on":
+    if mode is True:
         return build()
     if mode != "auto":
         raise RecordingError(f"native must be 'auto', True or False, not {mode!r}")
