@@ -145,9 +145,17 @@ class WriterProcess:
             return  # reported at the next wait; nothing more reaches a dead writer
         data = pickle.dumps(item, protocol=pickle.HIGHEST_PROTOCOL)
         try:
-            self._stdin.write(len(data).to_bytes(8, "little") + data)
+            self._write_all(len(data).to_bytes(8, "little"))
+            self._write_all(data)  # not joined to the header: a batch is ~200 KB, a copy costs
         except (BrokenPipeError, OSError, ValueError) as exc:
             self._error = f"the writer process is gone ({exc}); {self._stderr_tail()}".strip()
+
+    def _write_all(self, data: bytes) -> None:
+        # The pipe is unbuffered (bufsize=0): a write interrupted by a signal may write only part.
+        view = memoryview(data)
+        while view:
+            written = self._stdin.write(view)
+            view = view[written or 0:]
 
     def _await(self, seq: int) -> None:
         """Wait for the child's answer to sync/close `seq`; raise what went wrong since the last one."""
