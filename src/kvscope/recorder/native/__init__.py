@@ -117,7 +117,7 @@ def build(verbose: bool = False) -> ModuleType:
             _remove_stale_lock(directory)
             module = cpp_extension.load(
                 name=name, sources=[str(SOURCE)], build_directory=str(directory),
-                extra_cflags=["-O2", f"-DKVSCOPE_NATIVE_NAME={name}"], is_python_module=True,
+                extra_cflags=["-O2"], is_python_module=True,
                 verbose=verbose)
         except RecordingError:
             raise

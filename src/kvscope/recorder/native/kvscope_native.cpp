@@ -176,16 +176,18 @@ PyMethodDef methods[] = {
 
 }  // namespace
 
-#ifndef KVSCOPE_NATIVE_NAME
-#define KVSCOPE_NATIVE_NAME kvscope_native
+// torch's builder names the module (TORCH_EXTENSION_NAME): `kvscope_native_<hash>`, with a version
+// suffix when a process builds the same name twice.
+#ifndef TORCH_EXTENSION_NAME
+#define TORCH_EXTENSION_NAME kvscope_native
 #endif
 #define KVSCOPE_CAT(a, b) a##b
 #define KVSCOPE_INIT(name) KVSCOPE_CAT(PyInit_, name)
 #define KVSCOPE_STR2(x) #x
 #define KVSCOPE_STR(x) KVSCOPE_STR2(x)
 
-PyMODINIT_FUNC KVSCOPE_INIT(KVSCOPE_NATIVE_NAME)(void) {
-  static PyModuleDef module = {PyModuleDef_HEAD_INIT, KVSCOPE_STR(KVSCOPE_NATIVE_NAME), nullptr, -1, methods};
+PyMODINIT_FUNC KVSCOPE_INIT(TORCH_EXTENSION_NAME)(void) {
+  static PyModuleDef module = {PyModuleDef_HEAD_INIT, KVSCOPE_STR(TORCH_EXTENSION_NAME), nullptr, -1, methods};
   g_keys = PyUnicode_InternFromString("keys");
   g_values = PyUnicode_InternFromString("values");
   return PyModule_Create(&module);
