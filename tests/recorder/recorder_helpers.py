@@ -127,3 +127,44 @@ class IndependentCounter:
 
     def remove(self) -> None:
         self.handle.remove()
+
+
+# Columns that differ between two recordings of the same generations (clocks, ids).
+TIMING_COLUMNS = {"t_ns", "recorder_ns", "started_ns", "ended_ns", "created_unix_s", "run_id"}
+
+
+def trace_rows(path: Any, table: str, keys: list[str]) -> list[dict]:
+    """A table's rows sorted by `keys`, without the columns that differ between recordings."""
+    from kvscope.trace.reader import open_trace
+
+    rows = open_trace(path).read(table).sort_by([(k, "ascending") for k in keys]).to_pylist()
+    return [{k: v for k, v in row.items() if k not in TIMING_COLUMNS and not k.startswith("created")}
+            for row in rows]
+
+
+def assert_same_recording(first: Any, second: Any) -> list[dict]:
+    """Both traces are valid and have the same steps and layers rows; returns the layers rows."""
+    from kvscope.trace.reader import check_invariants, open_trace
+
+    for path in (first, second):
+        assert check_invariants(open_trace(path)).ok
+    assert trace_rows(first, "steps", ["gen_id", "step"]) == trace_rows(second, "steps", ["gen_id", "step"])
+    layers = trace_rows(first, "layers", ["gen_id", "step", "layer"])
+    assert layers == trace_rows(second, "layers", ["gen_id", "step", "layer"])
+    return layers
+
+
+class CacheOfLayers:
+    """A cache container: only its `layers` list matters to the recorder's fast path."""
+
+    def __init__(self, layers: list) -> None:
+        self.layers = layers
+
+
+def dynamic_layer(keys: torch.Tensor, values: torch.Tensor | None) -> object:
+    """A transformers DynamicLayer holding these tensors (5.x layer classes only)."""
+    from transformers.cache_utils import DynamicLayer
+
+    layer = DynamicLayer.__new__(DynamicLayer)
+    layer.keys, layer.values = keys, values
+    return layer

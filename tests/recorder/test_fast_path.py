@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import pytest
 import torch
+from recorder_helpers import CacheOfLayers as _Cache
+from recorder_helpers import dynamic_layer as _dynamic
 
 from kvscope.recorder.expand import expand_steps
 from kvscope.recorder.measure import FastStep, StepMeasure, measure_cache
@@ -19,17 +21,6 @@ class _Scanned:
 
     def __init__(self, keys: torch.Tensor, values: torch.Tensor) -> None:
         self.keys, self.values = keys, values
-
-
-class _Cache:
-    def __init__(self, layers: list) -> None:
-        self.layers = layers
-
-
-def _dynamic(keys: torch.Tensor, values: torch.Tensor) -> object:
-    layer = DynamicLayer.__new__(DynamicLayer)
-    layer.keys, layer.values = keys, values
-    return layer
 
 
 def _cases() -> list[tuple[torch.Tensor, torch.Tensor]]:

@@ -12,7 +12,15 @@ from pathlib import Path
 
 import pytest
 import torch
-from recorder_helpers import NEW_TOKENS, prompt_ids, tiny_model
+from recorder_helpers import (
+    NEW_TOKENS,
+    CacheOfLayers,
+    assert_same_recording,
+    dynamic_layer,
+    prompt_ids,
+    tiny_model,
+    trace_rows,
+)
 
 import kvscope
 from kvscope.errors import RecordingError, UsageError
@@ -20,11 +28,10 @@ from kvscope.recorder import native as native_fast_path
 from kvscope.recorder.facts import SHAPE_END, fact_list
 from kvscope.recorder.measure import FastStep, _python_facts, measure_cache
 from kvscope.recorder.model_layout import ModelLayout
-from kvscope.trace.reader import check_invariants, open_trace
+from kvscope.trace.reader import open_trace
 
 cache_utils = pytest.importorskip("transformers.cache_utils")
 DynamicLayer = getattr(cache_utils, "DynamicLayer", None)
-TIMING = {"t_ns", "recorder_ns", "started_ns", "ended_ns", "created_unix_s", "run_id"}
 
 
 @pytest.fixture(scope="module")
@@ -92,32 +99,19 @@ def test_anything_unusual_is_left_to_the_python_path(native: object) -> None:
 
 @pytest.mark.skipif(DynamicLayer is None, reason="this transformers release has no cache layer classes")
 def test_measure_cache_with_the_native_path_matches_python_and_falls_back(native: object) -> None:
-    class _Cache:
-        def __init__(self, layers: list) -> None:
-            self.layers = layers
-
-    def dynamic(keys: torch.Tensor, values: torch.Tensor) -> object:
-        layer = DynamicLayer.__new__(DynamicLayer)
-        layer.keys, layer.values = keys, values
-        return layer
-
     class Marked(torch.Tensor):
         pass
 
     layout = ModelLayout("test", 2, ("full_attention",) * 2, None, None, "eager", "float32", "cpu", ())
     fused = torch.randn(1, 2, 6, 2, 8)
-    cache = _Cache([dynamic(fused[..., 0, :], fused[..., 1, :]), dynamic(torch.randn(1, 2, 6, 8), torch.randn(1, 2, 6, 8))])
+    cache = CacheOfLayers([dynamic_layer(fused[..., 0, :], fused[..., 1, :]),
+                           dynamic_layer(torch.randn(1, 2, 6, 8), torch.randn(1, 2, 6, 8))])
     fast, slow = measure_cache(cache, layout, 6, native=native), measure_cache(cache, layout, 6)
     assert isinstance(fast, FastStep) and isinstance(fast.facts, bytes) and isinstance(slow.facts, list)
     assert fast.decoded() == slow.decoded() and fast.kv_bytes == slow.kv_bytes
     cache.layers[1].keys = cache.layers[1].keys.as_subclass(Marked)
     fallback = measure_cache(cache, layout, 6, native=native)
     assert isinstance(fallback.facts, list) and fallback.decoded() == slow.decoded()
-
-
-def _rows(path: Path, table: str, keys: list[str]) -> list[dict]:
-    rows = open_trace(path).read(table).sort_by([(k, "ascending") for k in keys]).to_pylist()
-    return [{k: v for k, v in row.items() if k not in TIMING and not k.startswith("created")} for row in rows]
 
 
 def _record(model: torch.nn.Module, path: Path, native_mode: object, **generate: object) -> None:
@@ -137,12 +131,7 @@ def test_recordings_with_and_without_the_native_path_are_the_same(native: object
     extra = {"cache_implementation": implementation} if implementation else {}
     _record(model, tmp_path / "native", True, **extra)
     _record(model, tmp_path / "python", False, **extra)
-    for name in ("native", "python"):
-        assert check_invariants(open_trace(tmp_path / name)).ok
-    assert _rows(tmp_path / "native", "steps", ["gen_id", "step"]) == _rows(tmp_path / "python", "steps",
-                                                                              ["gen_id", "step"])
-    layers = _rows(tmp_path / "native", "layers", ["gen_id", "step", "layer"])
-    assert layers == _rows(tmp_path / "python", "layers", ["gen_id", "step", "layer"])
+    layers = assert_same_recording(tmp_path / "native", tmp_path / "python")
     assert len(layers) == (NEW_TOKENS + 3) * model.config.num_hidden_layers
     options = {name: json.loads(open_trace(tmp_path / name).read("run").to_pylist()[0]["options"])
                for name in ("native", "python")}
@@ -205,8 +194,8 @@ def test_cuda_recordings_with_and_without_the_native_path_agree(native: object, 
     for column in ("allocated_bytes", "reserved_bytes", "active_bytes", "alloc_retries", "num_ooms"):
         assert all(v is not None for v in steps["native"][column]), column
     assert steps["native"]["kv_bytes"] == steps["python"]["kv_bytes"]
-    assert _rows(tmp_path / "native", "layers", ["gen_id", "step", "layer"]) == \
-        _rows(tmp_path / "python", "layers", ["gen_id", "step", "layer"])
+    assert trace_rows(tmp_path / "native", "layers", ["gen_id", "step", "layer"]) == \
+        trace_rows(tmp_path / "python", "layers", ["gen_id", "step", "layer"])
     options = json.loads(traces["native"].read("run").to_pylist()[0]["options"])
     assert options["native"] is True
 
@@ -221,8 +210,8 @@ def test_record_cli_native_on_and_off(native: object, tmp_path: Path) -> None:
                              "--max-new-tokens", "3", "--device", "cpu", "--native", mode, "-o", str(tmp_path / mode)])
         assert code == 0
         assert json.loads(open_trace(tmp_path / mode).read("run").to_pylist()[0]["options"])["native"] is used
-    assert _rows(tmp_path / "on", "layers", ["gen_id", "step", "layer"]) == _rows(tmp_path / "off", "layers",
-                                                                                  ["gen_id", "step", "layer"])
+    assert trace_rows(tmp_path / "on", "layers", ["gen_id", "step", "layer"]) == \
+        trace_rows(tmp_path / "off", "layers", ["gen_id", "step", "layer"])
 
 
 def test_auto_on_cuda_builds_in_the_background_for_later_recordings(tmp_path: Path,

@@ -162,7 +162,7 @@ def _capture_fast(container: Any, layers: list, layout: ModelLayout,
     plan = _plan(container, layers, layout)
     if plan is None:
         return None
-    captured = native.capture(layers) if native is not None and type(layers) is list else None
+    captured = native.capture(layers) if native is not None else None
     step = FastStep(plan, captured) if captured is not None else FastStep(plan, _python_facts(layers))
     if sample_layers is not None:
         step.sample_tensors = []
