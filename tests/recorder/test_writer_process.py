@@ -138,6 +138,6 @@ def test_the_child_gets_kvscope_on_its_path_but_never_a_site_packages_directory(
     root = writer_process._package_root()
     monkeypatch.setenv("PYTHONPATH", "/somewhere/else")
     monkeypatch.setattr(site, "getsitepackages", lambda: ["/usr/lib/python3/site-packages"])
-    assert writer_process._child_pythonpath() == os.pathsep.join([root, "/somewhere/else"])
+    assert writer_process.child_pythonpath() == os.pathsep.join([root, "/somewhere/else"])
     monkeypatch.setattr(site, "getsitepackages", lambda: [root])  # an installed (non-editable) kvscope
-    assert writer_process._child_pythonpath() == "/somewhere/else"
+    assert writer_process.child_pythonpath() == "/somewhere/else"

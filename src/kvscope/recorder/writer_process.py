@@ -37,7 +37,7 @@ def _package_root() -> str:
     return str(Path(kvscope.__file__).resolve().parents[1])
 
 
-def _child_pythonpath() -> str | None:
+def child_pythonpath() -> str | None:
     """PYTHONPATH for the child: this kvscope's location first, unless it is a site-packages
     directory (the child finds that itself, and putting it on PYTHONPATH would let installed
     packages shadow the standard library)."""
@@ -71,7 +71,7 @@ class WriterProcess:
         self._seq = 0
         self._stderr = tempfile.TemporaryFile()
         env = dict(os.environ)
-        pythonpath = _child_pythonpath()
+        pythonpath = child_pythonpath()
         if pythonpath:
             env["PYTHONPATH"] = pythonpath
         fds = (ring_fd,) if ring_fd is not None else ()

@@ -91,21 +91,30 @@ def _remove_stale_lock(directory: Path) -> None:
         pass
 
 
+def _cached(name: str) -> ModuleType | None:
+    """The module loaded already or built already (call under `_lock`); None if neither. A cached
+    build that does not import (e.g. a link cut short) is removed, so the next build makes it again."""
+    if name in _loaded:
+        return _loaded[name]
+    library = _built_library(name)
+    if library is None:
+        return None
+    try:
+        module = _import(name, library)
+    except Exception:  # noqa: BLE001 - any import failure means a broken build
+        library.unlink(missing_ok=True)
+        return None
+    _loaded[name] = module
+    return module
+
+
 def build(verbose: bool = False) -> ModuleType:
     """Compile (or reuse) the extension and import it; RecordingError with the cause if it cannot."""
     name = module_name()
     with _lock:
-        if name in _loaded:
-            return _loaded[name]
-        library = _built_library(name)
-        if library is not None:
-            try:
-                module = _import(name, library)
-            except Exception:  # noqa: BLE001 - a broken cached build (e.g. a link cut short): build it again
-                library.unlink(missing_ok=True)
-            else:
-                _loaded[name] = module
-                return module
+        module = _cached(name)
+        if module is not None:
+            return module
         try:
             from torch.utils import cpp_extension
 
@@ -115,13 +124,11 @@ def build(verbose: bool = False) -> ModuleType:
             directory = build_directory(name)
             directory.mkdir(parents=True, exist_ok=True)
             _remove_stale_lock(directory)
-            module = cpp_extension.load(
-                name=name, sources=[str(SOURCE)], build_directory=str(directory),
-                extra_cflags=["-O2"], is_python_module=True,
-                verbose=verbose)
+            module = cpp_extension.load(name=name, sources=[str(SOURCE)], build_directory=str(directory),
+                                        extra_cflags=["-O2"], is_python_module=True, verbose=verbose)
         except RecordingError:
             raise
-        except Exception as exc:  # noqa: BLE001 - compiler missing, ninja missing, build or import error
+        except Exception as exc:  # noqa: BLE001 - compiler missing, build or import error
             raise RecordingError(f"the recorder's native fast path could not be built: {exc}".strip()) from exc
         _loaded[name] = module
         return module
@@ -129,20 +136,8 @@ def build(verbose: bool = False) -> ModuleType:
 
 def load_built() -> ModuleType | None:
     """The extension if a build of it is cached already; None otherwise (nothing is compiled)."""
-    name = module_name()
     with _lock:
-        if name in _loaded:
-            return _loaded[name]
-        library = _built_library(name)
-        if library is None:
-            return None
-        try:
-            module = _import(name, library)
-        except Exception:  # noqa: BLE001 - a broken cached build: the Python path records, and it is removed
-            library.unlink(missing_ok=True)  # so that the next build makes it again
-            return None
-        _loaded[name] = module
-        return module
+        return _cached(module_name())
 
 
 def build_in_background() -> subprocess.Popen | None:
@@ -154,10 +149,12 @@ def build_in_background() -> subprocess.Popen | None:
             return running
         directory = build_directory(name)
         directory.mkdir(parents=True, exist_ok=True)
+        from kvscope.recorder.writer_process import child_pythonpath
+
         env = dict(os.environ)
-        source_root = str(Path(__file__).resolve().parents[3])
-        if (Path(source_root) / "kvscope").is_dir() and "site-packages" not in source_root:
-            env["PYTHONPATH"] = os.pathsep.join(p for p in (source_root, env.get("PYTHONPATH")) if p)
+        pythonpath = child_pythonpath()  # this kvscope first, as for the writer process
+        if pythonpath:
+            env["PYTHONPATH"] = pythonpath
         with open(directory / "build.log", "ab") as log:
             process = subprocess.Popen([sys.executable, "-m", "kvscope.recorder.native"], stdout=log,
                                        stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env,
