@@ -50,11 +50,15 @@ VARIANTS = ("plain", "recorder", "recorder+samples64")
 # use the fast path, built before the first round.
 # "poller-ab" keeps the hook off and stops/continues the NVML polling process (SIGSTOP/SIGCONT) in
 # alternate blocks: the poller's own cost to the decode loop, which "recorder-ab" (poller always on)
-# cannot see. "poller5-ab" polls every 5 ms instead of 1. "recorder-full-ab" toggles hook and poller.
+# cannot see. "poller5-ab" polls every 5 ms instead of 1; "poller01-ab" every 0.1 ms, i.e. as fast as NVML
+# answers: an amplifier (a cost too small to see at 1 kHz grows with the rate). "recorder-full-ab"
+# toggles hook and poller.
 OPTIONAL_VARIANTS = ("recorder-nvml-off", "recorder-no-midflush", "recorder-thread-writer", "recorder-ab",
-                     "recorder-python", "recorder-python-ab", "poller-ab", "poller5-ab", "recorder-full-ab")
+                     "recorder-python", "recorder-python-ab", "poller-ab", "poller5-ab", "poller01-ab",
+                     "recorder-full-ab")
 AB_BLOCK = 32
 AB_RATIOS: dict[str, list[float]] = {}  # block ratios of every run of each "-ab" variant
+POLL_RATES: dict[str, list[float]] = {}  # NVML readings per second of generate, per run of each variant
 
 
 class StepClock:
@@ -105,6 +109,16 @@ def recorder_ns(trace: Path) -> list[int]:
             for v in pq.read_table(part, columns=["recorder_ns"])["recorder_ns"].to_pylist()]
 
 
+def poll_interval_ms(variant: str) -> float:
+    return 5.0 if "poller5" in variant else 0.1 if "poller01" in variant else 1.0
+
+
+def _poll_count(rec: Any) -> int | None:
+    """Readings the NVML polling process has written so far (None without one)."""
+    ring = getattr(rec.nvml_sampler, "_ring", None)
+    return int(ring[0]) if ring is not None and len(ring) else None
+
+
 def run_once(model: torch.nn.Module, ids: torch.Tensor, new_tokens: int, variant: str,
              workdir: Path) -> tuple[float, list[int], list[float]]:
     from transformers import LogitsProcessorList
@@ -124,7 +138,7 @@ def run_once(model: torch.nn.Module, ids: torch.Tensor, new_tokens: int, variant
                         nvml=False if "nvml-off" in variant else "auto",
                         writer="thread" if "thread-writer" in variant else "auto",
                         native="python" not in variant,
-                        nvml_interval_ms=5.0 if "poller5" in variant else 1.0) as rec:
+                        nvml_interval_ms=poll_interval_ms(variant)) as rec:
         if "no-midflush" in variant:
             rec.steps.flush_every = 1 << 30
         if variant.endswith("-ab"):
@@ -133,11 +147,14 @@ def run_once(model: torch.nn.Module, ids: torch.Tensor, new_tokens: int, variant
             clock.hook_off = True
         if variant.startswith("poller") or variant == "recorder-full-ab":
             clock.pause_pid = rec.nvml_sampler._process.pid
+        readings_before = _poll_count(rec)
         _sync()
         start = time.perf_counter()
         out = model.generate(ids, **kwargs)
         _sync()
         elapsed = time.perf_counter() - start
+        if readings_before is not None:
+            POLL_RATES.setdefault(variant, []).append((_poll_count(rec) - readings_before) / elapsed)
         if clock.pause_pid is not None:
             os.kill(clock.pause_pid, signal.SIGCONT)  # the poller must answer when the recording stops
         del out
@@ -291,6 +308,7 @@ def main() -> None:
     for variant in variants:  # warm-up at full length: kernels load, allocator grows to its working size
         run_once(model, ids, args.new_tokens, variant, workdir)
     AB_RATIOS.clear()
+    POLL_RATES.clear()
     costs = {} if args.skip_components else component_costs(model, ids, args.new_tokens)
     print("component costs (median µs):", json.dumps(costs), flush=True)
     results: dict[str, list[float]] = {v: [] for v in variants}
@@ -322,6 +340,8 @@ def main() -> None:
             summary["ab_block_ratios"] = AB_RATIOS
             summary["ab_block_overhead_median"] = {v: statistics.median(r) for v, r in AB_RATIOS.items()}
             summary["ab_block_overhead_ci95"] = {v: bootstrap_interval(r) for v, r in AB_RATIOS.items()}
+        if POLL_RATES:
+            summary["nvml_readings_per_s"] = POLL_RATES
         summary["step_intervals_ms"] = {v: [round(x, 4) for x in values] for v, values in step_ms.items()}
         args.out.write_text(json.dumps(summary, indent=2))
     if not summary:
@@ -331,6 +351,9 @@ def main() -> None:
         print(f"{variant}: hook on/off in alternate blocks of {AB_BLOCK} steps: {len(ratios)} block pairs, "
               f"median step {summary['ab_block_overhead_median'][variant] * 100:+.2f}% "
               f"[{low * 100:+.2f}, {high * 100:+.2f}]%")
+    for variant, rates in POLL_RATES.items():
+        print(f"{variant}: NVML readings per second of generate, median {statistics.median(rates):.0f} "
+              f"(poller stopped in off blocks where the variant says so)")
     outside = summary["outside_steps_ms"]
     print("time outside the decode steps (prefill, generation start and end), median ms: "
           + ", ".join(f"{v} {statistics.median(x):.1f}" for v, x in outside.items()))
