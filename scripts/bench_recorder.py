@@ -52,10 +52,12 @@ VARIANTS = ("plain", "recorder", "recorder+samples64")
 # alternate blocks: the poller's own cost to the decode loop, which "recorder-ab" (poller always on)
 # cannot see. "poller5-ab" polls every 5 ms instead of 1; "poller01-ab" every 0.1 ms, i.e. as fast as NVML
 # answers: an amplifier (a cost too small to see at 1 kHz grows with the rate). "recorder-full-ab"
-# toggles hook and poller.
+# toggles hook and poller. "recorder-all-ab" toggles both too, and flushes every 60 recorded steps
+# instead of 64, so each flush falls inside a hook-on block (step 4 of the 8th block of 8) and the
+# writer process's work that follows it is booked to "on", not to the next "off" block.
 OPTIONAL_VARIANTS = ("recorder-nvml-off", "recorder-no-midflush", "recorder-thread-writer", "recorder-ab",
                      "recorder-python", "recorder-python-ab", "poller-ab", "poller5-ab", "poller01-ab",
-                     "recorder-full-ab")
+                     "recorder-full-ab", "recorder-all-ab")
 AB_BLOCK = 32
 AB_RATIOS: dict[str, list[float]] = {}  # block ratios of every run of each "-ab" variant
 POLL_RATES: dict[str, list[float]] = {}  # NVML readings per second of generate, per run of each variant
@@ -64,8 +66,9 @@ POLL_RATES: dict[str, list[float]] = {}  # NVML readings per second of generate,
 class StepClock:
     """A logits processor that stamps the host clock at every decode step (same cost in every variant)."""
 
-    def __init__(self, block: int = 32) -> None:
+    def __init__(self, block: int = 32, calls: int = 0) -> None:
         self.block = block  # steps per on/off block ("-ab" variants)
+        self.calls = calls  # calls in the generation: the poller is continued at the last one
         self.stamps: list[int] = []
         self.toggle: Any = None  # a StepRecorder switched on/off per block ("recorder-ab")
         self.hook_off = False  # keep the hook off in every block ("poller-ab")
@@ -77,7 +80,11 @@ class StepClock:
         if self.toggle is not None:
             on = (len(self.stamps) - 1) // self.block % 2 == 0
             self.toggle.active = on and not self.hook_off  # for the next forward pass (the interval starting now)
-            if self.pause_pid is not None and (not self.active or self.active[-1] != on):
+            if self.pause_pid is not None and len(self.stamps) == self.calls:
+                # generate ends after this call and reads the generation's NVML peak, which waits
+                # (up to 0.25 s) for a reading newer than the end: the poller must run by then
+                os.kill(self.pause_pid, signal.SIGCONT)
+            elif self.pause_pid is not None and (not self.active or self.active[-1] != on):
                 os.kill(self.pause_pid, signal.SIGCONT if on else signal.SIGSTOP)
             self.active.append(on)
         return scores
@@ -123,7 +130,7 @@ def run_once(model: torch.nn.Module, ids: torch.Tensor, new_tokens: int, variant
              workdir: Path) -> tuple[float, list[int], list[float]]:
     from transformers import LogitsProcessorList
 
-    clock = StepClock(AB_BLOCK)
+    clock = StepClock(AB_BLOCK, new_tokens)
     kwargs = dict(max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
                   attention_mask=torch.ones_like(ids), logits_processor=LogitsProcessorList([clock]))
     gc.collect()  # every variant starts from the same collector state
@@ -141,11 +148,13 @@ def run_once(model: torch.nn.Module, ids: torch.Tensor, new_tokens: int, variant
                         nvml_interval_ms=poll_interval_ms(variant)) as rec:
         if "no-midflush" in variant:
             rec.steps.flush_every = 1 << 30
+        if variant == "recorder-all-ab":
+            rec.steps.flush_every = 60
         if variant.endswith("-ab"):
             clock.toggle = rec.steps
         if variant.startswith("poller"):
             clock.hook_off = True
-        if variant.startswith("poller") or variant == "recorder-full-ab":
+        if variant.startswith("poller") or variant in ("recorder-full-ab", "recorder-all-ab"):
             clock.pause_pid = rec.nvml_sampler._process.pid
         readings_before = _poll_count(rec)
         _sync()
