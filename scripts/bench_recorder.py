@@ -248,9 +248,11 @@ def summarise(args: argparse.Namespace, variants: tuple[str, ...], costs: dict, 
     summary: dict = {"device": device_name, "torch": torch.__version__,
                      "transformers": __import__("transformers").__version__, "twin": args.twin,
                      "prompt_tokens": args.prompt_tokens, "new_tokens": args.new_tokens,
-                     "rounds": len(results["plain"]), "cpus": sorted(os.sched_getaffinity(0)),
+                     "rounds": len(next(iter(results.values()))), "cpus": sorted(os.sched_getaffinity(0)),
                      "tokens_per_s": results, "component_us": costs, "round_median_step_ms": round_step_ms,
                      "variants": {}}
+    if "plain" not in results:  # --no-plain: only the on/off blocks of "-ab" variants are estimated
+        return summary
     base = statistics.median(results["plain"])
     base_step = statistics.median(step_ms["plain"])
     for variant in variants:
@@ -292,6 +294,8 @@ def main() -> None:
     parser.add_argument("--cpus", help="pin the process to these cores, e.g. 2-7")
     parser.add_argument("--max-minutes", type=float, default=0, help="start no round after this long (0: no limit)")
     parser.add_argument("--ab-block", type=int, default=AB_BLOCK, help="decode steps per on/off block of '-ab' runs")
+    parser.add_argument("--no-plain", action="store_true",
+                        help="no plain runs (with only '-ab' variants, whose blocks need none): more pairs per minute")
     parser.add_argument("--skip-components", action="store_true", help="skip timing the hook's parts alone")
     args = parser.parse_args()
     began = time.perf_counter()
@@ -299,7 +303,7 @@ def main() -> None:
     if args.cpus:
         os.sched_setaffinity(0, parse_cpus(args.cpus))
     if args.variants:
-        variants = ("plain", *(v for v in args.variants if v != "plain"))
+        variants = (() if args.no_plain else ("plain",)) + tuple(v for v in args.variants if v != "plain")
     else:
         variants = VARIANTS + tuple(args.extra)
     print(f"cores: {sorted(os.sched_getaffinity(0))}; load average {os.getloadavg()}", flush=True)
