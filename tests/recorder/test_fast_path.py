@@ -166,3 +166,19 @@ def test_random_layouts_agree_with_the_general_walk() -> None:
         slow = measure_cache(_Cache([_Scanned(k, v) for k, v in cases]), layout, 9)
         assert isinstance(fast, FastStep), trial
         _assert_same_rows(fast, slow)
+
+
+def test_a_pickled_step_keeps_its_facts_and_one_plan_but_never_its_sample_tensors() -> None:
+    import pickle
+
+    cases = _cases()
+    layout = ModelLayout("test", len(cases), ("full_attention",) * len(cases), None, None, "eager", "float32", "cpu", ())
+    cache = _Cache([_dynamic(k, v) for k, v in cases])
+    first = measure_cache(cache, layout, 6, sample_layers={0})
+    second = measure_cache(cache, layout, 6)
+    assert isinstance(first, FastStep) and first.sample_tensors
+    got_first, got_second = pickle.loads(pickle.dumps([first, second], protocol=pickle.HIGHEST_PROTOCOL))
+    assert got_first.facts == first.facts and got_first.plan == first.plan
+    assert got_first.plan is got_second.plan  # one plan per hand-over, not one per step
+    assert got_first.sample_tensors is None
+    assert (got_first.kv_bytes, got_first.logical_bytes) == (first.kv_bytes, first.logical_bytes)
