@@ -61,6 +61,7 @@ OPTIONAL_VARIANTS = ("recorder-nvml-off", "recorder-no-midflush", "recorder-thre
 AB_BLOCK = 32
 AB_RATIOS: dict[str, list[float]] = {}  # block ratios of every run of each "-ab" variant
 POLL_RATES: dict[str, list[float]] = {}  # NVML readings per second of generate, per run of each variant
+CHILD_CPUS: set[int] | None = None  # --children-cpus: where the writer and NVML processes may run
 
 
 class StepClock:
@@ -126,6 +127,24 @@ def _poll_count(rec: Any) -> int | None:
     return int(ring[0]) if ring is not None and len(ring) else None
 
 
+def pin_children(rec: Any, cpus: set[int]) -> None:
+    """Move the recording's writer and NVML polling processes onto `cpus` (e.g. away from the core
+    that runs generate and its hyperthread sibling)."""
+    for owner in (rec.steps.writer, rec.nvml_sampler):
+        process = getattr(owner, "_process", None)
+        if process is not None and process.poll() is None:
+            os.sched_setaffinity(process.pid, cpus)
+
+
+def cpu_siblings() -> dict[int, str]:
+    """Each usable CPU's hyperthread siblings, as Linux lists them (empty where it does not)."""
+    siblings = {}
+    for cpu in sorted(os.sched_getaffinity(0)):
+        path = Path(f"/sys/devices/system/cpu/cpu{cpu}/topology/thread_siblings_list")
+        siblings[cpu] = path.read_text().strip() if path.exists() else ""
+    return siblings
+
+
 def run_once(model: torch.nn.Module, ids: torch.Tensor, new_tokens: int, variant: str,
              workdir: Path) -> tuple[float, list[int], list[float]]:
     from transformers import LogitsProcessorList
@@ -156,6 +175,8 @@ def run_once(model: torch.nn.Module, ids: torch.Tensor, new_tokens: int, variant
             clock.hook_off = True
         if variant.startswith("poller") or variant in ("recorder-full-ab", "recorder-all-ab"):
             clock.pause_pid = rec.nvml_sampler._process.pid
+        if CHILD_CPUS is not None:
+            pin_children(rec, CHILD_CPUS)
         readings_before = _poll_count(rec)
         _sync()
         start = time.perf_counter()
@@ -279,7 +300,7 @@ def summarise(args: argparse.Namespace, variants: tuple[str, ...], costs: dict, 
 
 
 def main() -> None:
-    global AB_BLOCK
+    global AB_BLOCK, CHILD_CPUS
     parser = argparse.ArgumentParser()
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--new-tokens", type=int, default=512)
@@ -296,12 +317,16 @@ def main() -> None:
     parser.add_argument("--ab-block", type=int, default=AB_BLOCK, help="decode steps per on/off block of '-ab' runs")
     parser.add_argument("--no-plain", action="store_true",
                         help="no plain runs (with only '-ab' variants, whose blocks need none): more pairs per minute")
+    parser.add_argument("--children-cpus", help="pin the writer and NVML polling processes to these cores, e.g. 8-15")
     parser.add_argument("--skip-components", action="store_true", help="skip timing the hook's parts alone")
     args = parser.parse_args()
     began = time.perf_counter()
     AB_BLOCK = args.ab_block
+    print(f"hyperthread siblings per core: {cpu_siblings()}", flush=True)
     if args.cpus:
         os.sched_setaffinity(0, parse_cpus(args.cpus))
+    if args.children_cpus:
+        CHILD_CPUS = parse_cpus(args.children_cpus)
     if args.variants:
         variants = (() if args.no_plain else ("plain",)) + tuple(v for v in args.variants if v != "plain")
     else:
