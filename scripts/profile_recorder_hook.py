@@ -21,6 +21,7 @@ import pyarrow.parquet as pq
 import torch
 
 import kvscope
+from kvscope.recorder import measure as measure_module
 from kvscope.recorder import steps as steps_module
 from kvscope.recorder import telemetry
 from kvscope.twins import load_twin
@@ -74,6 +75,9 @@ def main() -> None:
         print(f"plain: {args.new_tokens / elapsed:.1f} tokens/s, step {1e3 * elapsed / args.new_tokens:.2f} ms")
         gc_report("plain generate")
     steps_module.measure_cache = timed("measure_cache", steps_module.measure_cache)
+    measure_module._capture_fast = timed("_capture_fast (plan + capture)", measure_module._capture_fast)
+    measure_module._plan = timed("_plan", measure_module._plan)
+    steps_module.StepRecorder.on_forward = timed("on_forward (whole hook)", steps_module.StepRecorder.on_forward)
     steps_module.cache_from_output = timed("cache_from_output", steps_module.cache_from_output)
     steps_module.batch_and_tokens = timed("batch_and_tokens", steps_module.batch_and_tokens)
     telemetry.AllocatorProbe.read = timed("allocator_read", telemetry.AllocatorProbe.read)
@@ -85,7 +89,7 @@ def main() -> None:
         if not gc_on:
             gc.collect()
             gc.disable()
-        with kvscope.record(model, trace) as rec:
+        with kvscope.record(model, trace, native=True) as rec:
             torch.cuda.synchronize()
             start = time.perf_counter()
             out = model.generate(ids, **kwargs)
