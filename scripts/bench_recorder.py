@@ -55,9 +55,12 @@ VARIANTS = ("plain", "recorder", "recorder+samples64")
 # toggles hook and poller. "recorder-all-ab" toggles both too, and flushes every 60 recorded steps
 # instead of 64, so each flush falls inside a hook-on block (step 4 of the 8th block of 8) and the
 # writer process's work that follows it is booked to "on", not to the next "off" block.
+# "recorder-all-nolane-ab" is "recorder-all-ab" with every step read the long way (no native lane,
+# `steps.StepRecorder._open_lane`): the code before the lane, for comparison on the same machine.
 OPTIONAL_VARIANTS = ("recorder-nvml-off", "recorder-no-midflush", "recorder-thread-writer", "recorder-ab",
                      "recorder-python", "recorder-python-ab", "poller-ab", "poller5-ab", "poller01-ab",
-                     "recorder-full-ab", "recorder-all-ab")
+                     "recorder-full-ab", "recorder-all-ab",
+                     "recorder-all-nolane-ab")
 AB_BLOCK = 32
 AB_RATIOS: dict[str, list[float]] = {}  # block ratios of every run of each "-ab" variant
 POLL_RATES: dict[str, list[float]] = {}  # NVML readings per second of generate, per run of each variant
@@ -167,13 +170,16 @@ def run_once(model: torch.nn.Module, ids: torch.Tensor, new_tokens: int, variant
                         nvml_interval_ms=poll_interval_ms(variant)) as rec:
         if "no-midflush" in variant:
             rec.steps.flush_every = 1 << 30
-        if variant == "recorder-all-ab":
+        if variant in ("recorder-all-ab", "recorder-all-nolane-ab"):
             rec.steps.flush_every = 60
+        if "nolane" in variant:
+            rec.steps.lane_enabled = False
         if variant.endswith("-ab"):
             clock.toggle = rec.steps
         if variant.startswith("poller"):
             clock.hook_off = True
-        if variant.startswith("poller") or variant in ("recorder-full-ab", "recorder-all-ab"):
+        if variant.startswith("poller") or variant in ("recorder-full-ab", "recorder-all-ab",
+                                                       "recorder-all-nolane-ab"):
             clock.pause_pid = rec.nvml_sampler._process.pid
         if CHILD_CPUS is not None:
             pin_children(rec, CHILD_CPUS)

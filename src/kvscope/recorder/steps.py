@@ -10,17 +10,19 @@ as `recorder_ns`.
 from __future__ import annotations
 
 import time
+import weakref
 from collections.abc import Container
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 
+from kvscope.recorder.facts import FastStep
 from kvscope.recorder.flusher import BackgroundWriter
 from kvscope.recorder.hooks import AttentionDiscovery, batch_and_tokens, cache_from_kwargs, cache_from_output
 from kvscope.recorder.measure import measure_cache
 from kvscope.recorder.model_layout import ModelLayout
-from kvscope.recorder.telemetry import AllocatorProbe, NvmlProbe, NvmlSource
+from kvscope.recorder.telemetry import AllocatorProbe, AllocatorReading, NvmlProbe, NvmlSource
 
 STEP_FIELDS = (
     "run_id", "gen_id", "step", "t_ns", "seq_len", "batch_size", "kv_bytes", "allocated_bytes",
@@ -63,6 +65,16 @@ def _in_flight(cache: Any, tensors: list[tuple[int, str, torch.Tensor]]) -> bool
     return any(t.is_cuda for _, _, t in tensors) and not all(t.is_cuda for _, _, t in tensors)
 
 
+LANE_MISSES = 3  # a generation whose lane keeps failing stops opening one (each miss costs a call)
+
+
+def _as_reading(values: Any) -> AllocatorReading | None:
+    """An allocator reading, from the plain tuple the native lane returns (converted only when read)."""
+    if values is None or isinstance(values, AllocatorReading):
+        return values
+    return AllocatorReading(*values)
+
+
 class _AllLayers:
     def __contains__(self, layer: object) -> bool:
         return True
@@ -95,6 +107,7 @@ class StepRecorder:
         self.samples = samples
         self.origin_ns = origin_ns
         self.active = False
+        self.lane_enabled = native is not None  # off: every step is read the long way (a benchmark's baseline)
         self._step_rows: list[tuple] = []
         self._layer_rows: list[tuple] = []
         self._sample_ready: Any = None
@@ -113,6 +126,11 @@ class StepRecorder:
         self._last_reading: Any = None
         self._carry_ns = 0
         self._cache_attr: str | None = None  # the output attribute that carries the cache
+        # The native one-call read of later steps (`_open_lane`): (attr, weakref to the cache, id of
+        # its layers list, the list's length, device or -1), with the plan of those layers.
+        self._lane: tuple | None = None
+        self._lane_plan: Any = None
+        self._lane_misses = 0
         self.events: list[dict[str, Any]] = []
         self.active = gen_id >= 0
         if self.active and self.nvml_sampler is not None:
@@ -139,6 +157,14 @@ class StepRecorder:
         if not self.active:
             return
         start = time.perf_counter_ns()
+        lane = self._lane
+        if lane is not None and (self.samples.every <= 0 or self.samples.layers_at(self.step) is None):
+            got = self.native.step(output, kwargs, lane)
+            if got is not None:
+                self._lane_step(start, got)
+                return
+            self._lane = None  # something changed: measure the long way (which may open a new lane)
+            self._lane_misses += 1
         batch, tokens = batch_and_tokens(args, kwargs)
         step = self.step
         if step == 0:
@@ -165,6 +191,9 @@ class StepRecorder:
                     torch.cuda.synchronize()  # offloading moves layers on side streams: wait before copying
                 self._copy_samples(measured.sample_tensors, step)
                 measured.sample_tensors = None  # never keep a cache tensor past the hook
+        if self._lane is None and type(measured) is FastStep and type(measured.facts) is bytes \
+                and measured.sample_tensors is None:
+            self._open_lane(cache, kwargs, measured)
         del cache
         self._last_measured = measured
         reading = self.allocator.read()
@@ -193,6 +222,56 @@ class StepRecorder:
             self.writer.flush()
             self._carry_ns = time.perf_counter_ns() - handover_start
 
+    def _open_lane(self, cache: Any, kwargs: dict[str, Any], measured: FastStep) -> None:
+        """Let later steps read everything in one native call (`native.step`) when this step's cache
+        came from the model's output, its layers were captured natively, and the reading needs no
+        Python: one device (or none), no attention hooks, no per-step NVML requests. The lane holds
+        a weak reference to the cache, never the cache."""
+        if not self.lane_enabled or self._cache_attr is None or self.discovery.installed or self._nvml_request \
+                is not None or self._lane_misses >= LANE_MISSES or len(self.allocator.devices) > 1:
+            return
+        if self.allocator.devices and self.allocator._native_read is None:
+            return
+        layers = getattr(cache, "layers", None)
+        ids = kwargs.get("input_ids")
+        if not isinstance(layers, list) or not isinstance(ids, torch.Tensor) or ids.dim() < 2 \
+                or kwargs.get("decoder_input_ids") is not None or "" in measured.plan.k_dtypes:
+            return  # an encoder-decoder cache, inputs as embeddings, or layers not all filled yet
+        try:
+            ref = weakref.ref(cache)
+        except TypeError:
+            return
+        device = self.allocator.devices[0] if self.allocator.devices else -1
+        self._lane = (self._cache_attr, ref, id(layers), len(layers), device)
+        self._lane_plan = measured.plan
+
+    def _lane_step(self, start: int, got: tuple) -> None:
+        """The rest of `on_forward` for a step read along the lane: the same rows, less Python."""
+        batch, tokens, facts, reading = got
+        step = self.step
+        self.seq_len = seq_len = self.seq_len + tokens
+        gen_id, run_id = self.gen_id, self.run_id
+        measured = FastStep(self._lane_plan, facts)
+        self._layer_rows.append((run_id, gen_id, step, seq_len, measured))
+        self._last_measured = measured
+        t_ns = start - self.origin_ns
+        self._last_t_ns, self._last_reading = t_ns, reading
+        self.step = step + 1
+        if reading is None:
+            telemetry: tuple = (None,) * 6
+        else:
+            telemetry = reading[:6]
+        spent = time.perf_counter_ns() - start + self._carry_ns
+        self._step_rows.append((
+            run_id, gen_id, step, t_ns, seq_len, batch, None, *telemetry, None, self.nvml_total, None, spent,
+        ))
+        self._carry_ns = 0
+        if self.step % self.flush_every == 0:
+            handover_start = time.perf_counter_ns()
+            self._hand_over()
+            self.writer.flush()
+            self._carry_ns = time.perf_counter_ns() - handover_start
+
     @property
     def last(self) -> dict[str, Any]:
         """The last recorded step's readings (for OOM events and the generation summary), built on
@@ -201,7 +280,7 @@ class StepRecorder:
             return {}
         measured = self._last_measured
         return {"step": self.step - 1, "t_ns": self._last_t_ns, "seq_len": self.seq_len,
-                "allocator": self._last_reading, "layers": measured.layer_count if measured is not None else 0,
+                "allocator": _as_reading(self._last_reading), "layers": measured.layer_count if measured is not None else 0,
                 "kv_bytes": self.last_kv_bytes(), "nvml_used_bytes": self.nvml_latest}
 
     @property
