@@ -57,10 +57,11 @@ VARIANTS = ("plain", "recorder", "recorder+samples64")
 # writer process's work that follows it is booked to "on", not to the next "off" block.
 # "recorder-all-nolane-ab" is "recorder-all-ab" with every step read the long way (no native lane,
 # `steps.StepRecorder._open_lane`): the code before the lane, for comparison on the same machine.
+# "recorder-all5-ab" is "recorder-all-ab" with the NVML poller at 5 ms instead of 1 ms.
 OPTIONAL_VARIANTS = ("recorder-nvml-off", "recorder-no-midflush", "recorder-thread-writer", "recorder-ab",
                      "recorder-python", "recorder-python-ab", "poller-ab", "poller5-ab", "poller01-ab",
                      "recorder-full-ab", "recorder-all-ab",
-                     "recorder-all-nolane-ab")
+                     "recorder-all-nolane-ab", "recorder-all5-ab")
 AB_BLOCK = 32
 AB_RATIOS: dict[str, list[float]] = {}  # block ratios of every run of each "-ab" variant
 POLL_RATES: dict[str, list[float]] = {}  # NVML readings per second of generate, per run of each variant
@@ -121,7 +122,7 @@ def recorder_ns(trace: Path) -> list[int]:
 
 
 def poll_interval_ms(variant: str) -> float:
-    return 5.0 if "poller5" in variant else 0.1 if "poller01" in variant else 1.0
+    return 5.0 if "poller5" in variant or "all5" in variant else 0.1 if "poller01" in variant else 1.0
 
 
 def _poll_count(rec: Any) -> int | None:
@@ -170,7 +171,7 @@ def run_once(model: torch.nn.Module, ids: torch.Tensor, new_tokens: int, variant
                         nvml_interval_ms=poll_interval_ms(variant)) as rec:
         if "no-midflush" in variant:
             rec.steps.flush_every = 1 << 30
-        if variant in ("recorder-all-ab", "recorder-all-nolane-ab"):
+        if variant in ("recorder-all-ab", "recorder-all-nolane-ab", "recorder-all5-ab"):
             rec.steps.flush_every = 60
         if "nolane" in variant:
             rec.steps.lane_enabled = False
@@ -179,7 +180,7 @@ def run_once(model: torch.nn.Module, ids: torch.Tensor, new_tokens: int, variant
         if variant.startswith("poller"):
             clock.hook_off = True
         if variant.startswith("poller") or variant in ("recorder-full-ab", "recorder-all-ab",
-                                                       "recorder-all-nolane-ab"):
+                                                       "recorder-all-nolane-ab", "recorder-all5-ab"):
             clock.pause_pid = rec.nvml_sampler._process.pid
         if CHILD_CPUS is not None:
             pin_children(rec, CHILD_CPUS)
