@@ -64,6 +64,7 @@ OPTIONAL_VARIANTS = ("recorder-nvml-off", "recorder-no-midflush", "recorder-thre
                      "recorder-all-nolane-ab", "recorder-all5-ab")
 AB_BLOCK = 32
 AB_RATIOS: dict[str, list[float]] = {}  # block ratios of every run of each "-ab" variant
+AB_PHASES: dict[str, list[int]] = {}  # per run of each "-ab" variant: 0 if its first block was "on", 1 if "off"
 POLL_RATES: dict[str, list[float]] = {}  # NVML readings per second of generate, per run of each variant
 CHILD_CPUS: set[int] | None = None  # --children-cpus: where the writer and NVML processes may run
 
@@ -71,8 +72,9 @@ CHILD_CPUS: set[int] | None = None  # --children-cpus: where the writer and NVML
 class StepClock:
     """A logits processor that stamps the host clock at every decode step (same cost in every variant)."""
 
-    def __init__(self, block: int = 32, calls: int = 0) -> None:
+    def __init__(self, block: int = 32, calls: int = 0, phase: int = 0) -> None:
         self.block = block  # steps per on/off block ("-ab" variants)
+        self.phase = phase  # 0: the first block is "on"; 1: it is "off" (--ab-alternate)
         self.calls = calls  # calls in the generation: the poller is continued at the last one
         self.stamps: list[int] = []
         self.toggle: Any = None  # a StepRecorder switched on/off per block ("recorder-ab")
@@ -83,7 +85,7 @@ class StepClock:
     def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
         self.stamps.append(time.perf_counter_ns())
         if self.toggle is not None:
-            on = (len(self.stamps) - 1) // self.block % 2 == 0
+            on = ((len(self.stamps) - 1) // self.block + self.phase) % 2 == 0
             self.toggle.active = on and not self.hook_off  # for the next forward pass (the interval starting now)
             if self.pause_pid is not None and len(self.stamps) == self.calls:
                 # generate ends after this call and reads the generation's NVML peak, which waits
@@ -150,10 +152,10 @@ def cpu_siblings() -> dict[int, str]:
 
 
 def run_once(model: torch.nn.Module, ids: torch.Tensor, new_tokens: int, variant: str,
-             workdir: Path) -> tuple[float, list[int], list[float]]:
+             workdir: Path, phase: int = 0) -> tuple[float, list[int], list[float]]:
     from transformers import LogitsProcessorList
 
-    clock = StepClock(AB_BLOCK, new_tokens)
+    clock = StepClock(AB_BLOCK, new_tokens, phase)
     kwargs = dict(max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
                   attention_mask=torch.ones_like(ids), logits_processor=LogitsProcessorList([clock]))
     gc.collect()  # every variant starts from the same collector state
@@ -200,6 +202,7 @@ def run_once(model: torch.nn.Module, ids: torch.Tensor, new_tokens: int, variant
     shutil.rmtree(trace)
     if variant.endswith("-ab"):
         AB_RATIOS.setdefault(variant, []).extend(clock.block_ratios())
+        AB_PHASES.setdefault(variant, []).append(phase)
     return elapsed, per_step, clock.intervals_ms()
 
 
@@ -325,6 +328,9 @@ def main() -> None:
     parser.add_argument("--no-plain", action="store_true",
                         help="no plain runs (with only '-ab' variants, whose blocks need none): more pairs per minute")
     parser.add_argument("--children-cpus", help="pin the writer and NVML polling processes to these cores, e.g. 8-15")
+    parser.add_argument("--ab-alternate", action="store_true",
+                        help="start '-ab' runs of odd rounds with an 'off' block: step times drift within a "
+                             "generation (the first steps are slower), which a fixed order books to 'on'")
     parser.add_argument("--skip-components", action="store_true", help="skip timing the hook's parts alone")
     args = parser.parse_args()
     began = time.perf_counter()
@@ -353,6 +359,7 @@ def main() -> None:
     for variant in variants:  # warm-up at full length: kernels load, allocator grows to its working size
         run_once(model, ids, args.new_tokens, variant, workdir)
     AB_RATIOS.clear()
+    AB_PHASES.clear()
     POLL_RATES.clear()
     costs = {} if args.skip_components else component_costs(model, ids, args.new_tokens)
     print("component costs (median µs):", json.dumps(costs), flush=True)
@@ -369,7 +376,8 @@ def main() -> None:
         shift = round_index % len(variants)
         order = variants[shift:] + variants[:shift]
         for variant in order:
-            elapsed, steps, intervals = run_once(model, ids, args.new_tokens, variant, workdir)
+            phase = round_index % 2 if args.ab_alternate else 0
+            elapsed, steps, intervals = run_once(model, ids, args.new_tokens, variant, workdir, phase)
             results[variant].append(args.new_tokens / elapsed)
             per_step[variant].extend(steps)
             step_ms[variant].extend(intervals)
@@ -383,6 +391,7 @@ def main() -> None:
         if AB_RATIOS:
             summary["ab_block"] = AB_BLOCK
             summary["ab_block_ratios"] = AB_RATIOS
+            summary["ab_phases"] = AB_PHASES
             summary["ab_block_overhead_median"] = {v: statistics.median(r) for v, r in AB_RATIOS.items()}
             summary["ab_block_overhead_ci95"] = {v: bootstrap_interval(r) for v, r in AB_RATIOS.items()}
         if POLL_RATES:

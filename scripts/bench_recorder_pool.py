@@ -2,6 +2,8 @@
 
     python3 scripts/bench_recorder_pool.py docs/bench/recorder-h100-2026-11-26-{c,d,e,f}-*.json.gz
     python3 scripts/bench_recorder_pool.py --variant recorder-python FILE...
+    python3 scripts/bench_recorder_pool.py --variant recorder-all --from-step 64 FILE...
+    python3 scripts/bench_recorder_pool.py --aa alternate FILE...   # A/A: plain runs, nothing toggled
 
 Prints, over all rounds of all files: the paired tokens/s and step-time overheads of the variant
 ("recorder" unless --variant names another; median, bootstrap 95% interval), the hook's on/off
@@ -14,7 +16,9 @@ block pairs (throughput is what a mean measures; medians hide rare costs such as
 every 64 steps), raw and with every step capped at the 95% quantile of all steps (the host's
 multi-millisecond stalls dominate the raw mean's interval); and the spill-over: the first hook-off
 step after a hook-on block against the other hook-off steps (a cost the next step pays, which the
-block estimators would book to "off"). Intervals: bootstrap over block pairs.
+block estimators would book to "off"). Intervals: bootstrap over block pairs. Then the same
+estimators with each hook-on block set against the mean of the hook-off blocks on both sides, which
+cancels a linear drift of step times within the generation (see `report_sandwich_estimators`).
 """
 
 from __future__ import annotations
@@ -39,20 +43,74 @@ def interval(values: list[float], resamples: int = 10000) -> str:
     return f"[{100 * medians[int(0.025 * resamples)]:+.2f}, {100 * medians[int(0.975 * resamples) - 1]:+.2f}]%"
 
 
-def _block_pairs(data: dict, variant: str) -> list[tuple[list[float], list[float]]]:
-    """(hook-on block, next hook-off block) step times of every run of an "-ab" variant."""
+FROM_STEP = 0  # --from-step: leave out the blocks of each generation's first steps
+AA_PHASES = "fixed"  # --aa: how the A/A labels plain runs' blocks ("fixed" or "alternate")
+
+
+def _runs(data: dict, variant: str) -> list[tuple[int, dict[int, list[float]]]]:
+    """(phase, step times by block) of every run of an "-ab" variant; phase 0: block 0 is "on"
+    (files without `ab_phases` always started "on"). With --aa, "plain" runs labelled as if toggled."""
     intervals = data.get("step_intervals_ms", {}).get(variant)
     if not intervals:
         return []
     block, per_run = data.get("ab_block", 32), data["new_tokens"] - 1
-    pairs = []
-    for start in range(0, len(intervals), per_run):
+    phases = data.get("ab_phases", {}).get(variant, [])
+    runs = []
+    for index, start in enumerate(range(0, len(intervals), per_run)):
         blocks: dict[int, list[float]] = {}
         for k, value in enumerate(intervals[start:start + per_run]):
-            blocks.setdefault(k // block, []).append(value)
-        pairs += [(blocks[b], blocks[b + 1]) for b in sorted(blocks)
-                  if b % 2 == 0 and b + 1 in blocks and len(blocks[b + 1]) >= block // 2]
-    return pairs
+            if k >= FROM_STEP:
+                blocks.setdefault(k // block, []).append(value)
+        phase = phases[index] if index < len(phases) else 0
+        if variant == "plain":
+            phase = index % 2 if AA_PHASES == "alternate" else 0
+        runs.append((phase, blocks))
+    return runs
+
+
+def _block_pairs(data: dict, variant: str) -> list[tuple[list[float], list[float]]]:
+    """(hook-on block, next hook-off block) step times of every run of an "-ab" variant."""
+    block = data.get("ab_block", 32)
+    return [(blocks[b], blocks[b + 1]) for phase, blocks in _runs(data, variant) for b in sorted(blocks)
+            if (b + phase) % 2 == 0 and b + 1 in blocks and len(blocks[b + 1]) >= block // 2]
+
+
+def _block_triples(data: dict, variant: str) -> list[tuple[list[float], list[float], list[float]]]:
+    """(hook-off block, hook-on block, hook-off block) step times: every hook-on block with a full
+    hook-off block on each side (all but a run's first and last)."""
+    block = data.get("ab_block", 32)
+    return [(blocks[b - 1], blocks[b], blocks[b + 1]) for phase, blocks in _runs(data, variant) for b in sorted(blocks)
+            if (b + phase) % 2 == 0 and b - 1 in blocks and b + 1 in blocks and len(blocks[b + 1]) == block]
+
+
+def _sandwich_median(triples: list) -> float:
+    return statistics.median(statistics.median(on) / (0.5 * (statistics.median(before) + statistics.median(after))) - 1
+                             for before, on, after in triples)
+
+
+def _sandwich_mean(triples: list, cap: float) -> float:
+    on = statistics.fmean(min(x, cap) for _, a, _ in triples for x in a)
+    off = 0.5 * (statistics.fmean(min(x, cap) for b, _, _ in triples for x in b)
+                 + statistics.fmean(min(x, cap) for _, _, c in triples for x in c))
+    return on / off - 1
+
+
+def report_sandwich_estimators(triples: list) -> None:
+    """The same estimators against the mean of the hook-off blocks before and after each hook-on
+    block. Step times drift within a generation (the first ~100 steps are 5-15% slower on the H100
+    hosts, then they fall and rise again): a hook-on block compared with the next block alone,
+    always 8 steps later, books the drift over those steps to the recorder; the two neighbours
+    cancel any linear drift."""
+    print(f"  against both neighbouring hook-off blocks ({len(triples)} blocks):")
+    print(f"    median of block ratios: {100 * _sandwich_median(triples):+.2f}% "
+          f"{_pairs_interval(triples, _sandwich_median)}")
+    steps = sorted(x for t in triples for block in t for x in block)
+    for label, cap in (("raw", float("inf")), ("steps capped at the 95% quantile", steps[int(0.95 * len(steps))])):
+        def estimate(sample: list, cap: float = cap) -> float:
+            return _sandwich_mean(sample, cap)
+
+        print(f"    mean hook-on step / mean hook-off step, {label}: {100 * estimate(triples):+.2f}% "
+              f"{_pairs_interval(triples, estimate)}")
 
 
 def _mean_ratio(pairs: list[tuple[list[float], list[float]]], cap: float) -> float:
@@ -81,16 +139,55 @@ def report_step_estimators(pairs: list[tuple[list[float], list[float]]]) -> None
           f"{100 * (statistics.median(first) / statistics.median(rest) - 1):+.2f}%")
 
 
+def aa_check(arguments: list[str], block: int) -> None:
+    """The block estimators on plain runs, labelled "on"/"off" although nothing was switched: what
+    they read when the recorder costs nothing (their bias on these hosts)."""
+    pairs: list = []
+    triples: list = []
+    ratios: list[float] = []
+    for name in arguments:
+        data = dict(load(Path(name)), ab_block=block)
+        runs_pairs = _block_pairs(data, "plain")
+        pairs += runs_pairs
+        triples += _block_triples(data, "plain")
+        ratios += [statistics.median(a) / statistics.median(b) - 1 for a, b in runs_pairs]
+    print(f"A/A on plain runs, blocks of {block}, phases {AA_PHASES}, from step {FROM_STEP}: {len(pairs)} pairs")
+    if pairs:
+        print(f"hook on/off blocks ({len(ratios)} pairs): median {100 * statistics.median(ratios):+.2f}% "
+              f"{interval(ratios)}")
+        report_step_estimators(pairs)
+    if triples:
+        report_sandwich_estimators(triples)
+
+
 def main(arguments: list[str]) -> None:
+    global FROM_STEP, AA_PHASES
     variant = "recorder"
-    if arguments[:1] == ["--variant"]:
-        variant, arguments = arguments[1], arguments[2:]
-    tokens, steps, outside, blocks, pairs = [], [], [], [], []
+    aa_block = 0
+    while arguments[:1] and arguments[0].startswith("--"):
+        option, value, arguments = arguments[0], arguments[1], arguments[2:]
+        if option == "--variant":
+            variant = value
+        elif option == "--from-step":
+            FROM_STEP = int(value)
+        elif option == "--aa":
+            AA_PHASES = value
+            aa_block = 8
+        else:
+            raise SystemExit(f"unknown option {option}")
+    if aa_block:
+        aa_check(arguments, aa_block)
+        return
+    tokens, steps, outside, blocks, pairs, triples = [], [], [], [], [], []
     for name in arguments:
         data = load(Path(name))
         rates, medians = data["tokens_per_s"], data["round_median_step_ms"]
-        pairs += _block_pairs(data, f"{variant}-ab")
+        file_pairs = _block_pairs(data, f"{variant}-ab")
+        pairs += file_pairs
+        triples += _block_triples(data, f"{variant}-ab")
         ratios = data.get("ab_block_ratios", [])
+        if FROM_STEP:  # the bench's block ratios cover every step: recompute them over the kept blocks
+            ratios = {f"{variant}-ab": [statistics.median(a) / statistics.median(b) - 1 for a, b in file_pairs]}
         if isinstance(ratios, dict):  # one list per "-ab" variant (a list alone: "recorder-ab", older files)
             blocks += ratios.get(f"{variant}-ab", [])
         elif variant == "recorder":
@@ -114,6 +211,8 @@ def main(arguments: list[str]) -> None:
               f"{interval(blocks)}")
     if pairs:
         report_step_estimators(pairs)
+    if triples:
+        report_sandwich_estimators(triples)
     if outside:
         print(f"extra time outside the decode steps per generation: median {statistics.median(outside):.1f} ms")
 
