@@ -8,7 +8,11 @@ from __future__ import annotations
 
 from typing import Any
 
+from recorder_helpers import prompt_ids, tiny_model
+
+import kvscope
 from kvscope.recorder.telemetry import AllocatorProbe, AllocatorReading
+from kvscope.trace.reader import open_trace
 
 
 def _stat(current: int, peak: int) -> dict[str, int]:
@@ -46,3 +50,23 @@ def test_readings_of_several_devices_are_summed() -> None:
 def test_no_cuda_device_reads_none() -> None:
     probe = AllocatorProbe(())
     assert not probe.enabled and probe.read() is None
+
+
+def test_a_reading_lands_in_its_step_columns(tmp_path: Any) -> None:
+    model = tiny_model("gpt_neox")
+    readings = iter(range(100))
+    with kvscope.record(model, tmp_path / "t", native=False) as rec:
+        def read() -> AllocatorReading:
+            base = 10 * next(readings)
+            return AllocatorReading(*(base + k for k in range(1, 9)))
+
+        rec.steps.allocator.read = read
+        out = model.generate(prompt_ids(), max_new_tokens=3, min_new_tokens=3, do_sample=False)
+        del out
+    steps = open_trace(tmp_path / "t").read("steps").sort_by("step").to_pydict()
+    columns = ("allocated_bytes", "reserved_bytes", "active_bytes", "inactive_split_bytes", "alloc_retries",
+               "num_ooms")
+    rows = [[steps[c][i] for c in columns] for i in range(3)]
+    bases = [row[0] - 1 for row in rows]  # one reading per step, each the next from the probe
+    assert bases == sorted(set(bases)) and all(b % 10 == 0 for b in bases)
+    assert rows == [[base + k for k in range(1, 7)] for base in bases]

@@ -195,24 +195,25 @@ class StepRecorder:
                 and measured.sample_tensors is None:
             self._open_lane(cache, kwargs, measured)
         del cache
-        self._last_measured = measured
         reading = self.allocator.read()
         request = self._nvml_request
         if request is not None:
             request(gen_id, step)  # the thread fallback only; readings are filled in on the writer thread
+        self._end_step(start, step, batch, measured, reading)
+
+    def _end_step(self, start: int, step: int, batch: int, measured: Any, reading: Any) -> None:
+        """Buffer the step's row and hand a full batch to the writer (the end of both paths)."""
+        self._last_measured = measured
         t_ns = start - self.origin_ns
         self._last_t_ns, self._last_reading = t_ns, reading
         self.step = step + 1
-        if reading is None:
-            telemetry: tuple = (None,) * 6
-        else:
-            telemetry = (reading.allocated, reading.reserved, reading.active, reading.inactive_split,
-                         reading.alloc_retries, reading.num_ooms)
+        # The reading's first six fields (an AllocatorReading, or the lane's plain tuple), in row order.
+        telemetry: tuple = (None,) * 6 if reading is None else reading[:6]
         # The hand-over below is timed into the next step's recorder_ns (this row is already built).
         # kv_bytes, nvml_used_bytes and kv_logical_bytes (None here) are filled in by the writer.
         spent = time.perf_counter_ns() - start + self._carry_ns
         self._step_rows.append((
-            run_id, gen_id, step, t_ns, self.seq_len, batch, None, *telemetry, None,
+            self.run_id, self.gen_id, step, t_ns, self.seq_len, batch, None, *telemetry, None,
             self.nvml_total, None, spent,
         ))
         self._carry_ns = 0
@@ -249,28 +250,10 @@ class StepRecorder:
         """The rest of `on_forward` for a step read along the lane: the same rows, less Python."""
         batch, tokens, facts, reading = got
         step = self.step
-        self.seq_len = seq_len = self.seq_len + tokens
-        gen_id, run_id = self.gen_id, self.run_id
+        self.seq_len += tokens
         measured = FastStep(self._lane_plan, facts)
-        self._layer_rows.append((run_id, gen_id, step, seq_len, measured))
-        self._last_measured = measured
-        t_ns = start - self.origin_ns
-        self._last_t_ns, self._last_reading = t_ns, reading
-        self.step = step + 1
-        if reading is None:
-            telemetry: tuple = (None,) * 6
-        else:
-            telemetry = reading[:6]
-        spent = time.perf_counter_ns() - start + self._carry_ns
-        self._step_rows.append((
-            run_id, gen_id, step, t_ns, seq_len, batch, None, *telemetry, None, self.nvml_total, None, spent,
-        ))
-        self._carry_ns = 0
-        if self.step % self.flush_every == 0:
-            handover_start = time.perf_counter_ns()
-            self._hand_over()
-            self.writer.flush()
-            self._carry_ns = time.perf_counter_ns() - handover_start
+        self._layer_rows.append((self.run_id, self.gen_id, step, self.seq_len, measured))
+        self._end_step(start, step, batch, measured, reading)
 
     @property
     def last(self) -> dict[str, Any]:
