@@ -17,6 +17,7 @@ from typing import Any
 
 import torch
 
+from kvscope.recorder.cache_walk import unwrap_container
 from kvscope.recorder.facts import FastStep
 from kvscope.recorder.flusher import BackgroundWriter
 from kvscope.recorder.hooks import AttentionDiscovery, batch_and_tokens, cache_from_kwargs, cache_from_output
@@ -231,8 +232,10 @@ class StepRecorder:
         if not self.lane_enabled or self._cache_attr is None or self.discovery.installed or self._nvml_request \
                 is not None or self._lane_misses >= LANE_MISSES or len(self.allocator.devices) > 1:
             return
-        if self.allocator.devices and self.allocator._native_read is None:
+        if self.allocator.devices and not self.allocator.reads_natively:
             return
+        if unwrap_container(cache) is not cache:
+            return  # the layers measured were the inner cache's (EncoderDecoderCache): the lane reads the outer
         layers = getattr(cache, "layers", None)
         ids = kwargs.get("input_ids")
         if not isinstance(layers, list) or not isinstance(ids, torch.Tensor) or ids.dim() < 2 \
