@@ -62,6 +62,7 @@ OPTIONAL_VARIANTS = ("recorder-nvml-off", "recorder-no-midflush", "recorder-thre
                      "recorder-python", "recorder-python-ab", "poller-ab", "poller5-ab", "poller01-ab",
                      "recorder-full-ab", "recorder-all-ab",
                      "recorder-all-nolane-ab", "recorder-all5-ab")
+ALL_AB_VARIANTS = ("recorder-all-ab", "recorder-all-nolane-ab", "recorder-all5-ab")  # hook, poller and flushes
 AB_BLOCK = 32
 AB_RATIOS: dict[str, list[float]] = {}  # block ratios of every run of each "-ab" variant
 AB_PHASES: dict[str, list[int]] = {}  # per run of each "-ab" variant: 0 if its first block was "on", 1 if "off"
@@ -173,7 +174,7 @@ def run_once(model: torch.nn.Module, ids: torch.Tensor, new_tokens: int, variant
                         nvml_interval_ms=poll_interval_ms(variant)) as rec:
         if "no-midflush" in variant:
             rec.steps.flush_every = 1 << 30
-        if variant in ("recorder-all-ab", "recorder-all-nolane-ab", "recorder-all5-ab"):
+        if variant in ALL_AB_VARIANTS:
             rec.steps.flush_every = 60
         if "nolane" in variant:
             rec.steps.lane_enabled = False
@@ -181,8 +182,7 @@ def run_once(model: torch.nn.Module, ids: torch.Tensor, new_tokens: int, variant
             clock.toggle = rec.steps
         if variant.startswith("poller"):
             clock.hook_off = True
-        if variant.startswith("poller") or variant in ("recorder-full-ab", "recorder-all-ab",
-                                                       "recorder-all-nolane-ab", "recorder-all5-ab"):
+        if variant.startswith("poller") or variant == "recorder-full-ab" or variant in ALL_AB_VARIANTS:
             clock.pause_pid = rec.nvml_sampler._process.pid
         if CHILD_CPUS is not None:
             pin_children(rec, CHILD_CPUS)

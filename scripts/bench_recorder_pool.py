@@ -28,6 +28,7 @@ import json
 import random
 import statistics
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 
@@ -43,13 +44,17 @@ def interval(values: list[float], resamples: int = 10000) -> str:
     return f"[{100 * medians[int(0.025 * resamples)]:+.2f}, {100 * medians[int(0.975 * resamples) - 1]:+.2f}]%"
 
 
-FROM_STEP = 0  # --from-step: leave out the blocks of each generation's first steps
-AA_PHASES = "fixed"  # --aa: how the A/A labels plain runs' blocks ("fixed" or "alternate")
+@dataclass(frozen=True)
+class Selection:
+    """Which steps the block estimators read, and how blocks are labelled."""
+
+    from_step: int = 0  # --from-step: leave out the blocks of each generation's first steps
+    aa_phases: str | None = None  # --aa: label plain runs' blocks as if switched ("fixed" or "alternate")
 
 
-def _runs(data: dict, variant: str) -> list[tuple[int, dict[int, list[float]]]]:
-    """(phase, step times by block) of every run of an "-ab" variant; phase 0: block 0 is "on"
-    (files without `ab_phases` always started "on"). With --aa, "plain" runs labelled as if toggled."""
+def _runs(data: dict, variant: str, selection: Selection) -> list[tuple[int, dict[int, list[float]]]]:
+    """(phase, step times by block) of every run of an "-ab" variant (or, for the A/A, of "plain");
+    phase 0: block 0 is "on" (files without `ab_phases` always started "on")."""
     intervals = data.get("step_intervals_ms", {}).get(variant)
     if not intervals:
         return []
@@ -59,28 +64,36 @@ def _runs(data: dict, variant: str) -> list[tuple[int, dict[int, list[float]]]]:
     for index, start in enumerate(range(0, len(intervals), per_run)):
         blocks: dict[int, list[float]] = {}
         for k, value in enumerate(intervals[start:start + per_run]):
-            if k >= FROM_STEP:
+            if k >= selection.from_step:
                 blocks.setdefault(k // block, []).append(value)
-        phase = phases[index] if index < len(phases) else 0
-        if variant == "plain":
-            phase = index % 2 if AA_PHASES == "alternate" else 0
+        if selection.aa_phases is not None:
+            phase = index % 2 if selection.aa_phases == "alternate" else 0
+        else:
+            phase = phases[index] if index < len(phases) else 0
         runs.append((phase, blocks))
     return runs
 
 
-def _block_pairs(data: dict, variant: str) -> list[tuple[list[float], list[float]]]:
+def _block_pairs(data: dict, variant: str, selection: Selection) -> list[tuple[list[float], list[float]]]:
     """(hook-on block, next hook-off block) step times of every run of an "-ab" variant."""
     block = data.get("ab_block", 32)
-    return [(blocks[b], blocks[b + 1]) for phase, blocks in _runs(data, variant) for b in sorted(blocks)
+    return [(blocks[b], blocks[b + 1]) for phase, blocks in _runs(data, variant, selection) for b in sorted(blocks)
             if (b + phase) % 2 == 0 and b + 1 in blocks and len(blocks[b + 1]) >= block // 2]
 
 
-def _block_triples(data: dict, variant: str) -> list[tuple[list[float], list[float], list[float]]]:
+def _block_triples(data: dict, variant: str,
+                   selection: Selection) -> list[tuple[list[float], list[float], list[float]]]:
     """(hook-off block, hook-on block, hook-off block) step times: every hook-on block with a full
     hook-off block on each side (all but a run's first and last)."""
     block = data.get("ab_block", 32)
-    return [(blocks[b - 1], blocks[b], blocks[b + 1]) for phase, blocks in _runs(data, variant) for b in sorted(blocks)
+    return [(blocks[b - 1], blocks[b], blocks[b + 1])
+            for phase, blocks in _runs(data, variant, selection) for b in sorted(blocks)
             if (b + phase) % 2 == 0 and b - 1 in blocks and b + 1 in blocks and len(blocks[b + 1]) == block]
+
+
+def _pair_ratios(pairs: list[tuple[list[float], list[float]]]) -> list[float]:
+    """Median hook-on step over median hook-off step, minus 1, per pair (the bench's block ratios)."""
+    return [statistics.median(on) / statistics.median(off) - 1 for on, off in pairs]
 
 
 def _sandwich_median(triples: list) -> float:
@@ -139,20 +152,19 @@ def report_step_estimators(pairs: list[tuple[list[float], list[float]]]) -> None
           f"{100 * (statistics.median(first) / statistics.median(rest) - 1):+.2f}%")
 
 
-def aa_check(arguments: list[str], block: int) -> None:
+def aa_check(arguments: list[str], block: int, selection: Selection) -> None:
     """The block estimators on plain runs, labelled "on"/"off" although nothing was switched: what
     they read when the recorder costs nothing (their bias on these hosts)."""
     pairs: list = []
     triples: list = []
-    ratios: list[float] = []
     for name in arguments:
         data = dict(load(Path(name)), ab_block=block)
-        runs_pairs = _block_pairs(data, "plain")
-        pairs += runs_pairs
-        triples += _block_triples(data, "plain")
-        ratios += [statistics.median(a) / statistics.median(b) - 1 for a, b in runs_pairs]
-    print(f"A/A on plain runs, blocks of {block}, phases {AA_PHASES}, from step {FROM_STEP}: {len(pairs)} pairs")
+        pairs += _block_pairs(data, "plain", selection)
+        triples += _block_triples(data, "plain", selection)
+    print(f"A/A on plain runs, blocks of {block}, phases {selection.aa_phases}, from step {selection.from_step}: "
+          f"{len(pairs)} pairs")
     if pairs:
+        ratios = _pair_ratios(pairs)
         print(f"hook on/off blocks ({len(ratios)} pairs): median {100 * statistics.median(ratios):+.2f}% "
               f"{interval(ratios)}")
         report_step_estimators(pairs)
@@ -161,33 +173,32 @@ def aa_check(arguments: list[str], block: int) -> None:
 
 
 def main(arguments: list[str]) -> None:
-    global FROM_STEP, AA_PHASES
     variant = "recorder"
-    aa_block = 0
+    from_step, aa_phases = 0, None
     while arguments[:1] and arguments[0].startswith("--"):
         option, value, arguments = arguments[0], arguments[1], arguments[2:]
         if option == "--variant":
             variant = value
         elif option == "--from-step":
-            FROM_STEP = int(value)
+            from_step = int(value)
         elif option == "--aa":
-            AA_PHASES = value
-            aa_block = 8
+            aa_phases = value
         else:
             raise SystemExit(f"unknown option {option}")
-    if aa_block:
-        aa_check(arguments, aa_block)
+    selection = Selection(from_step, aa_phases)
+    if aa_phases is not None:
+        aa_check(arguments, 8, selection)
         return
     tokens, steps, outside, blocks, pairs, triples = [], [], [], [], [], []
     for name in arguments:
         data = load(Path(name))
         rates, medians = data["tokens_per_s"], data["round_median_step_ms"]
-        file_pairs = _block_pairs(data, f"{variant}-ab")
+        file_pairs = _block_pairs(data, f"{variant}-ab", selection)
         pairs += file_pairs
-        triples += _block_triples(data, f"{variant}-ab")
+        triples += _block_triples(data, f"{variant}-ab", selection)
         ratios = data.get("ab_block_ratios", [])
-        if FROM_STEP:  # the bench's block ratios cover every step: recompute them over the kept blocks
-            ratios = {f"{variant}-ab": [statistics.median(a) / statistics.median(b) - 1 for a, b in file_pairs]}
+        if from_step:  # the bench's block ratios cover every step: recompute them over the kept blocks
+            ratios = {f"{variant}-ab": _pair_ratios(file_pairs)}
         if isinstance(ratios, dict):  # one list per "-ab" variant (a list alone: "recorder-ab", older files)
             blocks += ratios.get(f"{variant}-ab", [])
         elif variant == "recorder":
