@@ -5,18 +5,26 @@ step, i.e. on the context length) and for the step totals (kv_bytes on seq_len),
 marginal rate (slope) over the last quarter of the generation's tokens with the first quarter.
 Superlinear = convex and (R² gain > gain_threshold or marginal-rate ratio > ratio_threshold).
 A concave layer whose growth stops (a sliding window) is reported as saturated, never superlinear.
+
+The allocator's footprint is fitted too, per generation over the decode steps: allocated bytes are
+attributed to the cache (steps.kv_bytes) and to everything outside it (allocated − kv_bytes).
+Memory outside the cache that grows superlinearly (the same convexity and gain / marginal-rate
+rule) is flagged when it grew by more than a floor relative to the cache (or the device), and rose
+on most steps: kept attention weights (output_attentions), a callback or logits processor that
+keeps copies of keys, per-step outputs kept in a list. A one-off workspace is a step, not growth.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-from kvscope.analyzer.findings import Finding, layer_list
+from kvscope.analyzer.findings import Finding, human_bytes, layer_list
 from kvscope.analyzer.load import LoadedTraces
 from kvscope.analyzer.registry import Detector
-from kvscope.analyzer.summaries import layer_summary, step_fits
+from kvscope.analyzer.summaries import FIT_DERIVED, R2_QUAD, fit_aggregates, layer_summary, step_fits
 
 NAME = "growth_curve"
+OUTSIDE_FITS = "_kvscope_outside_fits"
 
 
 @dataclass(frozen=True)
@@ -38,6 +46,22 @@ class Config:
     # Also fit the per-step totals (steps.kv_bytes on seq_len), which catch copies kept outside
     # the layers' own tensors.
     check_totals: bool = True
+    # Also fit the allocator's footprint outside the cache (steps.allocated_bytes − kv_bytes on
+    # seq_len, decode steps): kept attentions, logits or key copies live there, not in the cache.
+    check_outside: bool = True
+    # Memory outside the cache must grow by at least this fraction of the cache's bytes at the
+    # generation's last step to be flagged: a healthy decode loop's outside bytes move by a few
+    # KiB (input ids, masks) while a leak there reaches the cache's own size.
+    min_outside_cache_fraction: float = 0.1
+    # ... or by this fraction of the device's memory (its limit when capped), whichever is smaller,
+    # so that a tiny cache on a large GPU does not make every KiB of growth count.
+    min_outside_device_fraction: float = 0.01
+    # ... and never by less than this many bytes: allocator rounding (512 B, 2 MiB blocks) and
+    # library workspaces are below it.
+    min_outside_bytes: int = 4 << 20
+    # Fraction of decode steps on which the outside bytes must rise: growth accumulates step after
+    # step, a workspace allocated once (cuBLAS's 32 MiB on first use) is a single step up.
+    min_rising_fraction: float = 0.5
 
 
 def _classify_sql(source: str, keys: str, cfg: Config) -> str:
@@ -111,6 +135,98 @@ def detect(t: LoadedTraces, cfg: Config) -> list[Finding]:
         """):
             row["layer"] = None
             findings.append(_superlinear(row, cfg, "the cache's step total (steps.kv_bytes)"))
+    if cfg.check_outside:
+        findings.extend(_outside(t, cfg))
+    return findings
+
+
+def outside_fits(t: LoadedTraces) -> str:
+    """One row per (run, generation): fit of the allocator's bytes outside the cache on seq_len.
+
+    Decode steps only (step ≥ 1): the prefill runs in another regime (a sliding layer's prefill
+    view pins the whole prompt's storage until the next step). Also the cache's first and last
+    bytes, the outside bytes' first and last values, the share of steps they rose on, and the
+    device's memory (its limit when capped).
+    """
+    return t.cached_table(OUTSIDE_FITS, f"""
+        WITH s AS (
+          SELECT run_id, gen_id, step, CAST(seq_len AS DOUBLE) AS x,
+            CAST(allocated_bytes - kv_bytes AS DOUBLE) AS y, kv_bytes AS kv, nvml_total_bytes,
+            (allocated_bytes - kv_bytes)
+              - lag(allocated_bytes - kv_bytes) OVER (PARTITION BY run_id, gen_id ORDER BY step) AS dy
+          FROM steps WHERE allocated_bytes IS NOT NULL AND kv_bytes IS NOT NULL AND step >= 1
+        ), r AS (SELECT run_id, gen_id, min(x) AS seq_lo, max(x) AS seq_hi FROM s GROUP BY run_id, gen_id),
+        agg AS (
+          SELECT s.run_id, s.gen_id, {fit_aggregates("s.x", "s.y", ("r.seq_lo", "r.seq_hi"))},
+            arg_min(s.y, s.step) AS y_first, arg_max(s.y, s.step) AS y_last,
+            arg_min(s.kv, s.step) AS kv_first, arg_max(s.kv, s.step) AS kv_last,
+            avg(CASE WHEN s.dy > 0 THEN 1.0 WHEN s.dy IS NOT NULL THEN 0.0 END) AS rising_fraction,
+            max(s.nvml_total_bytes) AS steps_total
+          FROM s JOIN r ON s.run_id = r.run_id AND s.gen_id = r.gen_id GROUP BY s.run_id, s.gen_id
+        ), fit AS (SELECT agg.*, {FIT_DERIVED} FROM agg)
+        SELECT fit.*, {R2_QUAD} AS r2_quad,
+          coalesce(run.memory_limit_bytes, fit.steps_total, run.nvml_total_bytes) AS device_bytes
+        FROM fit LEFT JOIN (SELECT run_id, any_value(memory_limit_bytes) AS memory_limit_bytes,
+                                   any_value(nvml_total_bytes) AS nvml_total_bytes FROM run GROUP BY run_id) run
+          ON fit.run_id = run.run_id
+    """)
+
+
+def _cache_growth(cache: dict | None) -> tuple[str, str]:
+    """How the cache itself grew in the generation (verdict, words), from its step-total fit."""
+    if cache is None or not cache.get("vyy") or abs(cache.get("slope") or 0.0) < 1e-9:
+        size = f" at {human_bytes(cache['last_kv_bytes'])}" if cache and cache.get("last_kv_bytes") else ""
+        return "flat", f"the cache stays flat{size} (preallocated or full)"
+    if cache["verdict"] == "saturated":
+        return "saturated", "the cache grows and saturates (sliding window)"
+    if cache["verdict"] == "superlinear":
+        return "superlinear", f"the cache itself grows superlinearly ({human_bytes(cache['slope'])} per token on average)"
+    return "linear", f"the cache grows linearly ({human_bytes(cache['slope'])} per token)"
+
+
+def _outside(t: LoadedTraces, cfg: Config) -> list[Finding]:
+    fits = outside_fits(t)
+    # the cache's own verdict (classify_sql leaves out flat and too-short curves: LEFT JOIN)
+    cache_rows = {(r["run_id"], r["gen_id"]): r for r in t.records(f"""
+        SELECT f.run_id, f.gen_id, f.slope, f.vyy, f.last_kv_bytes, v.verdict FROM {step_fits(t)} f
+        LEFT JOIN ({_classify_sql(step_fits(t), 'run_id, gen_id', cfg)}) v USING (run_id, gen_id)""")}
+    findings = []
+    for r in t.records(f"""
+        SELECT v.*, o.y_first, o.y_last, o.kv_first, o.kv_last, o.rising_fraction, o.device_bytes, o.x_lo, o.x_hi
+        FROM ({_classify_sql(fits, 'run_id, gen_id', cfg)}) v JOIN {fits} o USING (run_id, gen_id)
+        WHERE v.verdict = 'superlinear' ORDER BY run_id, gen_id
+    """):
+        grown = r["y_last"] - r["y_first"]
+        relative = cfg.min_outside_cache_fraction * max(r["kv_last"] or 0, 0)
+        if r["device_bytes"]:
+            relative = min(relative, cfg.min_outside_device_fraction * r["device_bytes"]) if relative > 0 \
+                else cfg.min_outside_device_fraction * r["device_bytes"]
+        floor = max(float(cfg.min_outside_bytes), relative)
+        if grown < floor or (r["rising_fraction"] or 0.0) < cfg.min_rising_fraction:
+            continue
+        ratio = r["ratio"]
+        severity = "critical" if ratio is not None and ratio >= cfg.critical_ratio else "warning"
+        how = "quadratically" if (r["r2_quad"] or 0) >= 0.99 else "superlinearly"
+        rule = (f"x{ratio:.1f} marginal rate from the first to the last quarter" if ratio is not None
+                else f"R² gain {r['gain']:.3f}")
+        tokens = r["x_hi"] - r["x_lo"]
+        cache_verdict, cache_text = _cache_growth(cache_rows.get((r["run_id"], r["gen_id"])))
+        cache = cache_rows.get((r["run_id"], r["gen_id"])) or {}
+        findings.append(Finding(
+            NAME, severity, r["run_id"], r["gen_id"], None, "outside_marginal_rate_ratio",
+            ratio if ratio is not None else r["gain"], cfg.ratio_threshold if ratio is not None else cfg.gain_threshold,
+            f"{cache_text}; something outside it grows {how} ({rule}, "
+            f"+{human_bytes(grown)} over {tokens:,.0f} tokens, now {human_bytes(r['slope_last'] or r['slope'])} per "
+            "token): drop per-step outputs you do not need (output_attentions, output_scores, "
+            "output_hidden_states) or find the callback or logits processor that keeps tensors each step.",
+            {"outside_grown_bytes": grown, "floor_bytes": floor, "outside_first_bytes": r["y_first"],
+             "outside_last_bytes": r["y_last"], "cache_first_bytes": r["kv_first"], "cache_last_bytes": r["kv_last"],
+             "cache_verdict": cache_verdict, "cache_slope_bytes_per_token": cache.get("slope"),
+             "slope_bytes_per_token": r["slope"], "slope_first_quarter": r["slope_first"],
+             "slope_last_quarter": r["slope_last"], "r2_linear": r["r2_lin"], "r2_quadratic": r["r2_quad"],
+             "r2_gain": r["gain"], "rising_fraction": r["rising_fraction"], "device_bytes": r["device_bytes"],
+             "points": r["n"]},
+        ))
     return findings
 
 
