@@ -8,7 +8,7 @@ import torch
 transformers = pytest.importorskip("transformers")
 pytest.importorskip("transformers.modeling_utils", reason="needs the attention-function registry")
 
-from kvscope.kernels.online import IMPLEMENTATION, HeadStatsCollector  # noqa: E402
+from kvscope.kernels.online import IMPLEMENTATION_PREFIX, HeadStatsCollector  # noqa: E402
 
 
 def _model(attn: str) -> object:
@@ -31,7 +31,7 @@ def test_generate_unchanged_and_stats_every_n_steps(attn: str) -> None:
         want = model.generate(ids, max_new_tokens=5, do_sample=False)
     collector = HeadStatsCollector(2, run_id="r")
     with collector.install(model), torch.no_grad():
-        assert model.config._attn_implementation == IMPLEMENTATION
+        assert model.config._attn_implementation == IMPLEMENTATION_PREFIX + attn
         got = model.generate(ids, max_new_tokens=5, do_sample=False)
     assert model.config._attn_implementation == attn
     assert torch.equal(got, want)

@@ -7,6 +7,7 @@ Triton's interpreter is fixed when this module is first imported (Triton reads
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -28,16 +29,74 @@ def interpreting() -> bool:
     return type(_head_norms_kernel).__name__ == "InterpretedFunction"
 
 
-def default_config(device: torch.device) -> AttnConfig:
+# Triton's per-block shared memory when the device cannot be asked (H100/H200: 227 KiB opt-in).
+FALLBACK_SHARED_MEMORY = 232_448
+
+
+@functools.lru_cache(maxsize=16)
+def shared_memory_limit(index: int) -> int:
+    """Bytes of shared memory one block may use on CUDA device `index` (the opt-in maximum)."""
+    props = torch.cuda.get_device_properties(index)
+    for name in ("shared_memory_per_block_optin", "max_shared_memory_per_block_optin"):
+        value = getattr(props, name, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return FALLBACK_SHARED_MEMORY
+
+
+def tile_shared_bytes(cfg: AttnConfig, head_dim: int, element_size: int) -> int:
+    """Shared memory a launch needs, estimated as Triton lays it out: the resident tile (the query
+    block in the entropy kernel, the key block in the mass kernel) plus `num_stages` buffers of the
+    streamed tile, each BLOCK_D wide, with a 25% margin for layout padding and conversions."""
+    block_d = max(16, triton.next_power_of_2(head_dim))
+    resident, streamed = cfg.block_m, cfg.block_n
+    tiles = resident * block_d + cfg.num_stages * streamed * block_d
+    return int(tiles * max(element_size, 2) * 1.25)
+
+
+def fit_config(cfg: AttnConfig, head_dim: int, element_size: int, limit: int, *, stream_rows: str) -> AttnConfig:
+    """Shrink a tile shape until it fits `limit` bytes of shared memory: first fewer pipeline
+    stages, then a narrower streamed block, then a narrower resident block (head_dim 512 in fp32
+    ends at 32 x 16 with 1 stage, about 100 KiB)."""
+
+    def need(c: AttnConfig) -> int:
+        if stream_rows == "n":
+            return tile_shared_bytes(c, head_dim, element_size)
+        return tile_shared_bytes(AttnConfig(c.block_n, c.block_m, c.num_warps, c.num_stages), head_dim, element_size)
+
+    while need(cfg) > limit:
+        if cfg.num_stages > 1:
+            cfg = AttnConfig(cfg.block_m, cfg.block_n, cfg.num_warps, cfg.num_stages - 1)
+        elif stream_rows == "n" and cfg.block_n > 16:
+            cfg = AttnConfig(cfg.block_m, cfg.block_n // 2, cfg.num_warps, cfg.num_stages)
+        elif stream_rows == "m" and cfg.block_m > 16:
+            cfg = AttnConfig(cfg.block_m // 2, cfg.block_n, cfg.num_warps, cfg.num_stages)
+        elif cfg.block_m > 16 and stream_rows == "n":
+            cfg = AttnConfig(cfg.block_m // 2, cfg.block_n, max(1, cfg.num_warps // 2), cfg.num_stages)
+        elif cfg.block_n > 16 and stream_rows == "m":
+            cfg = AttnConfig(cfg.block_m, cfg.block_n // 2, max(1, cfg.num_warps // 2), cfg.num_stages)
+        else:
+            break
+    return cfg
+
+
+def _limit(device: torch.device) -> int:
+    return shared_memory_limit(device.index if device.index is not None else torch.cuda.current_device())
+
+
+def default_config(device: torch.device, head_dim: int = 128, element_size: int = 2) -> AttnConfig:
+    """Entropy kernel tiles: the query block stays resident, key blocks stream through."""
     if device.type != "cuda":  # interpreter: small tiles keep NumPy fast and exercise block edges
         return AttnConfig(16, 16, 1, 1)
-    return AttnConfig(128, 64, 8, 3)
+    return fit_config(AttnConfig(128, 64, 8, 3), head_dim, element_size, _limit(device), stream_rows="n")
 
 
-def default_mass_config(device: torch.device) -> AttnConfig:
+def default_mass_config(device: torch.device, head_dim: int = 128, element_size: int = 2) -> AttnConfig:
+    """Mass kernel tiles: the key block stays resident, query blocks stream through."""
     if device.type != "cuda":
         return AttnConfig(16, 16, 1, 1)
-    return AttnConfig(128, 64, 4, 3)  # H100 sweep at 16k keys: 3.6 ms against 4.4 ms with 8 warps
+    # H100 sweep at 16k keys: 3.6 ms against 4.4 ms with 8 warps
+    return fit_config(AttnConfig(128, 64, 4, 3), head_dim, element_size, _limit(device), stream_rows="m")
 
 
 def precision(dtype: torch.dtype) -> str:

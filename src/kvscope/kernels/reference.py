@@ -43,25 +43,36 @@ def visible_queries(tq: int, tk: int, *, causal: bool, window: int | None, devic
     return torch.clamp(hi - lo + 1, min=0)
 
 
-def _logits(q: torch.Tensor, k: torch.Tensor, scale: float | None, causal: bool, window: int | None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Masked fp32 logits [B, Hq, Tq, Tk] (masked entries -inf) and the mask [Tq, Tk]."""
+def _logits(q: torch.Tensor, k: torch.Tensor, scale: float | None, causal: bool, window: int | None,
+            bias: torch.Tensor | None = None, softcap: float | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Masked fp32 logits [B, Hq, Tq, Tk] (masked entries -inf) and the mask [B, Hq or 1, Tq, Tk].
+
+    As the models compute them: q·k·scale, then a softcap c·tanh(x / c) when given, then the
+    additive `bias` (the model's mask: 0 kept, -inf dropped, any other value added).
+    """
     check_attention_args(q, k, causal=causal, window=window)
     group = q.shape[1] // k.shape[1]
     scale = default_scale(q.shape[-1]) if scale is None else scale
     kf = k.float().repeat_interleave(group, dim=1)
     s = torch.matmul(q.float(), kf.transpose(-1, -2)) * scale
-    mask = visibility_mask(q.shape[2], k.shape[2], causal=causal, window=window, device=q.device)
+    if softcap:
+        s = softcap * torch.tanh(s / softcap)
+    mask = visibility_mask(q.shape[2], k.shape[2], causal=causal, window=window, device=q.device)[None, None]
+    if bias is not None:
+        s = s + bias.float()
+        mask = mask & torch.isfinite(bias)
     return s.masked_fill(~mask, float("-inf")), mask
 
 
 def attention_entropy(
-    q: torch.Tensor, k: torch.Tensor, *, scale: float | None = None, causal: bool = True, window: int | None = None
+    q: torch.Tensor, k: torch.Tensor, *, scale: float | None = None, causal: bool = True, window: int | None = None,
+    bias: torch.Tensor | None = None, softcap: float | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Entropy (nats) and log-sum-exp of each query row's attention distribution, [B, Hq, Tq] each.
 
     A row that sees no key has entropy 0 and LSE -inf.
     """
-    s, mask = _logits(q, k, scale, causal, window)
+    s, mask = _logits(q, k, scale, causal, window, bias, softcap)
     lse = torch.logsumexp(s, dim=-1)
     finite = torch.isfinite(lse)
     logp = s - torch.where(finite, lse, torch.zeros_like(lse))[..., None]
@@ -80,22 +91,41 @@ def attention_mass(
     window: int | None = None,
     lse: torch.Tensor | None = None,
     normalize: bool = False,
+    bias: torch.Tensor | None = None,
+    softcap: float | None = None,
 ) -> torch.Tensor:
     """Attention probability each key receives, summed over queries and the group's query heads.
 
     Returns [B, Hkv, Tk] fp32. With `normalize`, each key's mass is divided by the number of
     (query, query head) pairs that can see it: the mean probability it gets, free of the causal
-    bias toward early keys (0 for keys no query sees). `lse` is accepted for symmetry with the
-    Triton path; the reference recomputes the softmax either way.
+    bias toward early keys (0 for keys no query sees). A given `lse` [B, Hq, Tq] replaces each
+    row's own log-sum-exp (attention sinks add to the denominator).
     """
-    s, _ = _logits(q, k, scale, causal, window)
+    s, _ = _logits(q, k, scale, causal, window, bias, softcap)
     p = torch.softmax(s, dim=-1).nan_to_num(0.0)  # rows that see no key are all -inf: NaN → 0
+    if lse is not None:  # a given LSE (e.g. with attention sinks in the denominator) defines the rows
+        p = torch.exp(s - lse.float()[..., None]).nan_to_num(0.0)
     b, hq, tq, tk = p.shape
     hkv = k.shape[1]
     mass = p.sum(dim=2).reshape(b, hkv, hq // hkv, tk).sum(dim=2)
     if normalize:
-        mass = normalize_mass(mass, hq // hkv, tq, causal=causal, window=window)
+        if bias is None:
+            mass = normalize_mass(mass, hq // hkv, tq, causal=causal, window=window)
+        else:
+            count = visible_pairs(q.shape[1], k.shape[1], tq, tk, causal=causal, window=window, bias=bias)
+            mass = torch.where(count > 0, mass / count.clamp(min=1).to(mass.dtype), torch.zeros_like(mass))
     return mass
+
+
+def visible_pairs(hq: int, hkv: int, tq: int, tk: int, *, causal: bool, window: int | None,
+                  bias: torch.Tensor) -> torch.Tensor:
+    """(query, query head) pairs that see each key under a mask `bias` [B, 1 or Hq, Tq, Tk]: [B, Hkv, Tk]."""
+    vis = visibility_mask(tq, tk, causal=causal, window=window, device=bias.device)[None, None] & torch.isfinite(bias)
+    count = vis.sum(dim=2)  # [B, 1 or Hq, Tk]
+    b = count.shape[0]
+    if count.shape[1] == 1:
+        return count.expand(b, hkv, tk) * (hq // hkv)
+    return count.reshape(b, hkv, hq // hkv, tk).sum(dim=2)
 
 
 def normalize_mass(mass: torch.Tensor, group: int, tq: int, *, causal: bool, window: int | None) -> torch.Tensor:
@@ -105,9 +135,9 @@ def normalize_mass(mass: torch.Tensor, group: int, tq: int, *, causal: bool, win
 
 
 def gram(x: torch.Tensor) -> torch.Tensor:
-    """XᵀX of x [T, R] in fp32."""
+    """XᵀX of x [T, R] accumulated in float64 (an fp32 Gram's rounding noise reads as extra rank)."""
     _check_rank(x, 2, "x")
-    xf = x.float()
+    xf = x.double()
     return xf.T @ xf
 
 

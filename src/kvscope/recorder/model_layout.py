@@ -126,3 +126,24 @@ def attention_modules(model: torch.nn.Module) -> list[tuple[int, torch.nn.Module
             index = int(match.group(1))
         found.append((index, module))
     return found
+
+
+def attention_parameters(model: torch.nn.Module) -> dict[str, Any]:
+    """Per layer, how its attention scales and caps logits: {"scaling", "softcap", "sliding_window",
+    "sinks"} as the modules hold them. Recorded in the run's options so offline statistics use the
+    model's own scaling (Gemma 2's query_pre_attn_scalar, YaRN's mscale) instead of 1/sqrt(D)."""
+    layers: dict[str, Any] = {}
+    for module in model.modules():
+        layer = getattr(module, "layer_idx", None)
+        scaling = getattr(module, "scaling", None)
+        if not isinstance(layer, int) or not isinstance(scaling, (int, float)):
+            continue
+        softcap = getattr(module, "attn_logit_softcapping", None)
+        window = getattr(module, "sliding_window", None)
+        layers[str(layer)] = {
+            "scaling": float(scaling),
+            "softcap": float(softcap) if isinstance(softcap, (int, float)) and softcap else None,
+            "sliding_window": int(window) if isinstance(window, int) and window > 0 else None,
+            "sinks": isinstance(getattr(module, "sinks", None), torch.Tensor),
+        }
+    return layers

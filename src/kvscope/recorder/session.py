@@ -27,7 +27,7 @@ from kvscope.recorder import native as native_fast_path
 from kvscope.recorder.flusher import BackgroundWriter
 from kvscope.recorder.generation import GenerationRecord, generated_tokens, supports_disable_compile
 from kvscope.recorder.hooks import AttentionDiscovery
-from kvscope.recorder.model_layout import attention_modules, model_layout
+from kvscope.recorder.model_layout import attention_modules, attention_parameters, model_layout
 from kvscope.recorder.nvml_poller import NvmlPoller
 from kvscope.recorder.run_info import run_metadata
 from kvscope.recorder.steps import SamplePolicy, StepRecorder
@@ -120,6 +120,9 @@ class Recording:
             "native": self.native is not None,
             "store_prompts": self.store_prompts,
             "head_stats_every": self.head_stats_every,
+            # per layer: the logit scaling, softcap, window and sinks the attention modules hold
+            # (offline statistics use them instead of 1/sqrt(head_dim))
+            "attention": attention_parameters(self.model),
             # generate's auto-compile would run the hooks inside a compiled graph: it is turned off.
             "compile": "disabled (generate(disable_compile=True))" if self.compile_disabled
             else "not auto-compiled by this transformers version",
@@ -313,6 +316,8 @@ class Recording:
         if self.head_stats is not None:
             columns = self.head_stats.drain()
             self.writer.rows("head_stats", list(columns), list(zip(*columns.values(), strict=True)))
+            for error in self.head_stats.drain_errors():  # statistics skipped, generation unchanged
+                self._event("error", error.get("gen_id"), error.get("step"), error)
 
     def _write_events(self, events: list[dict[str, Any]], gen_id: int) -> None:
         for event in events:
