@@ -31,7 +31,11 @@ def _list_detectors() -> None:
               help="Run only this detector (repeatable); default: all registered detectors.")
 @click.option("--set", "overrides", multiple=True, metavar="DETECTOR.FIELD=VALUE",
               help="Override one threshold, e.g. --set growth_curve.ratio_threshold=1.5 (repeatable).")
-@click.option("--format", "fmt", type=click.Choice(["text", "json", "markdown"]), default="text", show_default=True)
+@click.option("--format", "fmt", type=click.Choice(["text", "json", "json-verdict", "markdown"]), default="text",
+              show_default=True,
+              help="text: the verdict per run, the findings that need action grouped, info collapsed; "
+                   "json: every finding, one JSON array (the format's contract); json-verdict: "
+                   '{"verdict": ..., "findings": [...]}; markdown: every finding, one table.')
 @click.option("--fail-on", type=click.Choice(["warning", "critical"]), default=None,
               help="Exit with code 1 when a finding of this severity or worse exists (a CI gate).")
 @click.option("--min-severity", type=click.Choice(["info", "warning", "critical"]), default="info",
@@ -40,14 +44,15 @@ def _list_detectors() -> None:
 @click.option("--list", "list_only", is_flag=True, help="List the registered detectors and their thresholds.")
 def analyze_command(traces: tuple[str, ...], detectors: tuple[str, ...], overrides: tuple[str, ...], fmt: str,
                     fail_on: str | None, min_severity: str, threads: int | None, list_only: bool) -> int:
-    """Run the detectors over one trace, several, or folders of traces.
+    """Run the detectors over one trace, several, or folders of traces, and give a verdict per run.
 
     Exits 0 normally, 1 when --fail-on matched a finding, 2 for bad input.
     """
     from kvscope.analyzer.analyze import analyze
     from kvscope.analyzer.load import load_traces
     from kvscope.analyzer.registry import parse_overrides, select
-    from kvscope.analyzer.report import print_table, to_json, to_markdown
+    from kvscope.analyzer.report import print_verdict, to_json, to_json_verdict, to_markdown
+    from kvscope.analyzer.verdict import verdict_of
 
     if list_only:
         _list_detectors()
@@ -58,13 +63,18 @@ def analyze_command(traces: tuple[str, ...], detectors: tuple[str, ...], overrid
     configs = parse_overrides(overrides, chosen)
     with load_traces(traces, threads=threads, progress=fmt == "text") as tables:
         findings = analyze(tables, chosen, configs)
+        verdict = verdict_of(tables, findings) if fmt in ("text", "json-verdict") else None
     shown = [f for f in findings if f.at_least(min_severity)]
     if fmt == "json":
         click.echo(to_json(shown))
     elif fmt == "markdown":
         click.echo(to_markdown(shown))
+    elif fmt == "json-verdict":
+        assert verdict is not None
+        click.echo(to_json_verdict(shown, verdict))
     else:
-        print_table(shown, stdout_console())
+        assert verdict is not None
+        print_verdict(verdict, shown, stdout_console(), min_severity)
     if fail_on is not None and any(f.at_least(fail_on) for f in findings):
         return EXIT_FINDINGS
     return EXIT_OK

@@ -1,0 +1,614 @@
+"""The verdict of a run: what the findings and the trace's own numbers say, in five aspects.
+
+`run_facts(tables)` reads the few numbers a verdict needs that no finding carries (a healthy cache
+yields no growth finding, low fragmentation none): bytes per token, fragmentation, memory beside the
+cache, retention per cause. `build_verdict(findings, facts)` is a pure function of those and the
+detectors' findings: per run, the KV cache (healthy linear / saturating windows / static /
+superlinear), retention after generation (none / warm-up / leak, with its cause), fragmentation
+(ratio and bytes), memory outside the cache and the OOM forecast; then the findings that need
+action, grouped, and the info findings collapsed (the same finding on several generations is one
+group with the range of generations and values). Reporters (`kvscope.analyzer.report`) format it.
+
+Findings are read by detector name and metric only, and any finding of a detector the verdict does
+not know still lands in its groups, so new detectors and metrics need no change here.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from kvscope.analyzer.findings import SEVERITY_RANK, Finding, human_bytes, sort_findings
+from kvscope.analyzer.load import LoadedTraces
+from kvscope.analyzer.summaries import layer_summary, step_fits
+
+# Status of one aspect, least to most serious: "n/a" (not measurable in this trace), "ok", "note"
+# (worth knowing, no action: a warm-up, a saturated window), then the finding severities.
+STATUSES = ("n/a", "ok", "note", "warning", "critical")
+_STATUS_RANK = {s: i for i, s in enumerate(STATUSES)}
+
+ASPECTS = ("kv_cache", "retention", "fragmentation", "outside_cache", "oom")
+ASPECT_TITLES = {"kv_cache": "KV cache", "retention": "retention", "fragmentation": "fragmentation",
+                 "outside_cache": "outside cache", "oom": "OOM forecast"}
+# Which aspect a detector's findings speak to (unknown detectors: none, they still get grouped).
+_DETECTOR_ASPECT = {
+    "growth_curve": "kv_cache", "cache_density": "kv_cache", "layer_anomaly": "kv_cache",
+    "layer_uniformity": "kv_cache", "preallocation_waste": "kv_cache", "mla_latent": "kv_cache",
+    "dead_heads": "kv_cache", "eviction_headroom": "kv_cache",
+    "post_eos": "retention", "fragmentation": "fragmentation",
+    "oom_forecast": "oom", "oom_event": "oom",
+}
+# Words in a metric that make it about the memory beside the cache, whichever detector reports it.
+_OUTSIDE_WORDS = ("outside_cache", "non_kv", "footprint", "beside_cache")
+
+
+def aspect_of(f: Finding) -> str | None:
+    """The aspect a finding belongs to, by its detector and metric."""
+    metric = f.metric.lower()
+    if any(w in metric for w in _OUTSIDE_WORDS) or (f.detector == "growth_curve" and "allocat" in metric):
+        return "outside_cache"
+    if "oom" in f.detector:
+        return "oom"
+    return _DETECTOR_ASPECT.get(f.detector)
+
+
+@dataclass(frozen=True)
+class LayerTypeFacts:
+    """The layers of one type at their generation's last step (the largest context)."""
+
+    layer_type: str
+    layers: int
+    bytes_per_token: float | None  # median over the layers, per sequence
+    max_stored_tokens: int | None
+    max_kv_bytes: int | None
+    preallocated: bool
+
+
+@dataclass(frozen=True)
+class GenerationMemory:
+    """Bytes above the generation's baseline after it ended and empty_cache() ran, per cause."""
+
+    gen_id: int
+    live_bytes: int | None
+    pool_bytes: int | None
+    outside_bytes: int | None
+
+
+@dataclass(frozen=True)
+class RunFacts:
+    """The numbers of one run that a verdict quotes."""
+
+    run_id: str
+    model_name: str
+    trace: str | None = None
+    device: str | None = None
+    gpu_name: str | None = None
+    num_layers: int | None = None
+    generations: int = 0
+    steps: int = 0
+    max_context: int | None = None
+    batch_size: int | None = None
+    peak_kv_bytes: int | None = None
+    bytes_per_token: float | None = None  # median slope of steps.kv_bytes on seq_len
+    flat_generations: int = 0  # generations whose KV bytes never changed
+    layer_types: tuple[LayerTypeFacts, ...] = ()
+    mean_fragmentation: float | None = None
+    max_unused_bytes: int | None = None  # reserved − allocated, at most
+    max_inactive_split_bytes: int | None = None
+    alloc_retries: int | None = None
+    peak_allocated_bytes: int | None = None
+    peak_reserved_bytes: int | None = None
+    peak_nvml_bytes: int | None = None
+    total_bytes: int | None = None
+    non_kv_allocated_bytes: int | None = None  # allocated − KV at the allocated peak
+    unused_reserved_bytes: int | None = None  # reserved − allocated at the allocated peak
+    outside_torch_bytes: int | None = None  # NVML used − reserved at the allocated peak
+    oom_events: int = 0
+    retention: tuple[GenerationMemory, ...] = ()
+
+    @property
+    def has_gpu_readings(self) -> bool:
+        return self.peak_allocated_bytes is not None
+
+
+@dataclass(frozen=True)
+class Aspect:
+    """One line of the verdict: what, how serious, a short label and the sentence with numbers."""
+
+    name: str  # one of ASPECTS
+    status: str  # one of STATUSES
+    label: str  # e.g. "healthy linear", "leak", "12%"
+    text: str
+
+    @property
+    def title(self) -> str:
+        return ASPECT_TITLES.get(self.name, self.name)
+
+
+@dataclass(frozen=True)
+class FindingGroup:
+    """Findings of one detector, metric, severity and layer on one run, merged across generations."""
+
+    detector: str
+    severity: str
+    run_id: str
+    metric: str
+    layer: int | None
+    gen_ids: tuple[int, ...]  # the generations, sorted; empty for a whole-run finding
+    count: int
+    value_min: float
+    value_max: float
+    threshold: float | None
+    message: str  # the message of the most extreme finding of the group
+    aspect: str | None
+
+    @property
+    def generations_text(self) -> str:
+        return span_text(self.gen_ids)
+
+
+@dataclass(frozen=True)
+class RunVerdict:
+    run_id: str
+    model_name: str
+    trace: str | None
+    severity: str  # the worst finding's severity, "info" when nothing needs action
+    headline: str  # "healthy" or what needs action, in a few words
+    context: str  # "4 generations, 24 layers, up to 255 tokens"
+    aspects: tuple[Aspect, ...]
+    action: tuple[FindingGroup, ...]  # warning and critical groups, most severe first
+    info: tuple[FindingGroup, ...]  # info groups
+    counts: dict[str, int] = field(default_factory=dict)  # findings per severity
+    facts: RunFacts | None = None  # the numbers the aspects quote
+
+    @property
+    def healthy(self) -> bool:
+        return not self.action
+
+    def aspect(self, name: str) -> Aspect | None:
+        return next((a for a in self.aspects if a.name == name), None)
+
+    def one_line(self) -> str:
+        """The run in one line, for a folder of traces."""
+        parts = [f"{a.title} {a.label}" for a in self.aspects if a.status != "n/a"]
+        return f"{self.headline}: " + "; ".join(parts)
+
+
+@dataclass(frozen=True)
+class Verdict:
+    """The verdict over every run analysed, most serious run first."""
+
+    runs: tuple[RunVerdict, ...]
+
+    @property
+    def worst(self) -> RunVerdict | None:
+        return self.runs[0] if self.runs else None
+
+    @property
+    def severity(self) -> str:
+        return self.runs[0].severity if self.runs else "info"
+
+    def run(self, run_id: str) -> RunVerdict:
+        return next(r for r in self.runs if r.run_id == run_id)
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready: {"severity", "worst_run", "runs": [...]} with every field of every run."""
+        runs = []
+        for r in self.runs:
+            row = asdict(r)
+            row["aspects"] = {a.name: {"status": a.status, "label": a.label, "text": a.text} for a in r.aspects}
+            runs.append(row)
+        return {"severity": self.severity, "worst_run": self.worst.run_id if self.worst else None, "runs": runs}
+
+
+# --- small formatting helpers shared with the reporters ----------------------------------------
+
+def span_text(ids: Sequence[int]) -> str:
+    """`0-3`, `0, 2-4`: sorted integers as ranges."""
+    out: list[str] = []
+    ids = sorted(set(ids))
+    i = 0
+    while i < len(ids):
+        j = i
+        while j + 1 < len(ids) and ids[j + 1] == ids[j] + 1:
+            j += 1
+        out.append(str(ids[i]) if i == j else f"{ids[i]}-{ids[j]}")
+        i = j + 1
+    return ", ".join(out)
+
+
+def number_text(x: float | None) -> str:
+    """A number in full, never cut: 413,773 / 8,192 / 0.885 / 2.68."""
+    if x is None:
+        return "-"
+    if abs(x) >= 100 or float(x).is_integer():
+        return f"{x:,.0f}"
+    return f"{x:.3g}"
+
+
+def metric_value_text(metric: str, x: float | None) -> str:
+    """A finding's value in its unit: bytes as KiB/MiB, fractions as percent, counts in full."""
+    if x is None:
+        return "-"
+    m = metric.lower()
+    if m.endswith("bytes") or "bytes_per" in m:
+        return human_bytes(x)
+    if any(w in m for w in ("retention", "fragmentation", "fraction")) and abs(x) <= 1.5:
+        return f"{x:.0%}" if abs(x) >= 0.01 else f"{x:.1%}"
+    return number_text(x)
+
+
+def _plural(n: int, word: str) -> str:
+    return f"{n} {word}" if n == 1 else f"{n} {word}s"
+
+
+def _gens(ids: Sequence[int | None]) -> str:
+    """`generation 0`, `generations 0-2`."""
+    real = sorted({i for i in ids if i is not None})
+    return f"generation{'s' if len(real) > 1 else ''} {span_text(real)}"
+
+
+def _pct(x: float) -> str:
+    return f"{x:.1%}" if abs(x) < 0.1 else f"{x:.0%}"
+
+
+def _worst(statuses: Iterable[str]) -> str:
+    return max(statuses, key=lambda s: _STATUS_RANK[s], default="ok")
+
+
+def _status_of(findings: Sequence[Finding]) -> str:
+    worst = max((f.rank for f in findings), default=-1)
+    return {2: "critical", 1: "warning"}.get(worst, "ok")
+
+
+# --- facts -------------------------------------------------------------------------------------
+
+def _trace_of_run(t: LoadedTraces) -> dict[str, str]:
+    out: dict[str, str] = {}
+    for tr in t.traces:
+        try:
+            ids = tr.read("run", ["run_id"]).column("run_id").to_pylist()
+        except Exception:  # a trace without a run table still has steps
+            ids = []
+        for run_id in ids:
+            out.setdefault(str(run_id), str(tr.path))
+    return out
+
+
+def run_facts(t: LoadedTraces) -> list[RunFacts]:
+    """The numbers of every run in the loaded traces that a verdict quotes (a few small queries)."""
+    runs = {r["run_id"]: r for r in t.records("""
+        SELECT run_id, any_value(model_name) AS model_name, any_value(device) AS device,
+               any_value(gpu_name) AS gpu_name, any_value(num_layers) AS num_layers,
+               any_value(nvml_total_bytes) AS run_total
+        FROM run GROUP BY run_id""")}
+    steps = {r["run_id"]: r for r in t.records("""
+        SELECT run_id, count(DISTINCT gen_id) AS generations, count(*) AS steps, max(seq_len) AS max_context,
+          max(batch_size) AS batch_size, max(kv_bytes) AS peak_kv,
+          avg(CASE WHEN reserved_bytes > 0 THEN (reserved_bytes - allocated_bytes)::DOUBLE / reserved_bytes END)
+            AS mean_frag,
+          max(reserved_bytes - allocated_bytes) AS max_unused, max(inactive_split_bytes) AS max_split,
+          max(alloc_retries) - min(alloc_retries) AS retries,
+          max(allocated_bytes) AS peak_alloc, max(reserved_bytes) AS peak_reserved,
+          max(nvml_used_bytes) AS peak_nvml, max(nvml_total_bytes) AS total,
+          arg_max(allocated_bytes - kv_bytes, allocated_bytes) AS non_kv,
+          arg_max(reserved_bytes - allocated_bytes, allocated_bytes) AS unused_at_peak,
+          arg_max(nvml_used_bytes - reserved_bytes, allocated_bytes) AS outside_torch
+        FROM steps GROUP BY run_id""")}
+    fits = {r["run_id"]: r for r in t.records(f"""
+        SELECT run_id, median(slope) FILTER (WHERE vyy > 0) AS slope,
+               count(*) FILTER (WHERE coalesce(vyy, 0) = 0) AS flat
+        FROM {step_fits(t)} GROUP BY run_id""")}
+    summary = layer_summary(t)
+    types: dict[str, list[LayerTypeFacts]] = {}
+    for r in t.records(f"""
+        SELECT run_id, layer_type, count(DISTINCT layer) AS layers,
+          median(kv_bytes::DOUBLE / (greatest(batch_size, 1) * nullif(coalesce(capacity_tokens, stored_tokens), 0)))
+            AS bpt,
+          max(stored_tokens) AS max_stored, max(kv_bytes) AS max_kv, bool_or(capacity_tokens IS NOT NULL) AS prealloc
+        FROM {summary} GROUP BY run_id, layer_type ORDER BY run_id, layer_type"""):
+        types.setdefault(r["run_id"], []).append(LayerTypeFacts(
+            str(r["layer_type"]), int(r["layers"]), r["bpt"], r["max_stored"], r["max_kv"], bool(r["prealloc"])))
+    retention: dict[str, list[GenerationMemory]] = {}
+    for r in t.records("""
+        SELECT run_id, gen_id,
+          post_empty_cache_allocated_bytes - baseline_allocated_bytes AS live,
+          (post_empty_cache_reserved_bytes - post_empty_cache_allocated_bytes)
+            - (baseline_reserved_bytes - baseline_allocated_bytes) AS pools,
+          (post_empty_cache_nvml_used_bytes - post_empty_cache_reserved_bytes)
+            - (baseline_nvml_used_bytes - baseline_reserved_bytes) AS outside
+        FROM generations ORDER BY run_id, gen_id"""):
+        retention.setdefault(r["run_id"], []).append(GenerationMemory(int(r["gen_id"]), r["live"], r["pools"],
+                                                                      r["outside"]))
+    ooms = {r["run_id"]: int(r["n"]) for r in t.records(
+        "SELECT run_id, count(*) AS n FROM events WHERE kind = 'oom' GROUP BY run_id")}
+    traces = _trace_of_run(t)
+    out = []
+    for run_id in sorted(set(runs) | set(steps)):
+        run, st, fit = runs.get(run_id, {}), steps.get(run_id, {}), fits.get(run_id, {})
+
+        def num(row: dict[str, Any], key: str) -> Any:
+            v = row.get(key)
+            return None if v is None else (int(v) if isinstance(v, int) else float(v))
+
+        out.append(RunFacts(
+            run_id=run_id, model_name=str(run.get("model_name") or "?"), trace=traces.get(run_id),
+            device=run.get("device"), gpu_name=run.get("gpu_name"), num_layers=run.get("num_layers"),
+            generations=int(st.get("generations") or 0), steps=int(st.get("steps") or 0),
+            max_context=num(st, "max_context"), batch_size=num(st, "batch_size"), peak_kv_bytes=num(st, "peak_kv"),
+            bytes_per_token=num(fit, "slope"), flat_generations=int(fit.get("flat") or 0),
+            layer_types=tuple(types.get(run_id, [])), mean_fragmentation=num(st, "mean_frag"),
+            max_unused_bytes=num(st, "max_unused"), max_inactive_split_bytes=num(st, "max_split"),
+            alloc_retries=num(st, "retries"), peak_allocated_bytes=num(st, "peak_alloc"),
+            peak_reserved_bytes=num(st, "peak_reserved"), peak_nvml_bytes=num(st, "peak_nvml"),
+            total_bytes=num(st, "total") if st.get("total") is not None else run.get("run_total"),
+            non_kv_allocated_bytes=num(st, "non_kv"), unused_reserved_bytes=num(st, "unused_at_peak"),
+            outside_torch_bytes=num(st, "outside_torch"), oom_events=ooms.get(run_id, 0),
+            retention=tuple(retention.get(run_id, [])),
+        ))
+    return out
+
+
+# --- grouping ----------------------------------------------------------------------------------
+
+def group_findings(findings: Sequence[Finding]) -> list[FindingGroup]:
+    """One group per (run, detector, severity, metric, layer): the same finding on several generations."""
+    buckets: dict[tuple[Any, ...], list[Finding]] = {}
+    for f in sort_findings(list(findings)):
+        buckets.setdefault((f.run_id, f.detector, f.severity, f.metric, f.layer), []).append(f)
+    groups = []
+    for (run_id, detector, severity, metric, layer), fs in buckets.items():
+        values = [f.value for f in fs]
+        extreme = max(fs, key=lambda f: abs(f.value))
+        gens = tuple(sorted({f.gen_id for f in fs if f.gen_id is not None}))
+        groups.append(FindingGroup(detector, severity, run_id, metric, layer, gens, len(fs), min(values),
+                                   max(values), extreme.threshold, extreme.message, aspect_of(fs[0])))
+    groups.sort(key=lambda g: (-SEVERITY_RANK[g.severity], g.run_id, ASPECTS.index(g.aspect) if g.aspect in ASPECTS
+                               else len(ASPECTS), g.detector, g.metric, -1 if g.layer is None else g.layer))
+    return groups
+
+
+# --- the five aspects --------------------------------------------------------------------------
+
+def _kv_aspect(facts: RunFacts, fs: list[Finding]) -> Aspect:
+    growth = [f for f in fs if f.detector == "growth_curve" and aspect_of(f) == "kv_cache"]
+    superlinear = [f for f in growth if f.at_least("warning")]
+    saturated = [f for f in growth if f.metric == "saturated_tokens"]
+    density = [f for f in fs if f.detector == "cache_density"]
+    status = _status_of([f for f in fs if aspect_of(f) == "kv_cache"])
+    per_tok = (f"{human_bytes(facts.bytes_per_token)} per token of context" if facts.bytes_per_token
+               else "no growth measured")
+    types = ", ".join(f"{lt.layers} {lt.layer_type} layer{'s' if lt.layers != 1 else ''} of "
+                      f"{human_bytes(lt.bytes_per_token) if lt.bytes_per_token else '-'} per token" for lt in
+                      facts.layer_types)
+    peak = f"{human_bytes(facts.peak_kv_bytes)} at most" if facts.peak_kv_bytes is not None else ""
+    prealloc = any(lt.preallocated for lt in facts.layer_types)
+    if superlinear:
+        worst = max(superlinear, key=lambda f: f.value)
+        where = "the step totals" if worst.layer is None else f"layer {worst.layer}"
+        gens = span_text([f.gen_id for f in superlinear if f.gen_id is not None])
+        label = "superlinear"
+        text = (f"superlinear: {where} grow x{worst.value:.2f} faster per token at the end than at the start"
+                f"{f' (generations {gens})' if gens else ''}; {per_tok} on average, {peak}")
+    elif prealloc or (facts.generations and facts.flat_generations >= facts.generations):
+        label = "static"
+        text = f"static: preallocated, {human_bytes(facts.peak_kv_bytes)} whatever the context; {types}"
+        waste = [f for f in fs if f.detector == "preallocation_waste" and f.at_least("warning")]
+        if waste:
+            worst = max(waste, key=lambda f: f.value)
+            label = f"static, {worst.value:.1f}x the tokens held"
+            text += (f"; capacity for {worst.value:.1f}x the tokens it holds "
+                     f"({human_bytes(worst.evidence.get('wasted_bytes'))} never used)")
+    elif saturated:
+        window = int(max(f.value for f in saturated))
+        sliding = {t for f in saturated for t in f.evidence.get("layer_types", [])}
+        label = "saturating windows"
+        growing = [lt for lt in facts.layer_types if lt.layer_type not in sliding]
+        text = (f"saturating windows: {', '.join(sorted(sliding)) or 'sliding'} layers stop at {window:,} tokens"
+                f"{', the others grow linearly' if growing else ''}; {per_tok} on average, {peak}; {types}")
+        status = _worst([status, "note"])
+    elif facts.bytes_per_token:
+        label = "healthy linear"
+        text = f"healthy linear: {per_tok}, {peak}; {types}"
+    else:
+        label = "no data"
+        text = "no KV growth recorded (fewer than two steps per generation)"
+        status = _worst([status, "n/a"]) if status == "ok" else status
+    warn_density = [f for f in density if f.at_least("warning")]
+    if warn_density:
+        f = max(warn_density, key=lambda f: f.evidence.get("ratio") or 0)
+        text += f"; {f.evidence.get('ratio', 0):.2f}x the geometry's bytes per token"
+    elif density:
+        text += "; as the geometry expects"
+    odd = [f for f in fs if f.detector == "layer_anomaly" and f.at_least("warning")]
+    if odd:
+        text += f"; odd layer(s) {span_text([f.layer for f in odd if f.layer is not None])}"
+    return Aspect("kv_cache", status, label, text)
+
+
+def _mib_list(values: Iterable[int | None]) -> int:
+    return sum(max(v or 0, 0) for v in values)
+
+
+def _retention_aspect(facts: RunFacts, fs: list[Finding]) -> Aspect:
+    mine = [f for f in fs if f.detector == "post_eos"]
+    status = _status_of(mine)
+    gens = facts.retention
+    if not gens or all(g.live_bytes is None for g in gens):
+        if mine:
+            return Aspect("retention", status, "see findings", mine[0].message)
+        return Aspect("retention", "n/a", "not measured", "not measured: no GPU memory readings around generations")
+    live = _mib_list(g.live_bytes for g in gens)
+    pools = _mib_list(g.pool_bytes for g in gens)
+    outside = _mib_list(g.outside_bytes for g in gens)
+    split = (f"live tensors {human_bytes(live)}, allocator pools {human_bytes(pools)}, "
+             f"outside PyTorch {human_bytes(outside)}")
+    n = len(gens)
+    leak = [f for f in mine if f.at_least("warning")]
+    if leak:
+        worst = max(leak, key=lambda f: f.rank)
+        cause = {"live_retention": "live tensors (a reference kept to outputs or the cache)",
+                 "pool_retention": "allocator pools empty_cache() cannot release",
+                 "outside_allocator_retention": "memory outside PyTorch's allocator"}.get(worst.metric, worst.metric)
+        flagged = worst.evidence.get("generations") or sorted({f.gen_id for f in leak if f.gen_id is not None})
+        on = f" after {len(flagged)} of {n} generations ({span_text(flagged)})" if flagged else ""
+        label = "leak" if worst.severity == "critical" or len(flagged) > 1 else "retained"
+        return Aspect("retention", status, f"{label}: {cause.split(' (')[0]}",
+                      f"{label}: {cause}{on}; retained over the run: {split}")
+    warm = [f for f in mine if f.evidence.get("warmup") or f.metric == "live_retention"]
+    if mine:
+        settled = [f for f in mine if f not in warm]
+        after = (f"; smaller rises after {_gens([f.gen_id for f in settled])} level off" if settled else "")
+        return Aspect("retention", _worst([status, "note"]), "warm-up",
+                      f"warm-up: memory rose after {_gens([f.gen_id for f in warm])} (loaded on first use), not after every "
+                      f"generation{after}; over {_plural(n, 'generation')}: {split}")
+    return Aspect("retention", status, "none",
+                  f"none: memory back to its baseline after each of {_plural(n, 'generation')} ({split})")
+
+
+def _fragmentation_aspect(facts: RunFacts, fs: list[Finding]) -> Aspect:
+    mine = [f for f in fs if f.detector == "fragmentation"]
+    status = _status_of(mine)
+    if facts.mean_fragmentation is None:
+        return Aspect("fragmentation", "n/a", "not measured", "not measured: no allocator readings (CPU run)")
+    ratio = facts.mean_fragmentation
+    retries = facts.alloc_retries or 0
+    text = (f"{_pct(ratio)} of reserved memory unused on average ({human_bytes(facts.max_unused_bytes)} at most, "
+            f"{human_bytes(facts.max_inactive_split_bytes)} in split blocks); "
+            f"{'no allocator retries' if not retries else _plural(retries, 'allocator retry').replace('retrys', 'retries')}")
+    label = _pct(ratio)
+    cached = [f for f in mine if f.severity == "info" and f.metric == "mean_fragmentation"]
+    if status in ("warning", "critical"):
+        label = f"high, {_pct(ratio)}"
+        flagged = [f for f in mine if f.at_least("warning")]
+        means = [f for f in flagged if f.metric == "mean_fragmentation"]
+        worst = max(means or flagged, key=lambda f: (f.rank, f.value))
+        advice = worst.message.rsplit("; ", 1)[-1] if means else "memory is nearly exhausted."
+        text = f"high on {_gens([f.gen_id for f in flagged])}: {text}; {advice}"
+    elif cached:
+        label = f"{_pct(ratio)}, cached before"
+        before = max(f.evidence.get("cached_before_bytes") or 0 for f in cached)
+        gens = [f.gen_id for f in cached if f.gen_id is not None]
+        text = (f"{text}; {_gens(gens)} {'starts' if len(gens) == 1 else 'start'} with "
+                f"{human_bytes(before)} already cached: not fragmentation, empty_cache() before generating frees it")
+        status = "note"
+    else:
+        text = f"low: {text}"
+    return Aspect("fragmentation", status, label, text)
+
+
+def _outside_aspect(facts: RunFacts, fs: list[Finding]) -> Aspect:
+    mine = [f for f in fs if aspect_of(f) == "outside_cache"]
+    status = _status_of(mine)
+    if facts.non_kv_allocated_bytes is None:
+        if mine:
+            return Aspect("outside_cache", status, "see findings", mine[0].message)
+        return Aspect("outside_cache", "n/a", "not measured", "not measured: no allocator readings (CPU run)")
+    parts = [f"{human_bytes(facts.non_kv_allocated_bytes)} allocated beside the cache (weights, activations)"]
+    if facts.unused_reserved_bytes is not None:
+        parts.append(f"{human_bytes(facts.unused_reserved_bytes)} reserved unused")
+    if facts.outside_torch_bytes is not None:
+        parts.append(f"{human_bytes(facts.outside_torch_bytes)} outside PyTorch (CUDA context, libraries)")
+    text = ", ".join(parts) + " at the allocated peak"
+    label = human_bytes(facts.non_kv_allocated_bytes)
+    if facts.peak_kv_bytes and facts.peak_allocated_bytes:
+        share = facts.peak_kv_bytes / facts.peak_allocated_bytes
+        text += f"; the cache is {share:.1%} of allocated memory"
+    flagged = [f for f in mine if f.at_least("warning")]
+    if flagged:
+        worst = max(flagged, key=lambda f: f.rank)
+        label = f"grows: {label}"
+        text = f"{worst.message} ({text})"
+    return Aspect("outside_cache", status, label, text)
+
+
+def _oom_aspect(facts: RunFacts, fs: list[Finding]) -> Aspect:
+    mine = [f for f in fs if aspect_of(f) == "oom"]
+    status = _status_of(mine)
+    if facts.oom_events:
+        status = "critical"
+    ran_out = [f for f in mine if f.severity == "critical"]
+    forecasts = [f for f in mine if f.detector == "oom_forecast"]
+    if ran_out or facts.oom_events:
+        n = max(facts.oom_events, len(ran_out))
+        why = ran_out[0].message if ran_out else "the trace holds out-of-memory events"
+        return Aspect("oom", status, "ran out", f"ran out of memory ({_plural(n, 'OOM')}): {why}")
+    if not forecasts:
+        if facts.total_bytes is None:
+            return Aspect("oom", "n/a", "not forecast", "not forecast: the trace has no device total (CPU, no NVML)")
+        return Aspect("oom", status, "not forecast", "not forecast: no growth or no memory readings")
+    tokens = [f.value for f in forecasts if f.metric == "tokens_to_oom"]
+    batches = [f.evidence.get("max_batch_size") for f in forecasts]
+    batch = min((b for b in batches if b is not None), default=None)
+    headroom = min((f.evidence.get("headroom_bytes") for f in forecasts if f.evidence.get("headroom_bytes") is not None),
+                   default=None)
+    total = next((f.evidence.get("total_bytes") for f in forecasts if f.evidence.get("total_bytes")), None)
+    bits = []
+    if tokens:
+        bits.append(f"at about {min(tokens):,.0f} tokens of context")
+    if batch is not None:
+        bits.append(f"at batch size {batch + 1:,} with {facts.max_context or 0:,} tokens")
+    where = " or ".join(bits) if bits else "not from cache growth"
+    label = f"{min(tokens):,.0f} tokens" if tokens else (f"batch {batch + 1:,}" if batch is not None else "-")
+    text = f"would run out {where}"
+    if headroom is not None and total:
+        text += f"; {human_bytes(headroom)} free of {human_bytes(total)} at the peak"
+    if status in ("warning", "critical"):
+        text = f"close: {text}; shorten the context, lower the batch or quantise the cache"
+        label = f"close, {label}"
+    return Aspect("oom", status, label, text)
+
+
+def _context(facts: RunFacts) -> str:
+    bits = [_plural(facts.generations, "generation")]
+    if facts.num_layers:
+        bits.append(_plural(int(facts.num_layers), "layer"))
+    if facts.max_context:
+        bits.append(f"up to {facts.max_context:,} tokens")
+    if facts.batch_size and facts.batch_size > 1:
+        bits.append(f"batch {facts.batch_size}")
+    if facts.gpu_name:
+        bits.append(str(facts.gpu_name))
+    elif facts.device:
+        bits.append(str(facts.device))
+    return ", ".join(bits)
+
+
+def run_verdict(facts: RunFacts, findings: Sequence[Finding]) -> RunVerdict:
+    fs = [f for f in findings if f.run_id == facts.run_id]
+    aspects = (_kv_aspect(facts, fs), _retention_aspect(facts, fs), _fragmentation_aspect(facts, fs),
+               _outside_aspect(facts, fs), _oom_aspect(facts, fs))
+    groups = group_findings(fs)
+    action = tuple(g for g in groups if g.severity != "info")
+    info = tuple(g for g in groups if g.severity == "info")
+    worst = max((f.rank for f in fs), default=0)
+    severity = ("info", "warning", "critical")[worst]
+    serious = [a for a in aspects if a.status in ("warning", "critical")]
+    if serious:
+        headline = ", ".join(f"{a.title}: {a.label}" for a in serious)
+    elif action:
+        headline = ", ".join(dict.fromkeys(f"{g.detector} {g.severity}" for g in action))
+    else:
+        headline = "healthy"
+    counts = {s: sum(1 for f in fs if f.severity == s) for s in ("critical", "warning", "info")}
+    return RunVerdict(facts.run_id, facts.model_name, facts.trace, severity, headline, _context(facts), aspects,
+                      action, info, counts, facts)
+
+
+def build_verdict(findings: Sequence[Finding], facts: Sequence[RunFacts]) -> Verdict:
+    """The verdict of each run (a pure function of the findings and the runs' facts), worst run first.
+
+    Findings of runs without facts (a detector reporting on a run the trace's tables lack) get a
+    verdict from the findings alone.
+    """
+    known = {f.run_id for f in facts}
+    all_facts = list(facts) + [RunFacts(run_id, "?") for run_id in sorted({f.run_id for f in findings} - known)]
+    runs = [run_verdict(f, findings) for f in all_facts]
+    runs.sort(key=lambda r: (-SEVERITY_RANK[r.severity], -len(r.action), r.model_name, r.run_id))
+    return Verdict(tuple(runs))
+
+
+def verdict_of(tables: LoadedTraces, findings: Sequence[Finding]) -> Verdict:
+    """The verdict of loaded traces and their findings."""
+    return build_verdict(findings, run_facts(tables))
