@@ -8,7 +8,7 @@ from typing import Any
 import torch
 
 from kvscope.recorder.model_layout import ModelLayout, text_config
-from kvscope.recorder.telemetry import NvmlProbe
+from kvscope.recorder.telemetry import NvmlProbe, memory_limit
 from kvscope.schema.metadata import TraceMetadata
 
 
@@ -36,6 +36,11 @@ def run_metadata(model: torch.nn.Module, layout: ModelLayout, model_name: str | 
         options.setdefault("sliding_window", layout.sliding_window)
     if layout.kv_lora_rank is not None:
         options.setdefault("kv_lora_rank", layout.kv_lora_rank)
+    limit_bytes, limit = memory_limit(layout.cuda_devices, nvml.total)
+    if limit is not None:
+        options.setdefault("memory_limit", limit)
+    elif isinstance(options.get("memory_limit_bytes"), int):  # a cap this torch cannot report, given by the caller
+        limit_bytes = options["memory_limit_bytes"]
     cfg = text_config(config)
     if cfg is not config:
         options.setdefault("text_model_type", getattr(cfg, "model_type", None))
@@ -56,4 +61,5 @@ def run_metadata(model: torch.nn.Module, layout: ModelLayout, model_name: str | 
         tokenizer=tokenizer,
         options=options,
         nvml_total_bytes=nvml.total,
+        memory_limit_bytes=limit_bytes,
     )

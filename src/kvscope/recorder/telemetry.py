@@ -249,3 +249,55 @@ def start_nvml_sampler(probe: NvmlProbe, origin_ns: int, interval_s: float | Non
         warnings.warn(f"kvscope: NVML is read on a thread instead ({exc}); the decode loop pays for it.",
                       RuntimeWarning, stacklevel=3)
         return NvmlSampler(probe)
+
+
+def memory_limit(devices: tuple[int, ...], nvml_total: int | None) -> tuple[int | None, dict[str, Any] | None]:
+    """The device memory this process may use when something caps it below the device's total.
+
+    Read once, when a recording starts: `torch.cuda.set_per_process_memory_fraction` (the caching
+    allocator refuses to reserve past fraction × the device's memory), a MIG slice (torch sees less
+    memory than NVML reports for the handle) and an MPS limit (`CUDA_MPS_PINNED_DEVICE_MEM_LIMIT`).
+    Returns (bytes summed over the devices, how it was found) or (None, None) when nothing caps it.
+    """
+    if not devices or not torch.cuda.is_available():
+        return None, None
+    import os
+
+    get_fraction = getattr(torch.cuda, "get_per_process_memory_fraction", None)
+    total_limit, sources = 0, []
+    for device in devices:
+        device_total = int(torch.cuda.get_device_properties(device).total_memory)
+        limit = device_total
+        fraction = float(get_fraction(device)) if get_fraction is not None else 1.0
+        if fraction < 1.0:
+            limit = int(fraction * device_total)
+            sources.append({"device": device, "kind": "per_process_memory_fraction", "fraction": fraction,
+                            "device_bytes": device_total})
+        total_limit += limit
+    if nvml_total is not None and total_limit < 0.9 * nvml_total and not sources:
+        # torch sees far less memory than NVML's handle (they differ by ~1% on a whole GPU): a MIG slice
+        sources.append({"kind": "mig_or_visible_memory", "torch_total_bytes": total_limit, "nvml_total_bytes": nvml_total})
+    mps = os.environ.get("CUDA_MPS_PINNED_DEVICE_MEM_LIMIT")
+    if mps:
+        sources.append({"kind": "mps_pinned_device_mem_limit", "value": mps})
+        total_limit = min(total_limit, _mps_limit_bytes(mps, devices) or total_limit)
+    if not sources:
+        return None, None
+    return total_limit, {"bytes": total_limit, "sources": sources}
+
+
+def _mps_limit_bytes(value: str, devices: tuple[int, ...]) -> int | None:
+    """`0=2G,1=4096M` or `2G` (applies to every device) in bytes, summed over `devices`."""
+    units = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
+    per_device: dict[int | None, int] = {}
+    for item in value.split(","):
+        key, _, amount = item.strip().rpartition("=")
+        amount = amount.strip().upper().removesuffix("B")
+        unit = amount[-1:] if amount[-1:] in units and not amount[-1:].isdigit() else ""
+        number = amount[: len(amount) - len(unit)]
+        try:
+            per_device[int(key) if key else None] = int(float(number) * units[unit])
+        except ValueError:
+            return None
+    found = [per_device.get(d, per_device.get(None)) for d in devices]
+    return sum(found) if all(v is not None for v in found) else None  # type: ignore[misc]

@@ -41,6 +41,7 @@ class TraceMetadata:
     tokenizer: str | None = None
     options: dict[str, Any] = field(default_factory=dict)
     nvml_total_bytes: int | None = None
+    memory_limit_bytes: int | None = None
     format_version: str = FORMAT_VERSION
     kvscope_version: str = __version__
 

@@ -142,6 +142,10 @@ RUN = Table(
         Column("tokenizer", STR, 'How prompts became ids: the tokenizer\'s name, or "byte-level" for twins.', nullable=True, required=False),
         Column("options", STR, "Recorder options in effect (sampling, flush interval, compile off, ...), JSON.", "JSON", nullable=True, required=False),
         Column("nvml_total_bytes", INT, "Total device memory from NVML; null without NVML.", "bytes", nullable=True, required=False),
+        Column("memory_limit_bytes", INT, "Device memory this process may use when it is capped below the device's "
+               "total: torch.cuda.set_per_process_memory_fraction x the device's memory, a MIG slice or an MPS "
+               "limit (which one: options.memory_limit); null when uncapped or without CUDA.", "bytes",
+               nullable=True, required=False),
     ),
 )
 

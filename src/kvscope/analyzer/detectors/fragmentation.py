@@ -5,7 +5,8 @@ split blocks' stranded bytes (inactive_split_bytes) and the allocator's retries 
 a cudaMalloc failed, the cache was flushed and the allocation retried — the step before an OOM).
 Unused memory that the allocator already cached when the generation started (baseline reserved −
 allocated, e.g. blocks freed while loading the model) is available to the generation, not wasted
-by it: when it alone explains F, the finding is info.
+by it: when it alone explains F, the finding is info. A fraction is judged by what it costs too:
+unused bytes below a floor (absolute, and a share of the device or its memory limit) are info.
 """
 
 from __future__ import annotations
@@ -29,6 +30,13 @@ class Config:
     # Mean fraction at or above which the finding is critical rather than a warning, when the
     # allocator also had to retry: memory is both wasted and running out.
     critical_fraction: float = 0.4
+    # Mean unused (reserved − allocated) bytes below which a high fraction costs too little to
+    # warn: a 300 MiB pool at 16% strands 48 MiB, less than rounding of a few 2 MiB blocks per
+    # tensor size; a fragmentation worth changing the allocator for wastes hundreds of MiB.
+    min_unused_bytes: int = 128 << 20
+    # ... and below this share of the device's memory (its limit when capped): on a 140 GiB H200,
+    # 0.2% is 287 MiB.
+    min_unused_device_fraction: float = 0.002
 
 
 _PER_GEN = """
@@ -44,13 +52,32 @@ _PER_GEN = """
             - coalesce(greatest(g.baseline_reserved_bytes - g.baseline_allocated_bytes, 0), 0), 0)::DOUBLE
             / reserved_bytes END) AS mean_excess,
         any_value(greatest(g.baseline_reserved_bytes - g.baseline_allocated_bytes, 0)) AS cached_before,
+        avg(reserved_bytes - allocated_bytes) AS mean_unused, max(reserved_bytes - allocated_bytes) AS max_unused,
+        max(nvml_total_bytes) AS steps_total,
         count(reserved_bytes) AS readings
       FROM steps LEFT JOIN generations g USING (run_id, gen_id) GROUP BY run_id, gen_id
     )
-    SELECT *, greatest(retries_end - coalesce(
-        lag(retries_end) OVER (PARTITION BY run_id ORDER BY gen_id), retries_start, 0), 0) AS retries
-    FROM s WHERE readings > 0 ORDER BY run_id, gen_id
+    SELECT s.*, greatest(retries_end - coalesce(
+        lag(retries_end) OVER (PARTITION BY s.run_id ORDER BY gen_id), retries_start, 0), 0) AS retries,
+      coalesce(r.memory_limit_bytes, s.steps_total, r.nvml_total_bytes) AS device_bytes
+    FROM s LEFT JOIN (SELECT run_id, any_value(memory_limit_bytes) AS memory_limit_bytes,
+                             any_value(nvml_total_bytes) AS nvml_total_bytes FROM run GROUP BY run_id) r
+      ON s.run_id = r.run_id
+    WHERE readings > 0 ORDER BY s.run_id, gen_id
 """
+
+
+def _cost(r: dict) -> str:
+    """The unused bytes, of what, and of the device: both numbers of the judgement."""
+    device = (f", {r['mean_unused'] / r['device_bytes']:.2%} of the device's {human_bytes(r['device_bytes'])}"
+              if r["device_bytes"] else "")
+    return (f"{human_bytes(r['mean_unused'])} unused on average, of up to {human_bytes(r['peak_reserved'])} "
+            f"reserved{device}")
+
+
+def _floor(r: dict, cfg: Config) -> float:
+    device = cfg.min_unused_device_fraction * r["device_bytes"] if r["device_bytes"] else 0.0
+    return max(float(cfg.min_unused_bytes), device)
 
 
 def _mean_finding(r: dict, cfg: Config, evidence: dict) -> Finding:
@@ -63,6 +90,14 @@ def _mean_finding(r: dict, cfg: Config, evidence: dict) -> Finding:
             evidence,
         )
     retried = r["retries"] is not None and r["retries"] > cfg.max_alloc_retries
+    floor = _floor(r, cfg)
+    if (r["mean_unused"] or 0) < floor and not retried:
+        return Finding(
+            NAME, "info", r["run_id"], r["gen_id"], None, "mean_fragmentation", r["mean_f"], cfg.max_mean_fraction,
+            f"{r['mean_f']:.0%} of reserved memory is unused during the generation ({_cost(r)}), under the "
+            f"{human_bytes(floor)} worth acting on: a small pool's rounding, nothing to do.",
+            evidence,
+        )
     split = r["mean_split"] is not None and r["mean_split"] >= r["mean_f"] / 2
     advice = ("set PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True or preallocate the cache (static cache)"
               if split else "freed blocks stay cached: preallocate the cache (static cache) or set "
@@ -70,8 +105,8 @@ def _mean_finding(r: dict, cfg: Config, evidence: dict) -> Finding:
     return Finding(
         NAME, "critical" if r["mean_f"] >= cfg.critical_fraction and retried else "warning", r["run_id"],
         r["gen_id"], None, "mean_fragmentation", r["mean_f"], cfg.max_mean_fraction,
-        f"{r['mean_f']:.0%} of reserved memory is unused on average during the generation "
-        f"({human_bytes(r['max_split_bytes'])} stranded in split blocks at most); {advice}.",
+        f"{r['mean_f']:.0%} of reserved memory is unused on average during the generation ({_cost(r)}; "
+        f"{human_bytes(r['max_split_bytes'])} stranded in split blocks at most); {advice}.",
         evidence,
     )
 
@@ -83,7 +118,9 @@ def detect(t: LoadedTraces, cfg: Config) -> list[Finding]:
         evidence = {"mean_fraction": r["mean_f"], "max_fraction": r["max_f"],
                     "mean_inactive_split_fraction": r["mean_split"], "max_inactive_split_bytes": r["max_split_bytes"],
                     "alloc_retries": r["retries"], "peak_reserved_bytes": r["peak_reserved"],
-                    "cached_before_bytes": r["cached_before"], "mean_fraction_beyond_cached": r["mean_excess"]}
+                    "cached_before_bytes": r["cached_before"], "mean_fraction_beyond_cached": r["mean_excess"],
+                    "mean_unused_bytes": r["mean_unused"], "max_unused_bytes": r["max_unused"],
+                    "device_bytes": r["device_bytes"], "min_unused_bytes": _floor(r, cfg)}
         if r["mean_f"] is not None and r["mean_f"] > cfg.max_mean_fraction:
             findings.append(_mean_finding(r, cfg, evidence))
         if r["retries"] is not None and r["retries"] > cfg.max_alloc_retries:
