@@ -1,16 +1,24 @@
 """KVScope: record, analyse and explain a transformer's KV cache.
 
-`kvscope.record` (the recorder) is imported lazily so that the analyser side never pulls torch.
+    kvscope.record(model, "traces/run1")          # the recorder (a context manager; needs torch)
+    kvscope.analyze("traces/run1", config={"post_eos": {"live_threshold": 0.6}})  # findings + verdict
+
+Both are imported lazily: `import kvscope` pulls neither torch nor duckdb, and the analyser side
+never pulls torch.
 """
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from kvscope._version import __version__
 from kvscope.errors import KvscopeError
 
-__all__ = ["KvscopeError", "__version__", "record"]
+if TYPE_CHECKING:
+    from kvscope.analyzer.api import Analysis, analyze
+    from kvscope.recorder import record
+
+__all__ = ["Analysis", "KvscopeError", "__version__", "analyze", "record"]
 
 
 def __getattr__(name: str) -> Any:
@@ -18,4 +26,8 @@ def __getattr__(name: str) -> Any:
         from kvscope.recorder import record
 
         return record
+    if name in ("analyze", "Analysis"):
+        from kvscope.analyzer import api
+
+        return getattr(api, name)
     raise AttributeError(f"module 'kvscope' has no attribute {name!r}")

@@ -291,11 +291,16 @@ def run_facts(t: LoadedTraces) -> list[RunFacts]:
           max(reserved_bytes - allocated_bytes) AS max_unused, max(inactive_split_bytes) AS max_split,
           max(alloc_retries) - min(alloc_retries) AS retries,
           max(allocated_bytes) AS peak_alloc, max(reserved_bytes) AS peak_reserved,
-          max(nvml_used_bytes) AS peak_nvml, max(nvml_total_bytes) AS total,
-          arg_max(allocated_bytes - kv_bytes, allocated_bytes) AS non_kv,
-          arg_max(reserved_bytes - allocated_bytes, allocated_bytes) AS unused_at_peak,
-          arg_max(nvml_used_bytes - reserved_bytes, allocated_bytes) AS outside_torch
+          max(nvml_used_bytes) AS peak_nvml, max(nvml_total_bytes) AS total
         FROM steps GROUP BY run_id""")}
+    # the step of the allocated peak (the latest one on a tie), and what lies beside the cache there
+    for r in t.records("""
+        SELECT run_id, allocated_bytes - kv_bytes AS non_kv, reserved_bytes - allocated_bytes AS unused_at_peak,
+               nvml_used_bytes - reserved_bytes AS outside_torch
+        FROM steps WHERE allocated_bytes IS NOT NULL
+        QUALIFY row_number() OVER (PARTITION BY run_id ORDER BY allocated_bytes DESC, t_ns DESC, gen_id DESC) = 1"""):
+        steps.setdefault(r["run_id"], {}).update(non_kv=r["non_kv"], unused_at_peak=r["unused_at_peak"],
+                                                 outside_torch=r["outside_torch"])
     fits = {r["run_id"]: r for r in t.records(f"""
         SELECT run_id, median(slope) FILTER (WHERE vyy > 0) AS slope,
                count(*) FILTER (WHERE coalesce(vyy, 0) = 0) AS flat

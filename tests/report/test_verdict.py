@@ -1,0 +1,150 @@
+"""The verdict: golden text at 80 and 120 columns, the JSON object, the Python API, the rules behind it."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+
+import kvscope
+from kvscope.analyzer.findings import Finding
+from kvscope.analyzer.report import verdict_text
+from kvscope.analyzer.verdict import RunFacts, build_verdict, group_findings, metric_value_text, span_text
+from kvscope.cli.main import main
+from kvscope.errors import UsageError
+
+GOLDEN = Path(__file__).parent / "golden"
+UPDATE = os.environ.get("KVSCOPE_UPDATE_GOLDEN") == "1"  # rewrite the golden files instead of comparing
+
+
+def _check_golden(name: str, text: str) -> None:
+    path = GOLDEN / name
+    if UPDATE:
+        path.write_text(text + "\n")
+    assert path.exists(), f"missing golden file {path} (run with KVSCOPE_UPDATE_GOLDEN=1 and review it)"
+    assert text + "\n" == path.read_text(), f"verdict differs from {path}"
+
+
+@pytest.mark.parametrize("width", [80, 120])
+@pytest.mark.parametrize("name", ["healthy", "leaking", "fragmented"])
+def test_verdict_golden(named_traces: dict[str, Path], name: str, width: int) -> None:
+    text = verdict_text(kvscope.analyze(named_traces[name]).verdict, width)
+    for line in text.splitlines():
+        assert len(line) <= width, line
+        assert line == line.rstrip()
+    _check_golden(f"{name}-{width}.txt", text)
+
+
+def test_verdict_says_what_each_trace_is(named_traces: dict[str, Path]) -> None:
+    healthy = kvscope.analyze(named_traces["healthy"]).verdict.worst
+    assert healthy is not None and healthy.headline == "healthy" and healthy.healthy
+    assert healthy.aspect("kv_cache").label == "healthy linear"
+    assert healthy.aspect("retention").label == "warm-up"  # the synthetic warm-up outside the allocator
+    assert healthy.aspect("fragmentation").status == "ok"
+    leaking = kvscope.analyze(named_traces["leaking"]).verdict.worst
+    assert leaking is not None and leaking.severity == "critical"
+    retention = leaking.aspect("retention")
+    assert retention.status == "critical" and retention.label.startswith("leak: live tensors")
+    assert "3 of 3 generations" in retention.text and "live tensors 58.94 MiB" in retention.text
+    assert [(g.detector, g.metric) for g in leaking.action] == [("post_eos", "live_retention")]
+    fragmented = kvscope.analyze(named_traces["fragmented"]).verdict.worst
+    assert fragmented is not None and fragmented.aspect("fragmentation").status == "warning"
+    assert fragmented.aspect("fragmentation").label == "high, 26%"
+    assert "739.72 MiB" in fragmented.aspect("fragmentation").text
+
+
+def test_folder_gives_one_line_per_run_then_the_worst(named_traces: dict[str, Path],
+                                                      capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["analyze", "traces"]) == 0
+    out = capsys.readouterr().out
+    lines = out.splitlines()
+    assert lines[0] == "3 runs: 1 critical, 1 warning, 1 healthy"
+    assert lines[1].startswith("  CRITICAL leaking: ")
+    assert any(line.startswith("  WARNING  fragmented: ") for line in lines)
+    assert any(line.startswith("  ok       healthy: healthy") for line in lines)
+    assert "worst run:" in lines and lines[lines.index("worst run:") + 1].startswith("llama-like, run leaking")
+    assert lines[-1] == "39 finding(s): 1 critical, 4 warning, 34 info"
+
+
+def test_text_in_a_pipe_and_no_empty_table(named_traces: dict[str, Path], capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["analyze", "traces/healthy", "-d", "growth_curve"]) == 0  # healthy growth: no finding at all
+    out = capsys.readouterr().out
+    assert "healthy linear" in out and "needs action: nothing" in out
+    assert "┃" not in out and "│" not in out  # no table drawn
+    assert out.rstrip().endswith("0 finding(s): 0 critical, 0 warning, 0 info")
+    assert main(["analyze", "traces/healthy", "-d", "growth_curve", "--format", "markdown"]) == 0
+    assert capsys.readouterr().out.strip() == "No findings."
+
+
+def test_json_stays_an_array_and_json_verdict_carries_the_verdict(named_traces: dict[str, Path],
+                                                                   capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["analyze", "traces/leaking", "--format", "json"]) == 0
+    array = json.loads(capsys.readouterr().out)
+    assert isinstance(array, list) and len(array) == 13
+    assert main(["analyze", "traces/leaking", "--format", "json-verdict"]) == 0
+    obj = json.loads(capsys.readouterr().out)
+    assert obj["findings"] == array
+    assert obj["verdict"]["severity"] == "critical" and obj["verdict"]["worst_run"] == "leaking"
+    run = obj["verdict"]["runs"][0]
+    assert set(run["aspects"]) == {"kv_cache", "retention", "fragmentation", "outside_cache", "oom"}
+    assert run["aspects"]["retention"]["status"] == "critical"
+    assert run["facts"]["bytes_per_token"] == 8192 and run["facts"]["generations"] == 3
+    assert [g["metric"] for g in run["action"]] == ["live_retention"]
+
+
+def test_python_api_takes_plain_dicts(named_traces: dict[str, Path]) -> None:
+    leaking = named_traces["leaking"]
+    result = kvscope.analyze(leaking)
+    assert not result.healthy and [f.detector for f in result.at_least("critical")] == ["post_eos"]
+    relaxed = kvscope.analyze(str(leaking), config={"post_eos": {"live_threshold": 0.6}})
+    assert relaxed.healthy and relaxed.verdict.worst.headline == "healthy"
+    only = kvscope.analyze([leaking], detectors=["post_eos"])
+    assert {f.detector for f in only.findings} == {"post_eos"}
+    assert json.loads(json.dumps(only.to_dict()))["verdict"]["worst_run"] == "leaking"
+    with pytest.raises(UsageError, match="no threshold"):
+        kvscope.analyze(leaking, config={"post_eos": {"nope": 1}})
+    with pytest.raises(UsageError, match="not among the selected"):
+        kvscope.analyze(leaking, detectors=["post_eos"], config={"fragmentation": {"max_mean_fraction": 0.5}})
+    with pytest.raises(UsageError, match="unknown detector"):
+        kvscope.analyze(leaking, config={"kv_leak": {}})
+
+
+def test_import_kvscope_stays_light() -> None:
+    import subprocess
+    import sys
+
+    code = ("import sys, kvscope; print(sorted(m for m in ('torch', 'duckdb', 'polars') if m in sys.modules)); "
+            "kvscope.analyze; print('torch' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.split() == ["[]", "False"]  # nothing heavy on import; the analyser never pulls torch
+
+
+def test_grouping_merges_generations_with_ranges() -> None:
+    fs = [Finding("oom_forecast", "info", "r", g, None, "tokens_to_oom", v, None, f"m{g}")
+          for g, v in ((0, 413773.3), (1, 413690.7), (3, 413717.0))]
+    fs.append(Finding("post_eos", "critical", "r", None, None, "live_retention", 0.3, 0.1, "leak"))
+    groups = group_findings(fs)
+    assert [(g.detector, g.count, g.generations_text) for g in groups] == [("post_eos", 1, ""),
+                                                                            ("oom_forecast", 3, "0-1, 3")]
+    assert metric_value_text("tokens_to_oom", groups[1].value_max) == "413,773"  # never cut to 4.138
+    assert metric_value_text("mean_fragmentation", 0.8849) == "88%"
+    assert metric_value_text("bytes_per_token_per_layer", 8192) == "8.00 KiB"
+    assert span_text([4, 0, 1, 2, 7]) == "0-2, 4, 7"
+
+
+def test_unknown_detectors_and_new_metrics_are_tolerated() -> None:
+    facts = RunFacts("r", "m", generations=2, steps=10, bytes_per_token=1024.0, peak_kv_bytes=1 << 20,
+                     non_kv_allocated_bytes=1 << 30, peak_allocated_bytes=(1 << 30) + (1 << 20))
+    fs = [Finding("oom_event", "critical", "r", 1, None, "ooms", 1, 0, "the run ran out of memory at step 7."),
+          Finding("growth_curve", "warning", "r", 0, None, "outside_cache_slope", 4096, 0,
+                  "allocated memory outside the cache grows 4.00 KiB per token."),
+          Finding("someone_elses", "warning", "r", None, 3, "odd", 2.0, 1.0, "something odd.")]
+    run = build_verdict(fs, [facts]).worst
+    assert run is not None and run.severity == "critical"
+    assert run.aspect("oom").status == "critical" and run.aspect("oom").label == "ran out"
+    assert run.aspect("outside_cache").status == "warning" and "4.00 KiB per token" in run.aspect("outside_cache").text
+    assert run.aspect("kv_cache").status == "ok"  # the outside-the-cache growth is not the cache's
+    assert {g.detector for g in run.action} == {"oom_event", "growth_curve", "someone_elses"}
+    assert "ran out" in verdict_text(build_verdict(fs, [facts]), 80)
