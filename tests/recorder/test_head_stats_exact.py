@@ -1,0 +1,181 @@
+"""Online head statistics change nothing the model computes, and equal a float64 computation from
+the model's own eager attention probabilities (issue 13's acceptance).
+
+Every shipped twin (shrunk, cut to its first layers so that each layer type stays) and a Gemma 2
+model (logit softcap 50) record with `head_stats_every=1`, eager and sdpa, with and without left
+padding. The generated ids must equal a run without the recorder; per step and layer, each
+query's entropy and each key's normalised mass must equal those of the probabilities that eager
+attention returns (`output_attentions=True`), pad queries left out and pad keys given no mass.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+import transformers
+
+pytest.importorskip("transformers.masking_utils", reason="needs AttentionMaskInterface (transformers >= 4.53)")
+
+from kvscope.recorder.session import record  # noqa: E402
+from kvscope.trace.reader import open_trace  # noqa: E402
+from kvscope.twins.build import build_twin  # noqa: E402
+from kvscope.twins.spec import TwinSpec, list_twins, load_twin, shrink_config  # noqa: E402
+
+LAYERS = 4
+NEW_TOKENS = 6
+PROMPTS = (9, 5)  # tokens per prompt: the second is left-padded by 4 in the padded cases
+TOL = 1e-4
+
+GEMMA2 = TwinSpec("gemma2-tiny", "test", "float32", {
+    "model_type": "gemma2", "vocab_size": 256, "hidden_size": 64, "intermediate_size": 128,
+    "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 16,
+    "query_pre_attn_scalar": 24, "sliding_window": 4, "attn_logit_softcapping": 50.0})
+
+
+def _spec(name: str) -> TwinSpec:
+    if name == GEMMA2.name:
+        return GEMMA2
+    spec = shrink_config(load_twin(name))
+    cfg = dict(spec.config)
+    if cfg.get("num_hidden_layers", 0) > LAYERS:
+        cfg["num_hidden_layers"] = LAYERS
+        for key in ("layer_types", "mlp_layer_types"):
+            if isinstance(cfg.get(key), list):
+                cfg[key] = cfg[key][:LAYERS]
+        if isinstance(cfg.get("first_k_dense_replace"), int):
+            cfg["first_k_dense_replace"] = min(cfg["first_k_dense_replace"], 1)
+    return dataclasses.replace(spec, config=cfg, dtype="float32")
+
+
+def _model(name: str, attn: str) -> torch.nn.Module:
+    try:
+        return build_twin(_spec(name), dtype="float32", attn_implementation=attn, seed=1)
+    except (ValueError, ImportError) as exc:  # e.g. gpt-oss and gemma2 declare no sdpa support
+        pytest.skip(f"{name} with {attn}: {exc}")
+
+
+def _inputs(model: torch.nn.Module, padded: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    vocab = model.config.get_text_config().vocab_size
+    gen = torch.Generator().manual_seed(7)
+    length = max(PROMPTS)
+    ids = torch.randint(3, vocab - 1, (2, length), generator=gen)
+    mask = torch.ones(2, length, dtype=torch.long)
+    if padded:
+        pad = length - PROMPTS[1]
+        ids[1, :pad] = model.generation_config.pad_token_id
+        mask[1, :pad] = 0
+    return ids, mask
+
+
+def _generate(model: torch.nn.Module, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    with torch.no_grad():
+        return model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=NEW_TOKENS,
+                              min_new_tokens=NEW_TOKENS, do_sample=False)
+
+
+def _expected(probs: torch.Tensor, sink: torch.Tensor | None, rows: torch.Tensor, group: int) -> dict[str, Any]:
+    """Entropy per query row and normalised mass per key from eager probabilities [B, Hq, Tq, Tk]."""
+    entropy = -torch.xlogy(probs, probs).sum(-1)
+    if sink is not None:
+        entropy = entropy - torch.xlogy(sink, sink)
+    b, hq, tq, tk = probs.shape
+    valid = rows[:, None, :, None].to(probs.dtype)
+    total = (probs * valid).sum(dim=2).reshape(b, hq // group, group, tk).sum(dim=2)
+    count = ((probs > 0) * valid).sum(dim=2).reshape(b, hq // group, group, tk).sum(dim=2)
+    return {"entropy": entropy, "mass": torch.where(count > 0, total / count.clamp(min=1), 0.0), "seen": count > 0}
+
+
+CASES = [*list_twins(), GEMMA2.name]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("padded", [False, True], ids=["unpadded", "left-padded"])
+@pytest.mark.parametrize("attn", ["eager", "sdpa"])
+@pytest.mark.parametrize("name", CASES)
+def test_head_stats_change_nothing_and_equal_eager_probabilities(name: str, attn: str, padded: bool,
+                                                                 tmp_path: Path) -> None:
+    model = _model(name, attn)
+    ids, mask = _inputs(model, padded)
+    want = _generate(model, ids, mask)
+    with record(model, tmp_path / "t", head_stats_every=1, nvml=False) as rec:
+        rec.head_stats.raw = {}  # keep per-query entropy and per-key mass for the comparison below
+        got = _generate(model, ids, mask)
+    assert model.config._attn_implementation == attn
+    assert torch.equal(got, want), f"{name}/{attn}: recording with head statistics changed the generated ids"
+    raw = rec.head_stats.raw
+    trace = open_trace(tmp_path / "t")
+    events = trace.read("events").to_pylist() if trace.num_rows("events") else []
+    assert not [e for e in events if e["kind"] == "error"], events
+    stats = trace.read("head_stats").to_pylist()
+    assert {r["step"] for r in stats} == set(range(NEW_TOKENS))
+
+    model.set_attn_implementation("eager")
+    prompt = ids.shape[1]
+    full_mask = torch.cat([mask, torch.ones(2, NEW_TOKENS - 1, dtype=mask.dtype)], dim=1)
+    with torch.no_grad():
+        out = model(input_ids=got[:, :prompt + NEW_TOKENS - 1], attention_mask=full_mask, output_attentions=True)
+    attentions = out.attentions
+    sinks_of = {getattr(m, "layer_idx", None): m.sinks for m in model.modules() if hasattr(m, "sinks")}
+    compared = 0
+    for (gen, step, layer), r in raw.items():
+        assert gen == 0
+        context = prompt + step  # tokens in context after this step
+        tq = r["entropy"].shape[-1]
+        tk = r["mass"].shape[-1]
+        assert tq == (prompt if step == 0 else 1)
+        probs = attentions[layer][:, :, context - tq:context].double()
+        row_sum = probs.sum(-1)
+        probs = probs[..., context - tk:context]
+        sink = (1 - row_sum).clamp(min=0) if layer in sinks_of else None
+        rows = full_mask[:, context - tq:context].bool()
+        assert torch.equal(r["rows"], rows[:, None, :].expand_as(r["rows"])), (name, step, layer)
+        want_stats = _expected(probs, sink, rows, int(r["group"]))
+        sel = r["rows"]
+        torch.testing.assert_close(r["entropy"].double()[sel], want_stats["entropy"][sel], rtol=0, atol=TOL)
+        assert torch.equal(r["seen"], want_stats["seen"]), (name, step, layer)
+        torch.testing.assert_close(r["mass"].double(), want_stats["mass"], rtol=0, atol=TOL)
+        key_pad = ~full_mask[:, context - tk:context].bool()
+        assert float(r["mass"].abs()[key_pad[:, None, :].expand_as(r["mass"])].sum()) == 0.0  # pad keys: no mass
+        compared += 1
+    assert compared == NEW_TOKENS * len({k[2] for k in raw}) and compared > 0
+
+
+def test_a_statistic_that_fails_is_an_error_event_and_generation_goes_on(tmp_path: Path,
+                                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    from kvscope.kernels import api
+
+    model = _model("pythia-1.4b", "sdpa")
+    ids, mask = _inputs(model, padded=False)
+    want = _generate(model, ids, mask)
+
+    def broken(*_: Any, **__: Any) -> Any:
+        raise RuntimeError("out of resources: shared memory, Required: 262144, Hardware limit: 232448")
+
+    monkeypatch.setattr(api, "attention_entropy", broken)
+    with pytest.warns(UserWarning, match="head statistics skipped"), \
+            record(model, tmp_path / "t", head_stats_every=2, nvml=False):
+        got = _generate(model, ids, mask)
+    assert torch.equal(got, want)
+    trace = open_trace(tmp_path / "t")
+    errors = [e for e in trace.read("events").to_pylist() if e["kind"] == "error"]
+    assert errors and '"source": "head_stats"' in errors[0]["detail"] and "262144" in errors[0]["detail"]
+    stats = {r["stat"] for r in trace.read("head_stats").to_pylist()}
+    assert "key_norm_mean" in stats and "entropy_mean" not in stats  # norms kept, the failed statistic skipped
+
+
+def test_offline_options_carry_the_models_scaling_and_softcap(tmp_path: Path) -> None:
+    import json
+
+    model = _model(GEMMA2.name, "eager")
+    ids, mask = _inputs(model, padded=False)
+    with record(model, tmp_path / "t", nvml=False):
+        _generate(model, ids, mask)
+    options = json.loads(open_trace(tmp_path / "t").read("run", ["options"])["options"][0].as_py())
+    layer0 = options["attention"]["0"]
+    assert layer0["scaling"] == pytest.approx(24 ** -0.5) and layer0["softcap"] == 50.0
+    assert options["attention"]["0"]["sliding_window"] == 4 and options["attention"]["1"]["sliding_window"] is None
+    assert transformers  # the module under test is transformers' own attention
