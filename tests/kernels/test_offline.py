@@ -108,3 +108,19 @@ def test_row_values_are_plain_numbers(tmp_path: Path) -> None:
     table = open_trace(trace).read("head_stats")
     assert pc.all(pc.equal(table["value"], 2.0)).as_py()
     assert set(table["tokens"].to_pylist()) == {6}
+
+
+def test_offline_statistics_use_the_recorded_scaling_and_softcap() -> None:
+    from kvscope.kernels import reference as ref
+    from kvscope.kernels.offline import _Rows, stats_for_sample
+
+    torch.manual_seed(2)
+    q, k = torch.randn(1, 2, 6, 16) * 3, torch.randn(1, 1, 6, 16) * 3
+    rows = _Rows()
+    stats_for_sample(("r", 0, 0, 0), {"q": q, "k": k}, rows, layer_type="full_attention", window=None,
+                     low_mass_threshold=0.1, scale=24 ** -0.5, softcap=5.0)
+    got = [v for s, v in zip(rows.columns["stat"], rows.columns["value"], strict=True) if s == "entropy_mean"]
+    want = ref.attention_entropy(q, k, scale=24 ** -0.5, softcap=5.0)[0].mean(dim=(0, 2))
+    plain = ref.attention_entropy(q, k)[0].mean(dim=(0, 2))
+    torch.testing.assert_close(torch.tensor(got), want, rtol=1e-4, atol=1e-5)
+    assert float((want - plain).abs().max()) > 1e-2  # 1/sqrt(D) without the cap would read otherwise

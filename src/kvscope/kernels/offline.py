@@ -87,6 +87,48 @@ def _sliding_windows(trace: Trace) -> tuple[dict[tuple[Any, ...], str], dict[str
     return types, windows
 
 
+def attention_settings(trace: Trace) -> dict[str, dict[int, dict[str, Any]]]:
+    """Per run and layer, the logit scaling, softcap and window the model's attention uses.
+
+    From the run's `options["attention"]` (what the recorder read off the attention modules), else
+    from the config: Gemma 2/3 scale by query_pre_attn_scalar^-1/2 and cap logits with
+    attn_logit_softcapping; otherwise 1/sqrt(head_dim) applies (and is what the kernels default to).
+    """
+    settings: dict[str, dict[int, dict[str, Any]]] = {}
+    columns = ["run_id", "model_config", *(["options"] if trace.has_column("run", "options") else [])]
+    for row in trace.read("run", columns).to_pylist():
+        per_layer: dict[int, dict[str, Any]] = {}
+        options = _json_object(row.get("options"))
+        recorded = options.get("attention")
+        if isinstance(recorded, dict):
+            for layer, values in recorded.items():
+                if isinstance(values, dict) and str(layer).isdigit():
+                    per_layer[int(layer)] = {k: values.get(k) for k in ("scaling", "softcap", "sliding_window")}
+        if not per_layer:
+            config = _json_object(row.get("model_config"))
+            text = config.get("text_config") if isinstance(config.get("text_config"), dict) else config
+            scalar = text.get("query_pre_attn_scalar")
+            cap = text.get("attn_logit_softcapping")
+            default = {"scaling": float(scalar) ** -0.5 if isinstance(scalar, (int, float)) and scalar > 0 else None,
+                       "softcap": float(cap) if isinstance(cap, (int, float)) and cap > 0 else None}
+            per_layer = {-1: default}
+        settings[row["run_id"]] = per_layer
+    return settings
+
+
+def _json_object(text: Any) -> dict[str, Any]:
+    try:
+        value = json.loads(text) if isinstance(text, str) else {}
+    except (json.JSONDecodeError, RecursionError):
+        return {}
+    return value if isinstance(value, dict) else {}
+
+
+def _layer_settings(settings: dict[str, dict[int, dict[str, Any]]], key: tuple[Any, ...]) -> dict[str, Any]:
+    per_layer = settings.get(key[0], {})
+    return per_layer.get(int(key[3]), per_layer.get(-1, {}))
+
+
 def _groups(trace: Trace) -> Iterator[tuple[tuple[Any, ...], dict[str, dict[str, Any]]]]:
     """kv_samples rows grouped by (run, gen, step, layer), one part file at a time."""
     for part in trace.parts.get("kv_samples", []):
@@ -122,7 +164,7 @@ class _Rows:
 
 def stats_for_sample(
     key: tuple[Any, ...], tensors: dict[str, torch.Tensor], rows: _Rows, *, layer_type: str | None,
-    window: int | None, low_mass_threshold: float,
+    window: int | None, low_mass_threshold: float, scale: float | None = None, softcap: float | None = None,
 ) -> None:
     """Append the statistics of one (run, gen, step, layer) sample to `rows`."""
     latent = tensors.get("latent")
@@ -145,9 +187,10 @@ def stats_for_sample(
     if "q" in tensors and "k" in tensors:
         q, k = _as_bhtd(tensors["q"]), _as_bhtd(tensors["k"])
         win = window if layer_type == "sliding_attention" else None
-        entropy, lse = api.attention_entropy(q, k, causal=True, window=win)
+        entropy, lse = api.attention_entropy(q, k, scale=scale, causal=True, window=win, softcap=softcap)
         rows.add(key, "entropy_mean", entropy.mean(dim=(0, 2)).tolist(), k.shape[2])
-        mass = api.attention_mass(q, k, causal=True, window=win, lse=lse, normalize=True)  # [B, Hkv, Tk]
+        mass = api.attention_mass(q, k, scale=scale, causal=True, window=win, lse=lse, normalize=True,
+                                  softcap=softcap)  # [B, Hkv, Tk]
         low = (mass < low_mass_threshold / max(k.shape[2], 1)).float().mean(dim=(0, 2))
         rows.add(key, "low_mass_fraction", low.tolist(), k.shape[2])
 
@@ -180,6 +223,7 @@ def compute_head_stats(
         trace = open_trace(path)
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     types, windows = _sliding_windows(trace)
+    settings = attention_settings(trace)
     keys = trace.read("kv_samples", list(KEY_COLUMNS))
     total = len(keys.group_by(list(KEY_COLUMNS)).aggregate([]))
     rows = _Rows()
@@ -189,8 +233,11 @@ def compute_head_stats(
         tensors = {name: decode_tensor(r["data"], r["shape"], r["dtype"], dev) for name, r in samples.items()}
         if tensors:
             backend = api.backend_for(next(iter(tensors.values())))
-        stats_for_sample(key, tensors, rows, layer_type=types.get(key), window=windows.get(key[0]),
-                         low_mass_threshold=low_mass_threshold)
+        layer = _layer_settings(settings, key)
+        stats_for_sample(key, tensors, rows, layer_type=types.get(key),
+                         window=layer.get("sliding_window") or windows.get(key[0]),
+                         low_mass_threshold=low_mass_threshold, scale=layer.get("scaling"),
+                         softcap=layer.get("softcap"))
         done += 1
         if progress is not None:
             progress(done, total)
