@@ -96,3 +96,26 @@ def test_online_and_offline_on_gpu(tmp_path: Path) -> None:
     want = reference.head_norms(k)[0, 1].mean().item()
     assert got[(1, "key_norm_mean")] == pytest.approx(want, rel=1e-3)
     assert got[(1, "value_norm_mean")] == pytest.approx(2 * want, rel=1e-3)
+
+
+@pytest.mark.parametrize("head_dim", [256, 512])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_large_head_dims_with_a_padding_mask_and_softcap_on_gpu(head_dim: int, dtype: torch.dtype) -> None:
+    """Gemma 3 (256) and Gemma 4 full layers (512): tiles fit the shared memory; masks and softcap."""
+    torch.manual_seed(head_dim)
+    b, hq, hkv, tq, tk = 2, 8, 4, 300, 300
+    q = (torch.randn(b, hq, tq, head_dim, device=DEV) * 0.5).to(dtype)
+    k = (torch.randn(b, hkv, tk, head_dim, device=DEV) * 0.5).to(dtype)
+    keep = torch.ones(b, 1, tq, tk, dtype=torch.bool, device=DEV).tril()
+    keep[1, :, :, :40] = False  # left padding of the second row
+    bias = kernels.as_bias(keep, q, k)
+    entropy, lse = kernels.attention_entropy(q, k, causal=False, bias=bias, softcap=50.0, scale=0.0625)
+    want_entropy, want_lse = reference.attention_entropy(q.double(), k.double(), causal=False, bias=bias,
+                                                         softcap=50.0, scale=0.0625)
+    rows = torch.isfinite(want_lse)
+    torch.testing.assert_close(entropy[rows], want_entropy.float()[rows], rtol=1e-4, atol=2e-4)
+    mass = kernels.attention_mass(q, k, causal=False, bias=bias, softcap=50.0, scale=0.0625, lse=lse, normalize=True)
+    want = reference.attention_mass(q.double(), k.double(), causal=False, bias=bias, softcap=50.0, scale=0.0625,
+                                    normalize=True)
+    torch.testing.assert_close(mass, want.float(), rtol=1e-3, atol=1e-5)
+    assert float(mass[1, :, :40].abs().max()) == 0.0

@@ -9,7 +9,7 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
-_API = ("head_norms", "attention_entropy", "attention_mass", "gram", "latent_effective_rank", "backend_for")
+_API = ("head_norms", "attention_entropy", "attention_mass", "as_bias", "gram", "latent_effective_rank", "backend_for")
 
 __all__ = [*_API, "mla_compression_ratio", "erank_from_eigenvalues", "is_mla_config"]
 
