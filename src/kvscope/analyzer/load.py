@@ -10,7 +10,7 @@ schema's columns, so a query never depends on which optional columns a writer ch
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -20,51 +20,41 @@ import pyarrow as pa
 
 from kvscope.errors import TraceError, UsageError
 from kvscope.schema.tables import TABLES, Table
-from kvscope.trace.reader import Trace, find_traces, open_trace
+from kvscope.trace.duck import Scratch, duck_type, execute_one, file_list_sql, first_line, lock_down, quote_ident
+from kvscope.trace.duck import connect as duck_connect
+from kvscope.trace.reader import Trace, check_invariants, find_traces, open_trace
 
-# DuckDB types of the schema's Arrow types.
-_DUCK_TYPES: dict[str, str] = {
-    "int64": "BIGINT",
-    "int32": "INTEGER",
-    "string": "VARCHAR",
-    "bool": "BOOLEAN",
-    "double": "DOUBLE",
-    "binary": "BLOB",
-    "timestamp[us, tz=UTC]": "TIMESTAMPTZ",
-    "list<item: int64>": "BIGINT[]",
-    "list<item: string>": "VARCHAR[]",
-}
-
-
-def duck_type(arrow_type: pa.DataType) -> str:
-    """The DuckDB type name of one of the schema's Arrow types."""
-    try:
-        return _DUCK_TYPES[str(arrow_type)]
-    except KeyError:
-        raise TypeError(f"no DuckDB type for {arrow_type}") from None
-
-
-def _sql_str(text: str) -> str:
-    return "'" + text.replace("'", "''") + "'"
+__all__ = ["LoadedTraces", "duck_type", "load_opened", "load_traces", "view_sql"]
 
 
 def view_sql(table: Table, files: Sequence[Path], present: set[str]) -> str:
-    """The SELECT of one table's view: its schema's columns (cast), then any extra columns."""
+    """The SELECT of one table's view: its schema's columns (cast), then any extra columns.
+
+    Column names are quoted identifiers and file names exact (escaped) paths, so no name in a
+    trace can end the statement or widen the file list.
+    """
     if not files:
-        cols = ", ".join(f"CAST(NULL AS {duck_type(c.type)}) AS {c.name}" for c in table.columns)
+        cols = ", ".join(f"CAST(NULL AS {duck_type(c.type)}) AS {quote_ident(c.name)}" for c in table.columns)
         return f"SELECT {cols} WHERE false"
     exprs = []
     for col in table.columns:
-        source = col.name if col.name in present else "NULL"
-        exprs.append(f"CAST({source} AS {duck_type(col.type)}) AS {col.name}")
+        source = quote_ident(col.name) if col.name in present else "NULL"
+        exprs.append(f"CAST({source} AS {duck_type(col.type)}) AS {quote_ident(col.name)}")
     extra = sorted(present - set(table.column_names))
-    exprs.extend(f'"{name}"' for name in extra)
-    listing = ", ".join(_sql_str(str(p)) for p in files)
-    return f"SELECT {', '.join(exprs)} FROM read_parquet([{listing}], union_by_name = true)"
+    exprs.extend(quote_ident(name) for name in extra)
+    return f"SELECT {', '.join(exprs)} FROM read_parquet({file_list_sql(files)}, union_by_name = true)"
 
 
 def default_threads() -> int:
     return max(1, os.cpu_count() or 1)
+
+
+# DuckDB errors that a trace's data can cause (a corrupt page, a value out of range, memory):
+# they become a TraceError (exit 2) naming the traces; others (a binder error) are bugs.
+_DATA_ERRORS: tuple[type[BaseException], ...] = (
+    duckdb.OutOfMemoryException, duckdb.IOException, duckdb.InvalidInputException,
+    duckdb.ConversionException, duckdb.OutOfRangeException,
+)
 
 
 @dataclass
@@ -72,13 +62,17 @@ class LoadedTraces:
     """Traces opened as one set of DuckDB views (one connection) and Polars lazy frames.
 
     Detectors read through `sql()`; derived per-layer summaries that several detectors share are
-    computed once and kept as small temporary tables (`cached_table`).
+    computed once and kept as small temporary tables (`cached_table`). `skipped` lists the traces
+    that `load_traces(..., skip_bad=True)` left out, each with the reason.
     """
 
     traces: list[Trace]
     con: duckdb.DuckDBPyConnection
     present: dict[str, set[str]] = field(default_factory=dict)
     _cache: dict[str, str] = field(default_factory=dict)
+    scratch: Scratch | None = None
+    skipped: list[tuple[Path, str]] = field(default_factory=list)
+    memory_limit: str = "1GB"
 
     @property
     def paths(self) -> list[Path]:
@@ -87,6 +81,9 @@ class LoadedTraces:
     def files(self, table: str) -> list[Path]:
         return [p.path for t in self.traces for p in t.parts.get(table, [])]
 
+    def all_files(self) -> list[Path]:
+        return [p.path for t in self.traces for parts in t.parts.values() for p in parts]
+
     def has_column(self, table: str, column: str) -> bool:
         """Whether at least one part of the table holds the column (otherwise the view has NULLs)."""
         return column in self.present.get(table, set())
@@ -94,24 +91,44 @@ class LoadedTraces:
     def num_rows(self, table: str) -> int:
         return sum(t.num_rows(table) for t in self.traces)
 
+    def data_error(self, exc: BaseException) -> TraceError:
+        """The TraceError of a DuckDB error that the traces' data caused."""
+        where = ", ".join(str(p) for p in self.paths[:3]) + (" ..." if len(self.paths) > 3 else "")
+        if isinstance(exc, duckdb.OutOfMemoryException):
+            return TraceError(f"{where}: reading the trace ran out of memory (DuckDB memory_limit "
+                              f"{self.memory_limit}): {first_line(exc)}")
+        return TraceError(f"{where}: the trace's data cannot be read: {first_line(exc)}")
+
     def sql(self, query: str, params: Sequence[Any] | None = None) -> list[tuple[Any, ...]]:
         """Run a query and fetch every row (a DuckDB 2.x execute() must be fetched to the end)."""
-        return self.con.execute(query, params or []).fetchall()
+        try:
+            return self.con.execute(query, params or []).fetchall()
+        except _DATA_ERRORS as exc:
+            raise self.data_error(exc) from exc
 
     def arrow(self, query: str) -> pa.Table:
         """Run a query and return its result as an Arrow table."""
-        return self.con.sql(query).to_arrow_table()
+        try:
+            return self.con.sql(query).to_arrow_table()
+        except _DATA_ERRORS as exc:
+            raise self.data_error(exc) from exc
 
     def records(self, query: str) -> list[dict[str, Any]]:
         """Run a query and return its rows as dictionaries (for small, aggregated results)."""
-        rel = self.con.sql(query)
-        names = rel.columns
-        return [dict(zip(names, row, strict=True)) for row in rel.fetchall()]
+        try:
+            rel = self.con.sql(query)
+            names = rel.columns
+            return [dict(zip(names, row, strict=True)) for row in rel.fetchall()]
+        except _DATA_ERRORS as exc:
+            raise self.data_error(exc) from exc
 
     def cached_table(self, name: str, query: str) -> str:
         """Materialise `query` once as temporary table `name` and return the name."""
         if name not in self._cache:
-            self.con.execute(f"CREATE OR REPLACE TEMP TABLE {name} AS {query}").fetchall()
+            try:
+                self.con.execute(f"CREATE OR REPLACE TEMP TABLE {quote_ident(name)} AS {query}").fetchall()
+            except _DATA_ERRORS as exc:
+                raise self.data_error(exc) from exc
             self._cache[name] = query
         return name
 
@@ -127,14 +144,21 @@ class LoadedTraces:
         return pl.scan_parquet(
             files,
             schema=dict(schema),
+            glob=False,  # part names are exact: a '*' or '[' in a name is not a wildcard
             missing_columns="insert",
             extra_columns="ignore",
             cast_options=pl.ScanCastOptions(integer_cast="upcast", float_cast="upcast",
                                             categorical_to_string="allow"),
         )
 
+    def lock_down(self) -> None:
+        """Let the connection read only these traces' part files (see `kvscope.trace.duck.lock_down`)."""
+        lock_down(self.con, self.all_files())
+
     def close(self) -> None:
         self.con.close()
+        if self.scratch is not None:
+            self.scratch.close()
 
     def __enter__(self) -> LoadedTraces:
         return self
@@ -143,44 +167,77 @@ class LoadedTraces:
         self.close()
 
 
-def connect(threads: int | None = None, memory_limit: str = "1GB") -> duckdb.DuckDBPyConnection:
-    """An in-memory DuckDB connection sized for analysis on a small machine."""
-    con = duckdb.connect(":memory:")
-    con.execute(f"SET threads = {threads or default_threads()}").fetchall()
-    con.execute(f"SET memory_limit = {_sql_str(memory_limit)}").fetchall()
-    con.execute("SET preserve_insertion_order = false").fetchall()
-    return con
+def connect(threads: int | None = None, memory_limit: str = "1GB",
+            scratch: Scratch | None = None) -> duckdb.DuckDBPyConnection:
+    """An in-memory DuckDB connection sized for analysis on a small machine (no extension autoload)."""
+    return duck_connect(threads or default_threads(), memory_limit, scratch)
 
 
 def load_opened(traces: list[Trace], *, threads: int | None = None, memory_limit: str = "1GB") -> LoadedTraces:
     """Create the views over already opened traces."""
     if not traces:
         raise UsageError("no traces to analyse.")
-    con = connect(threads, memory_limit)
-    loaded = LoadedTraces(traces, con)
-    for name, table in TABLES.items():
-        parts = [p for t in traces for p in t.parts.get(name, [])]
-        present = {c for p in parts for c in p.column_names}
-        loaded.present[name] = present
-        try:
-            con.execute(f"CREATE OR REPLACE VIEW {name} AS {view_sql(table, [p.path for p in parts], present)}").fetchall()
-        except duckdb.Error as exc:
-            raise TraceError(f"table '{name}' of {', '.join(str(t.path) for t in traces)} cannot be loaded: {exc}") from exc
+    scratch = Scratch()
+    con = connect(threads, memory_limit, scratch)
+    loaded = LoadedTraces(traces, con, scratch=scratch, memory_limit=memory_limit)
+    try:
+        for name, table in TABLES.items():
+            parts = [p for t in traces for p in t.parts.get(name, [])]
+            present = {c for p in parts for c in p.column_names}
+            loaded.present[name] = present
+            try:
+                execute_one(con, f"CREATE OR REPLACE VIEW {quote_ident(name)} AS "
+                                 f"{view_sql(table, [p.path for p in parts], present)}")
+            except duckdb.Error as exc:
+                raise TraceError(f"table '{name}' of {', '.join(str(t.path) for t in traces)} cannot be loaded: "
+                                 f"{first_line(exc)}") from exc
+    except BaseException:
+        loaded.close()
+        raise
     return loaded
 
 
+def open_checked(path: Path, *, validate: bool = True) -> Trace:
+    """Open one trace and, with `validate`, check it as `kvscope inspect` does (TraceError if invalid)."""
+    trace = open_trace(path)
+    if validate:
+        report = check_invariants(trace)
+        if not report.ok:
+            more = f" (and {len(report.errors) - 1} more problem(s); see kvscope inspect)" if len(report.errors) > 1 else ""
+            raise TraceError(f"{path}: the trace breaks the format's invariants: {report.errors[0]}{more} "
+                             "Use --no-validate to read it anyway.")
+    return trace
+
+
 def load_traces(paths: Sequence[str | os.PathLike[str]], *, threads: int | None = None,
-                memory_limit: str = "1GB", progress: bool = False) -> LoadedTraces:
-    """Open one trace, several, or folders of traces, and load them as views."""
+                memory_limit: str = "1GB", progress: bool = False, validate: bool = True,
+                skip_bad: bool = False) -> LoadedTraces:
+    """Open one trace, several, or folders of traces, validate them and load them as views.
+
+    `validate` runs the checks of `kvscope inspect` first (a TraceError for a trace that fails
+    them). With `skip_bad`, a trace that cannot be opened or fails validation is left out and
+    listed in `skipped` instead, as long as one trace is left.
+    """
     found = list(dict.fromkeys(p.resolve() for p in find_traces(list(paths))))  # a trace named twice counts once
+    opening: Iterable[Path] = found
     if progress and len(found) > 10:
         from rich.progress import track
 
-        traces = [open_trace(p) for p in track(found, description="opening traces", transient=True,
-                                                console=_stderr_console())]
-    else:
-        traces = [open_trace(p) for p in found]
-    return load_opened(traces, threads=threads, memory_limit=memory_limit)
+        opening = track(found, description="opening traces", transient=True, console=_stderr_console())
+    traces: list[Trace] = []
+    skipped: list[tuple[Path, str]] = []
+    for p in opening:
+        try:
+            traces.append(open_checked(p, validate=validate))
+        except TraceError as exc:
+            if not skip_bad:
+                raise
+            skipped.append((p, str(exc)))
+    if not traces and skipped:
+        raise TraceError(f"every trace is bad; the first: {skipped[0][1]}")
+    loaded = load_opened(traces, threads=threads, memory_limit=memory_limit)
+    loaded.skipped = skipped
+    return loaded
 
 
 def _stderr_console() -> Any:

@@ -1,4 +1,11 @@
-"""Ad-hoc SQL over loaded traces: the library side of `kvscope sql`."""
+"""Ad-hoc SQL over loaded traces: the library side of `kvscope sql`.
+
+By default the query runs on a locked-down connection: it reads only the part files of the
+traces given (DuckDB's `enable_external_access = false` with `allowed_paths`), installs and
+autoloads no extension, cannot change a setting (`lock_configuration`), and must be exactly one
+read-only statement (SELECT, WITH, FROM, VALUES, DESCRIBE, SHOW, SUMMARIZE, EXPLAIN). `unsafe=True`
+(`kvscope sql --unsafe`) gives plain DuckDB, for a user's own traces on their own machine.
+"""
 
 from __future__ import annotations
 
@@ -12,6 +19,7 @@ import duckdb
 
 from kvscope.analyzer.load import LoadedTraces, load_traces
 from kvscope.errors import UsageError
+from kvscope.trace.duck import first_line, one_read_only_statement
 
 
 def _plain(x: Any) -> Any:
@@ -26,30 +34,59 @@ def _plain(x: Any) -> Any:
     return x
 
 
+def _relation(tables: LoadedTraces, query: str) -> duckdb.DuckDBPyRelation | None:
+    try:
+        return tables.con.sql(query)
+    except (duckdb.OutOfMemoryException, duckdb.IOException) as exc:
+        raise tables.data_error(exc) from exc
+    except duckdb.Error as exc:
+        raise UsageError(f"the query failed: {first_line(exc)}") from exc
+
+
 def query_rows(tables: LoadedTraces, query: str) -> tuple[list[str], list[tuple[Any, ...]]]:
     """Column names and rows of a query; a bad query is a UsageError (exit 2)."""
+    rel = _relation(tables, query)
+    if rel is None:
+        return [], []
     try:
-        rel = tables.con.sql(query)
-        if rel is None:
-            return [], []
         return list(rel.columns), rel.fetchall()
+    except (duckdb.OutOfMemoryException, duckdb.IOException) as exc:
+        raise tables.data_error(exc) from exc
     except duckdb.Error as exc:
-        raise UsageError(f"the query failed: {str(exc).strip().splitlines()[0]}") from exc
+        raise UsageError(f"the query failed: {first_line(exc)}") from exc
 
 
-def _sql_str(text: str) -> str:
-    return "'" + text.replace("'", "''") + "'"
+def _write_parquet(tables: LoadedTraces, query: str, output: str) -> None:
+    """Stream the query's result into a Parquet file (Arrow batches; DuckDB never opens `output`)."""
+    import pyarrow.parquet as pq
+
+    rel = _relation(tables, query)
+    if rel is None:
+        raise UsageError("the query returns no result to write.")
+    try:
+        reader = rel.to_arrow_reader(batch_size=65536) if hasattr(rel, "to_arrow_reader") \
+            else rel.fetch_record_batch(65536)
+        with pq.ParquetWriter(output, reader.schema, compression="zstd") as writer:
+            for batch in reader:
+                writer.write_batch(batch)
+    except (duckdb.OutOfMemoryException, duckdb.IOException) as exc:
+        raise tables.data_error(exc) from exc
+    except duckdb.Error as exc:
+        raise UsageError(f"the query failed: {first_line(exc)}") from exc
+    except OSError as exc:
+        raise UsageError(f"{output}: cannot write the result ({exc.strerror or exc}).") from exc
 
 
-def run_query(paths: Sequence[str], query: str, fmt: str, output: str | None, limit: int = 1000) -> str | None:
+def run_query(paths: Sequence[str], query: str, fmt: str, output: str | None, limit: int = 1000, *,
+              unsafe: bool = False, validate: bool = True) -> str | None:
     """Run `query` over the traces; print a table, or return CSV/JSON text, or write Parquet."""
-    with load_traces(paths) as tables:
+    with load_traces(paths, validate=validate) as tables:
+        if not unsafe:
+            tables.lock_down()
+            one_read_only_statement(tables.con, query)
         if fmt == "parquet":
             assert output is not None
-            try:
-                tables.con.execute(f"COPY ({query.strip().rstrip(';')}) TO {_sql_str(output)} (FORMAT parquet)").fetchall()
-            except duckdb.Error as exc:
-                raise UsageError(f"the query failed: {str(exc).strip().splitlines()[0]}") from exc
+            _write_parquet(tables, query, output)
             return None
         columns, rows = query_rows(tables, query)
     if fmt == "csv":
@@ -68,12 +105,15 @@ def run_query(paths: Sequence[str], query: str, fmt: str, output: str | None, li
 def _print_table(columns: list[str], rows: list[tuple[Any, ...]], limit: int, output: str | None) -> None:
     from rich.console import Console
     from rich.table import Table
+    from rich.text import Text
+
+    from kvscope.trace.text import clean
 
     table = Table(show_edge=False)
     for name in columns:
-        table.add_column(name, overflow="fold")
+        table.add_column(Text(clean(name)), overflow="fold")
     for row in rows[:limit]:
-        table.add_row(*("NULL" if v is None else str(_plain(v)) for v in row))
+        table.add_row(*(Text("NULL" if v is None else clean(_plain(v))) for v in row))
     if output is not None:
         with open(output, "w", encoding="utf-8") as handle:
             Console(file=handle, width=200).print(table)

@@ -16,15 +16,24 @@ from kvscope.errors import EXIT_OK, UsageError
               help="Write the result to this file (required for parquet).")
 @click.option("--limit", type=int, default=1000, show_default=True,
               help="Rows shown by --format table (the others write every row).")
-def sql_command(traces: tuple[str, ...], query: str, fmt: str, output: str | None, limit: int) -> int:
-    """Run one SQL query over the views run, generations, steps, layers, events, kv_samples, head_stats."""
+@click.option("--unsafe", is_flag=True,
+              help="Plain DuckDB: any statement, any file, extensions, settings. Only for your own traces on "
+                   "your own machine; by default one read-only query that reads only the traces given.")
+@click.option("--no-validate", is_flag=True, help="Skip the checks of `kvscope inspect` (faster on big traces).")
+def sql_command(traces: tuple[str, ...], query: str, fmt: str, output: str | None, limit: int, unsafe: bool,
+                no_validate: bool) -> int:
+    """Run one SQL query over the views run, generations, steps, layers, events, kv_samples, head_stats.
+
+    The query is one read-only statement that can read only the traces given (no other file, no
+    network, no extension, no setting); --unsafe lifts this.
+    """
     from kvscope.analyzer.sql import run_query
 
     if not traces:
         raise UsageError("give at least one trace before the query.")
     if fmt == "parquet" and output is None:
         raise UsageError("--format parquet needs -o FILE.")
-    text = run_query(list(traces), query, fmt, output, limit)
+    text = run_query(list(traces), query, fmt, output, limit, unsafe=unsafe, validate=not no_validate)
     if text is not None:
         if output is not None:
             with open(output, "w", encoding="utf-8") as handle:
