@@ -5,11 +5,15 @@ the generation, from the step totals, never less than the overall slope) extrapo
 peak device memory in use (NVML, else reserved, else allocated) to the device's total memory
 (steps.nvml_total_bytes, else run.nvml_total_bytes). The batch forecast scales the KV bytes per
 sequence at the recorded context and keeps everything else (weights, workspaces) fixed.
+When the run was capped (run.memory_limit_bytes: set_per_process_memory_fraction, a MIG slice, an
+MPS limit), the cap is the total and the caching allocator's reserved bytes are what it counts.
 """
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
+from typing import Any
 
 from kvscope.analyzer.findings import Finding, human_bytes
 from kvscope.analyzer.load import LoadedTraces
@@ -28,21 +32,44 @@ class Config:
     min_batch: int = 1
 
 
+def limit_name(options: str | None, limit: float) -> str:
+    """What capped the run, from run.options' memory_limit (written by the recorder)."""
+    try:
+        info: dict[str, Any] = json.loads(options or "{}").get("memory_limit") or {}
+    except (ValueError, AttributeError):
+        info = {}
+    sources = info.get("sources") or [{}]
+    kind = sources[0].get("kind")
+    if kind == "per_process_memory_fraction":
+        return (f"the {human_bytes(limit)} allowed by torch.cuda.set_per_process_memory_fraction"
+                f"({sources[0].get('fraction'):.3g}) of {human_bytes(sources[0].get('device_bytes'))}")
+    if kind == "mig_or_visible_memory":
+        return f"the {human_bytes(limit)} of the MIG slice (the GPU has {human_bytes(sources[0].get('nvml_total_bytes'))})"
+    if kind == "mps_pinned_device_mem_limit":
+        return f"the {human_bytes(limit)} of CUDA_MPS_PINNED_DEVICE_MEM_LIMIT={sources[0].get('value')}"
+    return f"the {human_bytes(limit)} memory limit"
+
+
 def detect(t: LoadedTraces, cfg: Config) -> list[Finding]:
     fits = step_fits(t)
     rows = t.records(f"""
-        WITH mem AS (
-          SELECT s.run_id, s.gen_id,
-            coalesce(max(s.nvml_total_bytes), any_value(r.nvml_total_bytes)) AS total,
-            max(coalesce(s.nvml_used_bytes, s.reserved_bytes, s.allocated_bytes)) AS peak_used,
+        WITH r AS (
+          SELECT run_id, any_value(nvml_total_bytes) AS nvml_total_bytes, any_value(memory_limit_bytes) AS cap,
+                 any_value(options) AS options FROM run GROUP BY run_id
+        ), mem AS (
+          SELECT s.run_id, s.gen_id, any_value(r.cap) AS cap, any_value(r.options) AS options,
+            coalesce(any_value(r.cap), max(s.nvml_total_bytes), any_value(r.nvml_total_bytes)) AS total,
+            -- under a cap the allocator's reserved bytes are what it counts; else all the device uses
+            CASE WHEN any_value(r.cap) IS NOT NULL AND max(s.reserved_bytes) IS NOT NULL THEN max(s.reserved_bytes)
+                 ELSE max(coalesce(s.nvml_used_bytes, s.reserved_bytes, s.allocated_bytes)) END AS peak_used,
             greatest(coalesce(max(s.batch_size), 1), 1) AS batch,
             max(s.num_ooms) - min(s.num_ooms) AS new_ooms
-          FROM steps s LEFT JOIN run r USING (run_id) GROUP BY s.run_id, s.gen_id
+          FROM steps s LEFT JOIN r USING (run_id) GROUP BY s.run_id, s.gen_id
         ), ev AS (
           SELECT run_id, gen_id, count(*) AS oom_events FROM events WHERE kind = 'oom' GROUP BY ALL
         )
         SELECT f.run_id, f.gen_id, f.max_seq_len AS context, f.last_kv_bytes AS kv_bytes, m.total, m.peak_used,
-          m.batch, greatest(coalesce(f.slope_last, f.slope, 0), coalesce(f.slope, 0)) AS rate,
+          m.batch, m.cap, m.options, greatest(coalesce(f.slope_last, f.slope, 0), coalesce(f.slope, 0)) AS rate,
           coalesce(m.new_ooms, 0) + coalesce(ev.oom_events, 0) AS ooms
         FROM {fits} f JOIN mem m USING (run_id, gen_id) LEFT JOIN ev USING (run_id, gen_id)
         WHERE m.total > 0 AND m.peak_used IS NOT NULL ORDER BY f.run_id, f.gen_id
@@ -56,7 +83,7 @@ def detect(t: LoadedTraces, cfg: Config) -> list[Finding]:
         evidence = {"total_bytes": r["total"], "peak_used_bytes": r["peak_used"], "headroom_bytes": headroom,
                     "bytes_per_token": r["rate"], "context_tokens": r["context"], "batch_size": r["batch"],
                     "kv_bytes_per_sequence": per_seq, "max_batch_size": max_batch, "tokens_to_oom": tokens,
-                    "ooms": r["ooms"]}
+                    "ooms": r["ooms"], "memory_limit_bytes": r["cap"]}
         at = (f"would run out at about {tokens:,.0f} tokens of context" if tokens is not None
               else "would not run out from cache growth (the cache stopped growing)")
         batch_text = f" and at batch size {max_batch + 1}" if max_batch is not None else ""
@@ -70,9 +97,10 @@ def detect(t: LoadedTraces, cfg: Config) -> list[Finding]:
         # a cache that stopped growing never runs out by tokens: then the batch size is the forecast
         metric, value, threshold = (("tokens_to_oom", tokens, limit) if tokens is not None
                                     else ("max_batch_size", float(max_batch or 0), float(cfg.min_batch)))
+        of = limit_name(r["options"], r["total"]) if r["cap"] is not None else human_bytes(r["total"])
         findings.append(Finding(
             NAME, severity, r["run_id"], r["gen_id"], None, metric, value, threshold,
-            f"with {human_bytes(headroom)} free of {human_bytes(r['total'])} and {human_bytes(r['rate'])} more per "
+            f"with {human_bytes(headroom)} free of {of} and {human_bytes(r['rate'])} more per "
             f"token, this run {at}{batch_text}; {advice}",
             evidence,
         ))
