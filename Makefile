@@ -10,7 +10,7 @@ TORCH_SPEC ?= torch==2.13.0
 COMPAT_TRANSFORMERS ?= 4.46.3 4.57.6
 DEMO_DIR ?= demo-trace
 
-.PHONY: demo test lint unit compat docs clean
+.PHONY: demo test lint unit compat browser-test docs clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -21,13 +21,21 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install -q optimum-quanto
 	touch $@
 
-test: lint unit compat
+test: lint unit compat browser-test
 
 lint: $(VENV)/.installed
 	$(PY) -m ruff check src tests scripts
 
 unit: $(VENV)/.installed
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -m "not browser"
+
+# The HTML report opened in headless Chromium (Debian's `chromium`, installed here when missing):
+# every chart drawn, no console error, no network request; screenshot in build/artifacts/report.png.
+browser-test: $(VENV)/.installed
+	@command -v chromium >/dev/null 2>&1 || { apt-get update -qq && \
+	  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends chromium >/dev/null; }
+	@start=$$(date +%s); $(PY) -m pytest -q -m browser tests/report && \
+	  echo "browser-test: $$(( $$(date +%s) - start )) s (screenshot: build/artifacts/report.png)"
 
 # Recorder tests against older transformers releases, each in its own environment.
 compat: $(VENV)/.installed
