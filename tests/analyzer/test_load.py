@@ -6,6 +6,7 @@ import shutil
 from pathlib import Path
 
 import polars as pl
+import pytest
 from analyzer_helpers import layer_rows, merge, run_row, step_rows, write_part
 
 from kvscope.analyzer import analyze, load_traces
@@ -58,7 +59,12 @@ def test_a_folder_of_traces_loads_as_one_set(tmp_path: Path, synth) -> None:  # 
         assert t.sql("SELECT count(*) FROM run") == [(3,)]
 
 
-def test_superseded_parts_and_temporary_files_are_left_out(tmp_path: Path) -> None:
+def test_leftover_parts_refused_until_compacted_and_temporary_files_left_out(tmp_path: Path) -> None:
+    """Parts an older kvscope's crashed compaction left next to the merged part are not hidden on the
+    word of `kvscope.replaces` (plain readers count them too): the trace is refused until `compact`."""
+    from kvscope.errors import TraceError
+    from kvscope.trace.compact import compact_trace
+
     trace = tmp_path / "t"
     writer = TraceWriter(trace)
     writer.extend("run", run_row("w"))
@@ -71,6 +77,11 @@ def test_superseded_parts_and_temporary_files_are_left_out(tmp_path: Path) -> No
     for name, data in saved.items():  # a crash between writing the merged part and deleting these
         (trace / "steps" / name).write_bytes(data)
     (trace / "steps" / ".part-halfwritten.parquet.tmp").write_bytes(b"PAR1 garbage")
+    with pytest.raises(TraceError, match="read twice"):
+        load_traces([trace])
+    with load_traces([trace], validate=False) as t:
+        assert t.sql("SELECT count(*), sum(kv_bytes) FROM steps") == [(4, 600)]
+    compact_trace(trace)
     with load_traces([trace]) as t:
         assert t.sql("SELECT count(*), sum(kv_bytes) FROM steps") == [(2, 300)]
 

@@ -19,30 +19,12 @@ import duckdb
 import pyarrow as pa
 
 from kvscope.errors import TraceError, UsageError
-from kvscope.schema.tables import TABLES, Table
-from kvscope.trace.duck import Scratch, duck_type, execute_one, file_list_sql, first_line, lock_down, quote_ident
+from kvscope.schema.tables import TABLES
+from kvscope.trace.duck import Scratch, duck_type, execute_one, first_line, lock_down, quote_ident, view_sql
 from kvscope.trace.duck import connect as duck_connect
 from kvscope.trace.reader import Trace, check_invariants, find_traces, open_trace
 
 __all__ = ["LoadedTraces", "duck_type", "load_opened", "load_traces", "view_sql"]
-
-
-def view_sql(table: Table, files: Sequence[Path], present: set[str]) -> str:
-    """The SELECT of one table's view: its schema's columns (cast), then any extra columns.
-
-    Column names are quoted identifiers and file names exact (escaped) paths, so no name in a
-    trace can end the statement or widen the file list.
-    """
-    if not files:
-        cols = ", ".join(f"CAST(NULL AS {duck_type(c.type)}) AS {quote_ident(c.name)}" for c in table.columns)
-        return f"SELECT {cols} WHERE false"
-    exprs = []
-    for col in table.columns:
-        source = quote_ident(col.name) if col.name in present else "NULL"
-        exprs.append(f"CAST({source} AS {duck_type(col.type)}) AS {quote_ident(col.name)}")
-    extra = sorted(present - set(table.column_names))
-    exprs.extend(quote_ident(name) for name in extra)
-    return f"SELECT {', '.join(exprs)} FROM read_parquet({file_list_sql(files)}, union_by_name = true)"
 
 
 def default_threads() -> int:

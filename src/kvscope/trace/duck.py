@@ -64,6 +64,24 @@ def glob_escape(path: str) -> str:
     return _GLOB_CHARS.sub(r"[\1]", path)
 
 
+def view_sql(table: Any, files: Sequence[Path], present: set[str]) -> str:
+    """The SELECT of one table's view: its schema's columns (cast), then any extra columns.
+
+    Column names are quoted identifiers and file names exact (escaped) paths, so no name in a
+    trace can end the statement or widen the file list. `table` is a `kvscope.schema.tables.Table`.
+    """
+    if not files:
+        cols = ", ".join(f"CAST(NULL AS {duck_type(c.type)}) AS {quote_ident(c.name)}" for c in table.columns)
+        return f"SELECT {cols} WHERE false"
+    exprs = []
+    for col in table.columns:
+        source = quote_ident(col.name) if col.name in present else "NULL"
+        exprs.append(f"CAST({source} AS {duck_type(col.type)}) AS {quote_ident(col.name)}")
+    extra = sorted(present - set(table.column_names))
+    exprs.extend(quote_ident(name) for name in extra)
+    return f"SELECT {', '.join(exprs)} FROM read_parquet({file_list_sql(files)}, union_by_name = true)"
+
+
 def execute_one(con: Any, statement: str, params: Sequence[Any] | None = None) -> list[tuple[Any, ...]]:
     """Run exactly one statement and fetch its rows; a text that holds several is refused."""
     count = len(con.extract_statements(statement))
@@ -104,7 +122,8 @@ def connect(threads: int, memory_limit: str, scratch: Scratch | None = None) -> 
 
 def lock_down(con: Any, files: Sequence[Path | str]) -> None:
     """Let the connection read only `files`: no other path, no network, no extension, locked settings."""
-    allowed = sorted({str(p) for p in files})
+    # the escaped spelling is what DuckDB checks before it expands it to the file itself
+    allowed = sorted({str(p) for p in files} | {glob_escape(str(p)) for p in files})
     con.execute("SET allowed_paths = ?", [allowed]).fetchall()
     con.execute("SET enable_external_access = false").fetchall()
     con.execute("SET allow_community_extensions = false").fetchall()

@@ -2,13 +2,18 @@
 
 A part is written as `.<name>.tmp` and renamed into place, so readers (and `read_parquet` globs)
 never see a half-written file and a process killed at any instant leaves every finished part
-readable. `compact()` merges a table's parts into one sorted part; it lists the parts it replaces
-in its metadata before deleting them, so a crash in between double-counts nothing.
+readable. `compact()` merges a table's parts into one sorted part (`compact_parts`): the merged
+part is written under a temporary name, a journal names it and the parts it replaces, the old
+parts are moved aside (to names no `*.parquet` glob matches), and only then does the merged part
+get its name. A crash at any point leaves every reader (kvscope, DuckDB over the glob,
+`pyarrow.dataset`) seeing the same parts, and `repair_compaction` (run by `kvscope compact`)
+finishes or undoes what the journal describes. Pages carry CRC checksums.
 Needs only pyarrow: the recorder runs on GPU hosts without polars or duckdb.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import uuid
 from collections.abc import Iterable, Mapping, Sequence
@@ -19,9 +24,12 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from kvscope.errors import TraceError
-from kvscope.schema.tables import META_REPLACES, TABLES, Table
+from kvscope.schema.tables import META_FORMAT, META_REPLACES, TABLES, Table
 
 PART_GLOB = "part-*.parquet"
+TMP_SUFFIX = ".tmp"  # `.part-<id>.parquet.tmp`: being written
+ASIDE_SUFFIX = ".aside"  # `.part-<id>.parquet.aside`: replaced by a compaction that has not finished
+JOURNAL_NAME = ".compact.json"  # what an unfinished compaction merged and set aside
 ZSTD_LEVEL = 9
 # Sampled tensors barely compress and can be large: merging them would only cost memory.
 NOT_COMPACTED = frozenset({"kv_samples"})
@@ -37,22 +45,115 @@ def write_options(table: Table, schema: pa.Schema) -> dict[str, Any]:
         "use_dictionary": dictionary,
         "column_encoding": {n: "DELTA_BINARY_PACKED" for n in delta},
         "write_statistics": True,
+        "write_page_checksum": True,
     }
+
+
+def _write_tmp(directory: Path, table: Table, data: pa.Table, replaces: Sequence[str] = ()) -> tuple[Path, str]:
+    """Write `data` as `.<name>.tmp` in `directory`; return the temporary path and the final name."""
+    directory.mkdir(parents=True, exist_ok=True)
+    name = f"part-{uuid.uuid4().hex[:12]}.parquet"
+    metadata = dict(table.arrow_schema().metadata)
+    metadata.update(data.schema.metadata or {})
+    if replaces:
+        metadata[META_REPLACES] = ",".join(replaces).encode()
+    data = data.replace_schema_metadata(metadata)
+    tmp = directory / f".{name}{TMP_SUFFIX}"
+    pq.write_table(data, tmp, **write_options(table, data.schema))
+    return tmp, name
 
 
 def write_part(directory: Path, table: Table, data: pa.Table, *, replaces: Sequence[str] = ()) -> Path:
     """Write one part file atomically (temporary name, then rename) and return its path."""
-    directory.mkdir(parents=True, exist_ok=True)
-    name = f"part-{uuid.uuid4().hex[:12]}.parquet"
-    metadata = dict(data.schema.metadata or {})
-    metadata.update(table.arrow_schema().metadata)
-    if replaces:
-        metadata[META_REPLACES] = ",".join(replaces).encode()
-    data = data.replace_schema_metadata(metadata)
-    tmp = directory / f".{name}.tmp"
-    pq.write_table(data, tmp, **write_options(table, data.schema))
+    tmp, name = _write_tmp(directory, table, data, replaces)
     os.replace(tmp, directory / name)
     return directory / name
+
+
+def _version_key(raw: bytes) -> tuple[int, ...]:
+    try:
+        return tuple(int(x) for x in raw.decode().split("."))
+    except ValueError:
+        return (0,)
+
+
+def _checkpoint(stage: str) -> None:
+    """A named point of `compact_parts` (tests replace this to crash there)."""
+
+
+def _aside(name: str) -> str:
+    return f".{name}{ASIDE_SUFFIX}"
+
+
+def _write_journal(directory: Path, journal: dict[str, Any]) -> None:
+    tmp = directory / f"{JOURNAL_NAME}{TMP_SUFFIX}"
+    tmp.write_text(json.dumps(journal), encoding="utf-8")
+    os.replace(tmp, directory / JOURNAL_NAME)
+
+
+def compact_parts(directory: Path, table: Table, names: Sequence[str], *, drop: Sequence[str] = ()) -> Path:
+    """Merge the parts `names` of one table folder into one sorted part; `drop` are set aside unread.
+
+    Order: merged part written as `.tmp`, journal, old parts moved aside (no glob matches them),
+    merged part renamed into place, aside files and journal removed. Between any two steps every
+    reader lists the same parts; `repair_compaction` completes or undoes an interrupted run.
+    """
+    pieces = [pq.read_table(directory / n) for n in names]
+    versions = [(p.schema.metadata or {}).get(META_FORMAT, b"") for p in pieces]
+    data = pa.concat_tables([p.replace_schema_metadata(None) for p in pieces], promote_options="permissive")
+    if table.sort_keys and all(k in data.column_names for k in table.sort_keys):
+        data = data.sort_by([(k, "ascending") for k in table.sort_keys])
+    newest = max(versions, key=_version_key)
+    if _version_key(newest) > _version_key(table.arrow_schema().metadata[META_FORMAT]):
+        data = data.replace_schema_metadata({META_FORMAT: newest})  # keep a newer minor version's claim
+    tmp, merged = _write_tmp(directory, table, data, replaces=list(names))
+    _checkpoint("merged-written")
+    replaced = [*names, *drop]
+    _write_journal(directory, {"merged": merged, "tmp": tmp.name, "replaces": replaced})
+    _checkpoint("journal-written")
+    for i, name in enumerate(replaced):
+        os.replace(directory / name, directory / _aside(name))
+        if i == 0:
+            _checkpoint("first-aside")
+    _checkpoint("all-aside")
+    os.replace(tmp, directory / merged)
+    _checkpoint("merged-renamed")
+    for name in replaced:
+        (directory / _aside(name)).unlink(missing_ok=True)
+    _checkpoint("aside-deleted")
+    (directory / JOURNAL_NAME).unlink(missing_ok=True)
+    return directory / merged
+
+
+def repair_compaction(directory: Path) -> str | None:
+    """Finish (merged part in place) or undo (not yet) an interrupted `compact_parts`; say which."""
+    journal_path = directory / JOURNAL_NAME
+    asides = sorted(p for p in directory.glob(f".part-*.parquet{ASIDE_SUFFIX}"))
+    if not journal_path.exists():
+        for aside in asides:  # set aside without a journal: cannot be a finished merge, so restore
+            os.replace(aside, directory / aside.name[1:-len(ASIDE_SUFFIX)])
+        return f"restored {len(asides)} part(s) set aside" if asides else None
+    try:
+        journal = json.loads(journal_path.read_text(encoding="utf-8"))
+        merged, tmp, replaced = str(journal["merged"]), str(journal["tmp"]), [str(n) for n in journal["replaces"]]
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise TraceError(f"{directory / JOURNAL_NAME}: unreadable compaction journal ({exc}); "
+                         "look at the folder before removing it.") from exc
+    for name in (merged, tmp, *replaced):
+        if "/" in name or "\\" in name or name in ("", ".", ".."):
+            raise TraceError(f"{directory / JOURNAL_NAME}: the journal names a file outside its folder.")
+    if (directory / merged).exists():  # the merged part is live: drop what it replaced
+        for name in replaced:
+            (directory / _aside(name)).unlink(missing_ok=True)
+        outcome = f"finished the compaction into {merged}"
+    else:  # not yet renamed: put the old parts back
+        for name in replaced:
+            if (directory / _aside(name)).exists():
+                os.replace(directory / _aside(name), directory / name)
+        (directory / tmp).unlink(missing_ok=True)
+        outcome = f"undid the compaction into {merged} ({len(replaced)} part(s) restored)"
+    journal_path.unlink(missing_ok=True)
+    return outcome
 
 
 def conform(table_name: str, data: pa.Table) -> pa.Table:
@@ -157,13 +258,7 @@ class TraceWriter:
             table = TABLES[table_name]
             if table_name in NOT_COMPACTED or not names or (len(names) == 1 and not table.sort_keys):
                 continue
-            directory = self.path / table_name
-            data = pa.concat_tables(pq.read_table(directory / n) for n in names)
-            if table.sort_keys:
-                data = data.sort_by([(k, "ascending") for k in table.sort_keys])
-            merged = write_part(directory, table, data, replaces=names)
-            for name in names:
-                (directory / name).unlink(missing_ok=True)
+            merged = compact_parts(self.path / table_name, table, names)
             self._parts_written[table_name] = [merged.name]
 
     def close(self, *, compact: bool = True) -> None:
