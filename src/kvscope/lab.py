@@ -1,0 +1,479 @@
+"""The fault lab: plant each memory condition for real in a twin, record it, and label the trace.
+
+`run_lab(out, device=...)` records one trace per scenario under `out/<scenario>/` with the
+recorder (`kvscope.record`), labels each run (`run.labels`: lab scenario, planted or control, the
+detectors that should flag it) and writes `out/labels.csv` for `kvscope tune` (one row per run
+and detector: should that detector warn about that run?). Conditions, each planted by real code:
+
+- kept_caches: every generation's `past_key_values` kept in a list (one per request, growing);
+- kept_scores: `output_scores` / `output_logits` kept after each generation;
+- kept_attentions: `output_attentions=True` kept inside generate (superlinear outside the cache);
+- copied_keys: a logits processor that keeps a copy of four layers' keys each step;
+- cache_copy_callback: a logits processor that keeps a copy of the whole cache each step;
+- interleaved_growth: a logits processor allocating a growing buffer each step, interleaved with
+  the cache's own growing allocations (fragmentation);
+- oom_fraction: a real OOM under `torch.cuda.set_per_process_memory_fraction`;
+- static_compiled: a static cache with generate's compile left on (pools it keeps: info);
+- preallocated: a static cache preallocated far beyond the tokens used;
+- float32_layer: one layer's cache stored in float32 in a bfloat16 model;
+- window_not_honoured: a cache without sliding layers for a model that declares them;
+- dead_head: a kv head whose k/v projections are zero;
+and healthy controls: dynamic generations over new prompt lengths (first-generation warm-up), a
+static cache sized to fit, a run that never calls settle(), a run under a memory fraction that
+fits, and outputs with scores dropped before settling.
+
+The analyser never imports this module (it imports torch). Conditions that only CUDA can plant
+(allocator pools, fractions, compile) are skipped elsewhere with the reason in the result.
+"""
+
+from __future__ import annotations
+
+import csv
+import gc
+import json
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from kvscope.errors import UsageError
+
+# Detectors that the lab's scenarios are about: labels.csv has a row per run for each.
+LAB_DETECTORS = ("growth_curve", "post_eos", "fragmentation", "oom_event", "oom_forecast", "preallocation_waste",
+                 "layer_anomaly", "layer_uniformity", "dead_heads")
+LAB_VOCAB = 32000  # larger than the shrunk twins' 512: kept logits weigh what real ones do (128 KiB a step)
+
+
+@dataclass
+class LabSettings:
+    """How big each scenario is: prompts, new tokens, generations, the twin and its layers."""
+
+    device: str = "cpu"
+    twin: str = "gpt-oss-20b"
+    dtype: str = "bfloat16"
+    layers: int | None = None  # fewer layers than the twin's (CPU tests); None keeps the geometry
+    prompt_tokens: tuple[int, ...] = (48, 80, 112)
+    new_tokens: int = 96
+    writer: str = "thread"
+
+    @property
+    def cuda(self) -> bool:
+        return self.device.startswith("cuda")
+
+
+@dataclass
+class LabResult:
+    """One scenario: where its trace is, its labels, or why it was skipped."""
+
+    name: str
+    planted: bool
+    expected: tuple[str, ...]
+    trace: Path | None = None
+    run_id: str | None = None
+    skipped: str | None = None
+    seconds: float = 0.0
+    notes: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Scenario:
+    name: str
+    planted: bool
+    expected: tuple[str, ...]  # detectors that must warn (warning/critical); empty for a control
+    description: str
+    run: Callable[[Any, LabSettings, Any], dict[str, Any] | None]  # (model, settings, lab context) -> notes
+    needs_cuda: bool = False
+    cpu_detectable: bool = False  # the condition shows without allocator readings (layers, head stats)
+    head_stats_every: int = 0
+    attn_implementation: str | None = None
+
+
+def _twin(settings: LabSettings) -> Any:
+    from kvscope.twins import load_twin, shrink_config
+    from kvscope.twins.spec import TwinSpec
+
+    spec = shrink_config(load_twin(settings.twin))
+    cfg = dict(spec.config)
+    cfg["vocab_size"] = LAB_VOCAB
+    if settings.layers is not None:
+        cfg["num_hidden_layers"] = settings.layers
+        if isinstance(cfg.get("layer_types"), list):
+            cfg["layer_types"] = cfg["layer_types"][: settings.layers]
+    return TwinSpec(spec.name, spec.source, spec.dtype, cfg, spec.notes, shrunk=True)
+
+
+def build_model(settings: LabSettings, attn_implementation: str | None = None) -> Any:
+    from kvscope.twins.build import build_twin
+
+    return build_twin(_twin(settings), dtype=settings.dtype, device=settings.device,
+                      attn_implementation=attn_implementation)
+
+
+def _ids(model: Any, tokens: int, seed: int) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    vocab = int(model.config.vocab_size)
+    return torch.randint(3, vocab, (1, tokens), generator=g).to(model.device)
+
+
+def _cache_keyword() -> str:
+    """generate's name for a cache passed in: `cache` from transformers 5.24, else `past_key_values`."""
+    import transformers
+
+    major, minor = (int(p) for p in transformers.__version__.split(".")[:2])
+    return "cache" if (major, minor) >= (5, 24) else "past_key_values"
+
+
+def _generate(model: Any, ids: torch.Tensor, settings: LabSettings, **kwargs: Any) -> Any:
+    new = kwargs.pop("max_new_tokens", settings.new_tokens)
+    if "past_key_values" in kwargs:
+        kwargs[_cache_keyword()] = kwargs.pop("past_key_values")
+    return model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new, min_new_tokens=new,
+                          do_sample=False, **kwargs)
+
+
+def _plain(rec: Any, model: Any, settings: LabSettings, keep: list[Any] | None = None,
+           settle: bool = True, **kwargs: Any) -> None:
+    """One generation per prompt length; outputs dropped (or kept in `keep`) before settle()."""
+    for i, tokens in enumerate(settings.prompt_tokens):
+        rec.next_prompt(f"lab-{tokens}")
+        out = _generate(model, _ids(model, tokens, i), settings, **kwargs)
+        if keep is not None:
+            keep.append(out)
+        del out
+        if settle:
+            rec.settle()
+
+
+# -- planted conditions ---------------------------------------------------------------------
+
+def _kept_caches(model: Any, s: LabSettings, rec: Any) -> None:
+    kept: list[Any] = []
+    for i, tokens in enumerate(s.prompt_tokens):
+        rec.next_prompt(f"lab-{tokens}")
+        out = _generate(model, _ids(model, tokens, i), s, return_dict_in_generate=True)
+        kept.append(out.past_key_values)  # one cache per request, never dropped
+        del out
+        rec.settle()
+
+
+def _kept_scores(model: Any, s: LabSettings, rec: Any) -> None:
+    kept: list[Any] = []
+    for i, tokens in enumerate(s.prompt_tokens):
+        rec.next_prompt(f"lab-{tokens}")
+        out = _generate(model, _ids(model, tokens, i), s, return_dict_in_generate=True, output_scores=True,
+                        output_logits=True)
+        kept.append((out.scores, out.logits))
+        del out
+        rec.settle()
+
+
+def _scores_dropped(model: Any, s: LabSettings, rec: Any) -> None:
+    _plain(rec, model, s, return_dict_in_generate=True, output_scores=True, output_logits=True)
+
+
+def _kept_attentions(model: Any, s: LabSettings, rec: Any) -> None:
+    _plain(rec, model, s, return_dict_in_generate=True, output_attentions=True)
+
+
+class _KeepKeys:
+    """A logits processor that keeps a copy of some layers' keys (and values) at every step."""
+
+    def __init__(self, cache: Any, layers: list[int], values: bool) -> None:
+        self.cache, self.layers, self.values, self.kept = cache, layers, values, []
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        for i in self.layers:
+            layer = self.cache.layers[i]
+            self.kept.append(layer.keys.clone())
+            if self.values:
+                self.kept.append(layer.values.clone())
+        return scores
+
+
+def _with_processor(model: Any, s: LabSettings, rec: Any, make: Callable[[Any], Any]) -> None:
+    from transformers import DynamicCache, LogitsProcessorList
+
+    for i, tokens in enumerate(s.prompt_tokens):
+        cache = DynamicCache(config=model.config)
+        processor = make(cache)
+        rec.next_prompt(f"lab-{tokens}")
+        out = _generate(model, _ids(model, tokens, i), s, past_key_values=cache,
+                        logits_processor=LogitsProcessorList([processor]))
+        del out, processor, cache
+        rec.settle()
+
+
+def _copied_keys(model: Any, s: LabSettings, rec: Any) -> None:
+    full = [i for i, t in enumerate(model.config.layer_types or []) if t == "full_attention"][:4] or [0]
+    _with_processor(model, s, rec, lambda cache: _KeepKeys(cache, full, values=False))
+
+
+def _cache_copy(model: Any, s: LabSettings, rec: Any) -> None:
+    layers = list(range(model.config.num_hidden_layers))
+    _with_processor(model, s, rec, lambda cache: _KeepKeys(cache, layers, values=True))
+
+
+class _GrowingBuffer:
+    """Allocates a buffer larger than any before at each step and frees the previous one: every
+    freed block is too small for the next request, so the allocator keeps reserving new memory."""
+
+    def __init__(self, device: torch.device, step_bytes: int) -> None:
+        self.device, self.step_bytes, self.n, self.buffer = device, step_bytes, 0, None
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        self.n += 1
+        size = (1 << 20) + self.n * self.step_bytes
+        fresh = torch.empty(size, dtype=torch.uint8, device=self.device)
+        self.buffer = fresh  # the previous buffer is freed here, after the larger one was allocated
+        return scores
+
+
+def _interleaved(model: Any, s: LabSettings, rec: Any) -> None:
+    _with_processor(model, s, rec, lambda cache: _GrowingBuffer(model.device, 1 << 20))
+
+
+def _oom(model: Any, s: LabSettings, rec: Any, lab: dict[str, Any]) -> dict[str, Any]:
+    notes: dict[str, Any] = {"limit_bytes": lab.get("limit_bytes")}
+    rec.next_prompt("lab-oom")
+    try:  # a batch of 32 long sequences under the cap: the cache outgrows it
+        out = _generate(model, _ids(model, 64, 0).repeat(32, 1), s, max_new_tokens=8192)
+        del out
+        notes["oom"] = False
+    except torch.cuda.OutOfMemoryError as exc:
+        notes["oom"] = True
+        notes["message"] = str(exc).splitlines()[0][:300]
+    gc.collect()
+    return notes
+
+
+def _fits_under_fraction(model: Any, s: LabSettings, rec: Any) -> None:
+    _plain(rec, model, s)
+
+
+def _static(max_cache_len: Callable[[LabSettings, int], int], compile_on: bool = False) -> Callable[..., None]:
+    def run(model: Any, s: LabSettings, rec: Any) -> None:
+        from transformers import StaticCache
+
+        for i, tokens in enumerate(s.prompt_tokens):
+            cache = StaticCache(config=model.config, max_cache_len=max_cache_len(s, tokens))
+            rec.next_prompt(f"lab-{tokens}")
+            kwargs: dict[str, Any] = {"past_key_values": cache}
+            if compile_on:
+                kwargs["disable_compile"] = False
+            out = _generate(model, _ids(model, tokens, i), s, **kwargs)
+            del out, cache
+            rec.settle()
+    return run
+
+
+def _store_in_float32(layer: Any) -> Any:
+    """Make one cache layer store K/V in float32 (a subclass of its own class, so every reader
+    still finds its `keys`/`values`) while handing the model its own dtype back."""
+    base = type(layer)
+
+    def update(self: Any, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
+        keys, values = base.update(self, key_states.float(), value_states.float(), *args, **kwargs)
+        return keys.to(key_states.dtype), values.to(value_states.dtype)
+
+    layer.__class__ = type(f"Float32{base.__name__}", (base,), {"update": update})
+    return layer
+
+
+def _float32_layer(model: Any, s: LabSettings, rec: Any) -> dict[str, Any]:
+    from transformers import DynamicCache
+
+    full = [i for i, t in enumerate(model.config.layer_types or []) if t == "full_attention"]
+    odd = full[len(full) // 2] if full else 0
+    for i, tokens in enumerate(s.prompt_tokens):
+        cache = DynamicCache(config=model.config)
+        _store_in_float32(cache.layers[odd])
+        rec.next_prompt(f"lab-{tokens}")
+        out = _generate(model, _ids(model, tokens, i), s, past_key_values=cache)
+        del out, cache
+        rec.settle()
+    return {"float32_layer": odd}
+
+
+def _window_not_honoured(model: Any, s: LabSettings, rec: Any) -> None:
+    from transformers import DynamicCache
+
+    for i, tokens in enumerate(s.prompt_tokens):
+        cache = DynamicCache()  # no config: every layer a full DynamicLayer, the window never applied
+        rec.next_prompt(f"lab-{tokens}")
+        out = _generate(model, _ids(model, tokens, i), s, past_key_values=cache)
+        del out, cache
+        rec.settle()
+
+
+def _zero_head(model: Any, layer: int, head: int) -> None:
+    attn = model.model.layers[layer].self_attn
+    dim = attn.head_dim
+    with torch.no_grad():
+        for proj in (attn.k_proj, attn.v_proj):
+            proj.weight[head * dim:(head + 1) * dim].zero_()
+            if proj.bias is not None:
+                proj.bias[head * dim:(head + 1) * dim].zero_()
+
+
+def _dead_head(model: Any, s: LabSettings, rec: Any) -> dict[str, Any]:
+    _plain(rec, model, s)
+    return {"dead_head": {"layer": 1, "head": 1}}
+
+
+def _never_settled(model: Any, s: LabSettings, rec: Any) -> None:
+    _plain(rec, model, s, settle=False)
+
+
+def _healthy(model: Any, s: LabSettings, rec: Any) -> None:
+    _plain(rec, model, s)
+
+
+SCENARIOS: tuple[Scenario, ...] = (
+    Scenario("kept_caches", True, ("post_eos",), "every generation's past_key_values kept (one per request)",
+             _kept_caches),
+    Scenario("kept_scores", True, ("post_eos",), "output_scores and output_logits kept after each generation",
+             _kept_scores),
+    Scenario("kept_attentions", True, ("growth_curve",),
+             "output_attentions=True with return_dict_in_generate: every step's attention weights kept",
+             _kept_attentions, attn_implementation="eager"),
+    Scenario("copied_keys", True, ("growth_curve",), "a logits processor keeps a copy of 4 layers' keys each step",
+             _copied_keys),
+    Scenario("cache_copy_callback", True, ("growth_curve",),
+             "a logits processor keeps a copy of the whole cache each step", _cache_copy),
+    Scenario("interleaved_growth", True, ("fragmentation",),
+             "a buffer 1 MiB larger each step, allocated between the cache's own growing tensors",
+             _interleaved, needs_cuda=True),
+    Scenario("oom_fraction", True, ("oom_event", "oom_forecast"),
+             "batch 32, 8192 new tokens under set_per_process_memory_fraction: a real OOM", _oom, needs_cuda=True),
+    Scenario("preallocated", True, ("preallocation_waste",), "a static cache of 8x the tokens used",
+             _static(lambda s, tokens: 8 * (tokens + s.new_tokens)), cpu_detectable=True),
+    Scenario("float32_layer", True, ("layer_anomaly",), "one full layer's cache stored in float32",
+             _float32_layer, cpu_detectable=True),
+    Scenario("window_not_honoured", True, ("layer_uniformity",),
+             "DynamicCache() without the config: declared sliding layers keep every token",
+             _window_not_honoured, cpu_detectable=True),
+    Scenario("dead_head", True, ("dead_heads",), "kv head 1 of layer 1 has zero k/v projections", _dead_head,
+             cpu_detectable=True, head_stats_every=16),
+    Scenario("static_compiled", False, (), "a static cache sized to fit, generate's compile left on "
+             "(compiled graphs' pools: info, not a leak)", _static(lambda s, tokens: tokens + s.new_tokens, True),
+             needs_cuda=True),
+    Scenario("healthy_dynamic", False, (), "dynamic cache, three prompt lengths (warm-up on new shapes)", _healthy,
+             cpu_detectable=True),
+    Scenario("healthy_static", False, (), "a static cache sized to prompt + new tokens",
+             _static(lambda s, tokens: tokens + s.new_tokens), cpu_detectable=True),
+    Scenario("healthy_never_settled", False, (), "a run that never calls settle()", _never_settled,
+             cpu_detectable=True),
+    Scenario("healthy_scores_dropped", False, (), "output_scores/logits requested, outputs dropped before settle()",
+             _scores_dropped, cpu_detectable=True),
+    Scenario("healthy_fraction", False, (), "a run under set_per_process_memory_fraction that fits",
+             _fits_under_fraction, needs_cuda=True),
+    Scenario("healthy_dead_head_control", False, (), "the dead-head scenario's model, no head zeroed",
+             _healthy, cpu_detectable=True, head_stats_every=16),
+)
+
+
+def scenario_names() -> list[str]:
+    return [s.name for s in SCENARIOS]
+
+
+def _fraction_for(extra_bytes: int, device: torch.device) -> tuple[float, int]:
+    """A per-process memory fraction that leaves `extra_bytes` above what is reserved now."""
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    total = torch.cuda.get_device_properties(index).total_memory
+    limit = torch.cuda.memory_reserved(index) + extra_bytes
+    return limit / total, int(limit / total * total)
+
+
+def run_scenario(scenario: Scenario, out: Path, settings: LabSettings) -> LabResult:
+    """Plant one scenario in a fresh twin, record it to `out/<name>`, and label the run."""
+    from kvscope.recorder.session import Recording
+
+    result = LabResult(scenario.name, scenario.planted, scenario.expected)
+    if scenario.needs_cuda and not settings.cuda:
+        result.skipped = f"{scenario.name} needs CUDA (allocator pools, memory fractions or compile): skipped on " \
+                         f"{settings.device}"
+        return result
+    started = time.perf_counter()
+    model = build_model(settings, scenario.attn_implementation)
+    if scenario.name == "dead_head":
+        _zero_head(model, 1, 1)
+    path = out / scenario.name
+    lab: dict[str, Any] = {}
+    options: dict[str, Any] = {"lab": scenario.name}
+    fraction_set = False
+    if scenario.name in ("oom_fraction", "healthy_fraction") and settings.cuda:
+        gc.collect()
+        torch.cuda.empty_cache()
+        extra = (256 << 20) if scenario.name == "oom_fraction" else (2 << 30)
+        fraction, limit = _fraction_for(extra, model.device)
+        torch.cuda.set_per_process_memory_fraction(fraction, model.device)
+        fraction_set = True
+        lab["limit_bytes"] = limit
+        options["memory_limit_bytes"] = limit  # for a torch that cannot report the fraction
+        options["memory_fraction"] = fraction
+    labels = {"lab": scenario.name, "planted": "yes" if scenario.planted else "no",
+              "expected": ",".join(scenario.expected), "condition": scenario.description,
+              "lab_device": settings.device}
+    try:
+        with Recording(model, path, labels=labels, model_name=f"{settings.twin} (lab twin)", options=options,
+                       head_stats_every=scenario.head_stats_every, writer=settings.writer) as rec:
+            if scenario.run is _oom:
+                notes = _oom(model, settings, rec, lab)
+            else:
+                notes = scenario.run(model, settings, rec)
+            result.run_id = rec.run_id
+    finally:
+        if fraction_set:
+            torch.cuda.set_per_process_memory_fraction(1.0, model.device)
+    result.trace, result.notes = path, dict(notes or {})
+    result.seconds = time.perf_counter() - started
+    del model
+    gc.collect()
+    if settings.cuda:
+        torch.cuda.empty_cache()
+    return result
+
+
+def write_labels(results: list[LabResult], path: Path) -> Path:
+    """labels.csv for `kvscope tune`: per recorded run and lab detector, whether it should warn."""
+    with path.open("w", newline="") as fh:
+        writer = csv.writer(fh)
+        writer.writerow(["run_id", "gen_id", "expected", "detector", "scenario"])
+        for r in results:
+            if r.run_id is None:
+                continue
+            for det in LAB_DETECTORS:
+                writer.writerow([r.run_id, "", int(det in r.expected), det, r.name])
+    return path
+
+
+def run_lab(out: str | Path, settings: LabSettings | None = None, only: list[str] | None = None,
+            progress: Callable[[LabResult], None] | None = None) -> list[LabResult]:
+    """Record every scenario (or those named in `only`) under `out`; write labels.csv and lab.json."""
+    settings = settings or LabSettings()
+    unknown = sorted(set(only or []) - set(scenario_names()))
+    if unknown:
+        raise UsageError(f"unknown lab scenario(s) {', '.join(unknown)}; known: {', '.join(scenario_names())}.")
+    if settings.cuda and not torch.cuda.is_available():
+        raise UsageError(f"--device {settings.device} but CUDA is not available here; use --device cpu.")
+    root = Path(out)
+    root.mkdir(parents=True, exist_ok=True)
+    results = []
+    for scenario in SCENARIOS:
+        if only and scenario.name not in only:
+            continue
+        if (root / scenario.name).exists():
+            raise UsageError(f"{root / scenario.name} exists: give an empty output directory.")
+        result = run_scenario(scenario, root, settings)
+        results.append(result)
+        if progress is not None:
+            progress(result)
+    write_labels(results, root / "labels.csv")
+    (root / "lab.json").write_text(json.dumps([{
+        "scenario": r.name, "planted": r.planted, "expected": list(r.expected), "run_id": r.run_id,
+        "trace": r.trace.name if r.trace else None, "skipped": r.skipped, "seconds": round(r.seconds, 2),
+        "notes": r.notes} for r in results], indent=1, default=str))
+    return results

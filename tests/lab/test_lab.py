@@ -1,0 +1,98 @@
+"""The fault lab on CPU: each condition that CPU can show is planted for real and flagged by its
+detector; the healthy controls raise no warning; CUDA-only scenarios are skipped with the reason."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import pytest
+
+from kvscope.analyzer import analyze, load_traces
+from kvscope.analyzer.registry import get_detector
+from kvscope.analyzer.tune import read_labels, sweep
+from kvscope.cli.main import main
+from kvscope.lab import SCENARIOS, LabSettings, run_lab, scenario_names
+
+CPU_SET = ["preallocated", "float32_layer", "window_not_honoured", "dead_head", "healthy_dynamic",
+           "healthy_never_settled", "healthy_static", "interleaved_growth", "oom_fraction"]
+
+
+@pytest.fixture(scope="module")
+def lab(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("lab")
+    # 6 of gpt-oss-20b's layers (3 sliding, 3 full: enough peers for layer_anomaly); one prompt of
+    # 48 tokens and 96 new ones crosses the 128-token window
+    run_lab(out, LabSettings(device="cpu", layers=6, prompt_tokens=(48,), new_tokens=96), CPU_SET)
+    return out
+
+
+def _warnings(trace: Path) -> dict[str, set[str]]:
+    with load_traces([trace]) as tables:
+        lab_of = {r: json.loads(labels)["lab"] for r, labels in tables.sql("SELECT run_id, labels FROM run")}
+        found: dict[str, set[str]] = {name: set() for name in lab_of.values()}
+        for f in analyze(tables):
+            if f.severity != "info":
+                found[lab_of[f.run_id]].add(f.detector)
+    return found
+
+
+@pytest.mark.slow
+def test_cpu_plants_are_flagged_by_their_detector_only_and_controls_are_quiet(lab: Path) -> None:
+    found = _warnings(lab)
+    assert found == {"preallocated": {"preallocation_waste"}, "float32_layer": {"layer_anomaly"},
+                     "window_not_honoured": {"layer_uniformity"}, "dead_head": {"dead_heads"},
+                     "healthy_dynamic": set(), "healthy_never_settled": set(), "healthy_static": set()}
+
+
+@pytest.mark.slow
+def test_runs_are_labelled_and_cuda_only_scenarios_say_why_they_were_skipped(lab: Path) -> None:
+    summary = {r["scenario"]: r for r in json.loads((lab / "lab.json").read_text())}
+    assert summary["interleaved_growth"]["skipped"].startswith("interleaved_growth needs CUDA")
+    assert summary["oom_fraction"]["run_id"] is None and not (lab / "oom_fraction").exists()
+    with load_traces([lab]) as tables:
+        rows = tables.records("SELECT run_id, labels, options FROM run")
+        settled = tables.records("""SELECT r.labels, g.post_release_allocated_bytes, g.post_empty_cache_nvml_used_bytes,
+                                    g.gen_id FROM generations g JOIN run r USING (run_id)""")
+    labels = {json.loads(r["labels"])["lab"]: json.loads(r["labels"]) for r in rows}
+    assert labels["float32_layer"] == {"lab": "float32_layer", "planted": "yes", "expected": "layer_anomaly",
+                                       "condition": "one full layer's cache stored in float32", "lab_device": "cpu"}
+    assert labels["healthy_dynamic"]["planted"] == "no" and labels["healthy_dynamic"]["expected"] == ""
+    assert all(json.loads(r["options"])["lab"] == json.loads(r["labels"])["lab"] for r in rows)
+    # the never-settled run still has its generation row (written at the end of the block)
+    assert [s["gen_id"] for s in settled if json.loads(s["labels"])["lab"] == "healthy_never_settled"] == [0]
+    with (lab / "labels.csv").open() as fh:
+        table = list(csv.DictReader(fh))
+    assert len(table) == 7 * 9  # 7 recorded runs x 9 lab detectors
+    assert {(r["scenario"], r["detector"]) for r in table if r["expected"] == "1"} == {
+        ("preallocated", "preallocation_waste"), ("float32_layer", "layer_anomaly"),
+        ("window_not_honoured", "layer_uniformity"), ("dead_head", "dead_heads")}
+
+
+@pytest.mark.slow
+def test_the_labels_feed_tune(lab: Path) -> None:
+    det = get_detector("layer_anomaly")
+    labels = read_labels(lab / "labels.csv", "layer_anomaly")
+    with load_traces([lab]) as tables:
+        rows = sweep(tables, det, det.default_config(), "z_threshold", [3.0, 200.0], labels)
+    assert [(r.value, r.tp, r.fp, r.fn, r.tn) for r in rows] == [(3.0, 1, 0, 0, 6), (200.0, 0, 0, 1, 6)]
+    assert rows[0].best and rows[0].precision == 1.0 and rows[0].recall == 1.0
+
+
+def test_the_lab_command_lists_scenarios_and_refuses_unknown_ones(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["lab", "-o", str(tmp_path / "x"), "--list"]) == 0
+    listed = capsys.readouterr().out
+    assert all(name in listed for name in scenario_names())
+    assert "oom_event, oom_forecast" in listed and "CUDA only" in listed
+    assert main(["lab", "-o", str(tmp_path / "y"), "-s", "no_such_thing"]) == 2
+    assert "unknown lab scenario(s) no_such_thing" in capsys.readouterr().err
+    assert main(["lab", "-o", str(tmp_path / "z"), "--device", "cuda:0", "-s", "healthy_dynamic"]) == (
+        0 if __import__("torch").cuda.is_available() else 2)
+
+
+def test_every_planted_scenario_names_a_registered_detector() -> None:
+    for s in SCENARIOS:
+        assert s.planted == bool(s.expected), s.name
+        for name in s.expected:
+            get_detector(name)
