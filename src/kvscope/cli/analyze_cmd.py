@@ -5,7 +5,7 @@ from __future__ import annotations
 import click
 
 from kvscope.cli.console import stdout_console
-from kvscope.errors import EXIT_FINDINGS, EXIT_OK, UsageError
+from kvscope.errors import EXIT_BAD_INPUT, EXIT_FINDINGS, EXIT_OK, UsageError
 
 
 def _list_detectors() -> None:
@@ -42,8 +42,12 @@ def _list_detectors() -> None:
               show_default=True, help="Report only findings of this severity or worse (--fail-on sees all).")
 @click.option("--threads", type=int, default=None, help="DuckDB threads (default: all cores).")
 @click.option("--list", "list_only", is_flag=True, help="List the registered detectors and their thresholds.")
+@click.option("--no-validate", is_flag=True, help="Skip the checks of `kvscope inspect` (faster on big traces).")
+@click.option("--skip-bad", is_flag=True,
+              help="Report a trace that is invalid and go on with the others (exit 2 at the end).")
 def analyze_command(traces: tuple[str, ...], detectors: tuple[str, ...], overrides: tuple[str, ...], fmt: str,
-                    fail_on: str | None, min_severity: str, threads: int | None, list_only: bool) -> int:
+                    fail_on: str | None, min_severity: str, threads: int | None, list_only: bool,
+                    no_validate: bool = False, skip_bad: bool = False) -> int:
     """Run the detectors over one trace, several, or folders of traces, and give a verdict per run.
 
     Exits 0 normally, 1 when --fail-on matched a finding, 2 for bad input.
@@ -61,10 +65,18 @@ def analyze_command(traces: tuple[str, ...], detectors: tuple[str, ...], overrid
         raise UsageError("give at least one trace (or a folder of traces) to analyse.")
     chosen = select(detectors)
     configs = parse_overrides(overrides, chosen)
-    with load_traces(traces, threads=threads, progress=fmt == "text") as tables:
+    with load_traces(traces, threads=threads, progress=fmt == "text", validate=not no_validate,
+                     skip_bad=skip_bad) as tables:
         findings = analyze(tables, chosen, configs)
         verdict = verdict_of(tables, findings) if fmt in ("text", "json-verdict") else None
+        skipped = tables.skipped
+    for _path, problem in skipped:
+        click.echo(f"kvscope: error: skipped: {problem}", err=True)
     shown = [f for f in findings if f.at_least(min_severity)]
+    if fmt in ("text", "markdown"):  # trace strings reach a terminal: no escapes, bounded length
+        from kvscope.trace.text import clean_strings
+
+        shown, verdict = clean_strings(shown), clean_strings(verdict)
     if fmt == "json":
         click.echo(to_json(shown))
     elif fmt == "markdown":
@@ -75,6 +87,8 @@ def analyze_command(traces: tuple[str, ...], detectors: tuple[str, ...], overrid
     else:
         assert verdict is not None
         print_verdict(verdict, shown, stdout_console(), min_severity)
+    if skipped:
+        return EXIT_BAD_INPUT
     if fail_on is not None and any(f.at_least(fail_on) for f in findings):
         return EXIT_FINDINGS
     return EXIT_OK
