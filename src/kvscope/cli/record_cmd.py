@@ -20,6 +20,96 @@ def _human(n: float | None) -> str:
     return str(n)
 
 
+# Parameter dtypes a model can be recorded in (integer and float8 dtypes are storage formats, not
+# dtypes to run a model in).
+MODEL_DTYPES = ("bfloat16", "float16", "float32", "float64", "half", "float", "double")
+# Files any one of which makes a model directory's tokenizer loadable by AutoTokenizer.
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "vocab.txt",
+                   "spiece.model", "sentencepiece.bpe.model", "tekken.json")
+
+
+def _cache_implementations() -> tuple[str, ...] | None:
+    """The names generate(cache_implementation=...) accepts in this transformers (None: unknown)."""
+    try:
+        from transformers.generation import configuration_utils as cu
+    except ImportError:
+        return None
+    names = getattr(cu, "ALL_CACHE_IMPLEMENTATIONS", None)
+    if names is None:  # older releases: the mapping of names to cache classes, plus "quantized"
+        mapping = getattr(cu, "NEED_SETUP_CACHE_CLASSES_MAPPING", None)
+        if mapping is None:
+            return None
+        names = [*mapping, *(["quantized"] if hasattr(cu, "QUANT_BACKEND_CLASSES_MAPPING") else [])]
+    return tuple(dict.fromkeys([*names, "dynamic"]))
+
+
+def _attn_implementations() -> tuple[str, ...] | None:
+    """The attention implementations this transformers knows (None: unknown)."""
+    try:
+        from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+    except ImportError:
+        return None
+    keys = ALL_ATTENTION_FUNCTIONS.valid_keys() if hasattr(ALL_ATTENTION_FUNCTIONS, "valid_keys") \
+        else list(ALL_ATTENTION_FUNCTIONS)
+    return tuple(dict.fromkeys(["eager", *keys]))
+
+
+def check_output(output: Path, append: bool) -> None:
+    """`-o` names a directory to create, or a trace to add a run to with --append."""
+    from kvscope.trace.reader import is_trace_dir
+
+    if output.exists() and not output.is_dir():
+        raise UsageError(f"-o {output}: is a file; name a directory for the trace.")
+    if output.is_dir() and is_trace_dir(output) and not append:
+        raise UsageError(f"-o {output}: already holds a trace; pass --append to add this run to it, "
+                         "or name a new directory.")
+    if output.is_dir() and not is_trace_dir(output) and any(output.iterdir()):
+        raise UsageError(f"-o {output}: is a directory with other files in it, not a trace; name a new directory.")
+
+
+def check_options(model: str | None, twin: str | None, dtype: str | None, device: str | None,
+                  cache_implementation: str | None, attn_implementation: str | None,
+                  min_new_tokens: int | None, max_new_tokens: int) -> None:
+    """The mistakes that can be found before a model loads, each as a UsageError (exit 2)."""
+    if min_new_tokens is not None and min_new_tokens > max_new_tokens:
+        raise UsageError(f"--min-new-tokens {min_new_tokens} is above --max-new-tokens {max_new_tokens}.")
+    if dtype is not None and dtype.removeprefix("torch.") not in MODEL_DTYPES:
+        raise UsageError(f"--dtype {dtype}: a model runs in one of bfloat16, float16, float32 "
+                         "(integer and float8 dtypes are cache or weight storage formats).")
+    if model is not None and twin is None:
+        path = Path(model)
+        if not path.is_dir():
+            raise UsageError(f"{model}: not a local model directory (for a twin, use --twin NAME).")
+        if not (path / "config.json").is_file():
+            raise UsageError(f"{model}: has no config.json, so it is not a Hugging Face model directory.")
+        if not any((path / name).is_file() for name in TOKENIZER_FILES):
+            raise UsageError(f"{model}: has no tokenizer ({', '.join(TOKENIZER_FILES[:3])}, ...); save the "
+                             "tokenizer into the model directory (tokenizer.save_pretrained) or use --twin.")
+    if cache_implementation is not None:
+        known = _cache_implementations()
+        if known is not None and cache_implementation not in known:
+            raise UsageError(f"--cache-implementation {cache_implementation}: unknown to transformers; "
+                             f"known: {', '.join(known)}.")
+    if attn_implementation is not None and "/" not in attn_implementation:  # "org/repo" names a hub kernel
+        known = _attn_implementations()
+        if known is not None and attn_implementation not in known:
+            raise UsageError(f"--attn-implementation {attn_implementation}: unknown to transformers; "
+                             f"known: {', '.join(known)}.")
+    if device is not None:
+        import torch
+
+        try:
+            parsed = torch.device(device)
+        except (RuntimeError, ValueError):
+            raise UsageError(f"--device {device}: not a device name; use cpu, cuda or cuda:N.") from None
+        if parsed.type == "cuda":
+            if not torch.cuda.is_available():
+                raise UsageError(f"--device {device}: CUDA is not available here (torch {torch.__version__}"
+                                 f"{'' if torch.version.cuda else ', a CPU-only build'}); use --device cpu.")
+            if parsed.index is not None and parsed.index >= torch.cuda.device_count():
+                raise UsageError(f"--device {device}: there are {torch.cuda.device_count()} CUDA device(s).")
+
+
 def _labels(values: tuple[str, ...]) -> dict[str, str]:
     labels = {}
     for item in values:
@@ -48,13 +138,15 @@ def _labels(values: tuple[str, ...]) -> dict[str, str]:
 @click.option("--head-stats-every", default=0, show_default=True, type=click.IntRange(min=0),
               help="Per-head norms, attention entropy and low-mass fraction every N steps into head_stats (0 = off).")
 @click.option("--label", "labels", multiple=True, help="key=value stored with the run (repeatable).")
+@click.option("--append", is_flag=True, help="Add this run to the trace that -o already holds (else refused).")
 @click.option("--native", "native_mode", type=click.Choice(["auto", "on", "off"]), default="auto", show_default=True,
               help="The C++ fast path for per-step reads: auto = a cached build on CUDA (else built in the "
                    "background for later runs), on = build it now or fail, off = Python only. Same rows either way.")
 def record_command(model: str | None, output: Path, twin: str | None, shrink: bool, prompts_file: str | None,
                    limit: int | None, max_new_tokens: int, min_new_tokens: int | None, dtype: str | None,
                    device: str | None, cache_implementation: str | None, attn_implementation: str | None,
-                   sample_kv_every: int, head_stats_every: int, labels: tuple[str, ...], native_mode: str) -> int:
+                   sample_kv_every: int, head_stats_every: int, labels: tuple[str, ...], append: bool,
+                   native_mode: str) -> int:
     """Record the KV cache of MODEL (a local Hugging Face model directory) or of --twin."""
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
@@ -63,6 +155,11 @@ def record_command(model: str | None, output: Path, twin: str | None, shrink: bo
 
     if shrink and twin is None:
         raise UsageError("--shrink applies to --twin models only.")
+    if model is not None and twin is not None:
+        raise UsageError("give either a local model directory or --twin NAME_OR_CONFIG_JSON (one of them).")
+    check_output(output, append)
+    check_options(model, twin, dtype, device, cache_implementation, attn_implementation, min_new_tokens,
+                  max_new_tokens)
     if min_new_tokens is None and twin is not None:
         min_new_tokens = max_new_tokens  # random weights may emit EOS at once
     job = RecordJob(output=output, model_dir=model, twin=twin, shrink=shrink, prompts_file=prompts_file,
@@ -71,6 +168,8 @@ def record_command(model: str | None, output: Path, twin: str | None, shrink: bo
                     attn_implementation=attn_implementation, sample_kv_every=sample_kv_every,
                     head_stats_every=head_stats_every,
                     labels=_labels(labels), native={"auto": "auto", "on": True, "off": False}[native_mode])
+    import logging
+
     console = Console(stderr=True)
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
     with Progress(*columns, console=console, transient=False) as progress:
@@ -90,8 +189,16 @@ def record_command(model: str | None, output: Path, twin: str | None, shrink: bo
             elif event == "done" and "prompts" in tasks:
                 progress.update(tasks["prompts"], completed=index + 1)
 
-        result = run_record(job, on_progress)
+        record_log = logging.getLogger("kvscope.record")
+        level = record_log.level
+        record_log.setLevel(logging.WARNING)  # this command says where the trace went below, after the table
+        try:
+            result = run_record(job, on_progress)
+        finally:
+            record_log.setLevel(level)
     _summary(stdout_console(), result)
+    console.print(f"trace written to {result.trace}; next: kvscope analyze {result.trace}  "
+                  f"(or kvscope report {result.trace} -o report.html)", highlight=False, soft_wrap=True)
     return EXIT_OK
 
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import gc
 import json
+import logging
 import time
 import warnings
 from pathlib import Path
@@ -34,6 +35,20 @@ from kvscope.recorder.steps import SamplePolicy, StepRecorder
 from kvscope.recorder.telemetry import AllocatorProbe, NvmlProbe, start_nvml_sampler
 from kvscope.recorder.writer_process import WriterProcess
 from kvscope.trace.writer import TraceWriter
+
+# Where a finished recording says what it wrote and what to run next (INFO). Without any logging
+# configured, kvscope prints it to stderr; logging.getLogger("kvscope").setLevel("WARNING") silences it.
+log = logging.getLogger("kvscope.record")
+
+
+def _announce(message: str) -> None:
+    root = logging.getLogger("kvscope")
+    if not root.handlers and not logging.getLogger().handlers and root.level == logging.NOTSET:
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("%(message)s"))
+        root.addHandler(handler)
+        root.setLevel(logging.INFO)
+    log.info(message)
 
 MAX_FLUSH_EVERY = 64
 # "process": parts are encoded and written by a child process (no GIL shared with generate);
@@ -185,6 +200,9 @@ class Recording:
         self.sample_writer.close(compact=False)
         self.samples.staging = None  # give the pinned buffer back
         self.writer.close()
+        n = len(self.generations)
+        _announce(f"kvscope: recorded {n} generation{'s' if n != 1 else ''} into {self.path}; next: "
+                  f"kvscope analyze {self.path}  (or kvscope report {self.path} -o report.html)")
 
     def _start_writer(self) -> tuple[BackgroundWriter | WriterProcess, str]:
         """The writer process where NVML (if any) is polled into a shared ring; else a thread."""
