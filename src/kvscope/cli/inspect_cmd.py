@@ -8,6 +8,7 @@ import click
 
 from kvscope.cli.console import stdout_console
 from kvscope.errors import EXIT_BAD_INPUT, EXIT_OK
+from kvscope.trace.text import clean as clean_text
 
 
 def _human(n: float | None) -> str:
@@ -22,22 +23,28 @@ def _human(n: float | None) -> str:
 
 def _print_report(report: dict) -> None:
     from rich.table import Table
+    from rich.text import Text
+
+    from kvscope.trace.text import markup as m
 
     console = stdout_console()
     status = "[green]valid[/green]" if report["valid"] else "[red]INVALID[/red]"
-    console.print(f"[bold]{report['path']}[/bold]  format {', '.join(report['format_versions'])}  {status}")
+    console.print(f"[bold]{m(report['path'], 400)}[/bold]  format {m(', '.join(report['format_versions']))}  {status}",
+                  highlight=False)
     for run in report["runs"]:
         console.print(
-            f"  run {run.get('run_id')}: {run.get('model_name')} ({run.get('model_type')}, "
-            f"{run.get('num_layers')} layers, {run.get('dtype')}) on {run.get('device')}"
-            + (f" [{run.get('gpu_name')}]" if run.get("gpu_name") else "")
+            f"  run {m(run.get('run_id'))}: {m(run.get('model_name'))} ({m(run.get('model_type'))}, "
+            f"{m(run.get('num_layers'))} layers, {m(run.get('dtype'))}) on {m(run.get('device'))}"
+            + (f" \\[{m(run.get('gpu_name'))}]" if run.get("gpu_name") else ""),
+            highlight=False,
         )
         console.print(
-            f"    torch {run.get('torch_version') or '-'}, transformers {run.get('transformers_version') or '-'}, "
-            f"kvscope {run.get('kvscope_version')}, started {run.get('started_at')} on {run.get('host')}"
+            f"    torch {m(run.get('torch_version') or '-')}, transformers {m(run.get('transformers_version') or '-')}, "
+            f"kvscope {m(run.get('kvscope_version'))}, started {m(run.get('started_at'))} on {m(run.get('host'))}",
+            highlight=False,
         )
         if run.get("labels"):
-            console.print(f"    labels {run['labels']}")
+            console.print(f"    labels {m(run['labels'], 400)}", highlight=False)
     table = Table(title=None, show_edge=False)
     for header in ("table", "rows", "parts", "size", "bytes/row"):
         table.add_column(header, justify="left" if header == "table" else "right")
@@ -47,9 +54,10 @@ def _print_report(report: dict) -> None:
     console.print(table)
     console.print(f"  total size on disk: {_human(report['size_bytes'])}")
     for error in report["errors"]:
-        console.print(f"  [red]error:[/red] {error}", markup=True, highlight=False)
+        console.print(Text.assemble("  ", ("error:", "red"), " ", Text(clean_text(error, 1000))), highlight=False)
     for warning in report["warnings"]:
-        console.print(f"  [yellow]warning:[/yellow] {warning}", highlight=False)
+        console.print(Text.assemble("  ", ("warning:", "yellow"), " ", Text(clean_text(warning, 1000))),
+                      highlight=False)
 
 
 @click.command("inspect")

@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 import json
+from typing import TYPE_CHECKING
 
 import click
 
 from kvscope.cli.console import stdout_console
 from kvscope.errors import EXIT_OK, UsageError
+
+if TYPE_CHECKING:  # the analyser (duckdb) is imported inside the command only
+    from kvscope.analyzer.tune import TuneRow
 
 
 @click.command("tune")
@@ -22,8 +26,9 @@ from kvscope.errors import EXIT_OK, UsageError
 @click.option("--min-severity", type=click.Choice(["info", "warning", "critical"]), default="warning",
               show_default=True, help="Findings at or above this count as the detector saying 'present'.")
 @click.option("--format", "fmt", type=click.Choice(["text", "json"]), default="text", show_default=True)
+@click.option("--no-validate", is_flag=True, help="Skip the checks of `kvscope inspect` (faster on big traces).")
 def tune_command(traces: tuple[str, ...], labels_path: str, detector_name: str, param: str, value_range: str,
-                 overrides: tuple[str, ...], min_severity: str, fmt: str) -> int:
+                 overrides: tuple[str, ...], min_severity: str, fmt: str, no_validate: bool) -> int:
     """Sweep one threshold over labelled traces; print precision, recall and F1 per value, the best marked."""
     from kvscope.analyzer.load import load_traces
     from kvscope.analyzer.registry import field_types, get_detector, parse_overrides
@@ -38,7 +43,7 @@ def tune_command(traces: tuple[str, ...], labels_path: str, detector_name: str, 
         raise UsageError(f"--param {param!r} is not numeric ({kinds[param]}), so it cannot be swept.")
     values = parse_range(value_range, kinds[param])
     labels = read_labels(labels_path, detector.name)
-    with load_traces(traces, progress=fmt == "text") as tables:
+    with load_traces(traces, progress=fmt == "text", validate=not no_validate) as tables:
         if fmt == "text":
             from rich.console import Console
             from rich.progress import Progress
@@ -51,7 +56,8 @@ def tune_command(traces: tuple[str, ...], labels_path: str, detector_name: str, 
             rows = sweep(tables, detector, base, param, values, labels, min_severity)
     if fmt == "json":
         click.echo(json.dumps({"detector": detector.name, "param": param, "labels": len(labels),
-                               "rows": [r.to_dict() for r in rows]}, indent=2))
+                               "changes_nothing": _changes_nothing(rows), "rows": [r.to_dict() for r in rows]},
+                              indent=2))
         return EXIT_OK
     from rich.console import Console
     from rich.table import Table
@@ -67,4 +73,14 @@ def tune_command(traces: tuple[str, ...], labels_path: str, detector_name: str, 
     console.print(table)
     best = next(r for r in rows if r.best)
     console.print(f"best: {param} = {best.value:g} (F1 {best.f1:.3f})", highlight=False)
+    if _changes_nothing(rows):
+        console.print(f"{detector.name}.{param} changes nothing here: every value from {rows[0].value:g} to "
+                      f"{rows[-1].value:g} gives the same predictions (tp {best.tp}, fp {best.fp}, fn {best.fn}, "
+                      f"tn {best.tn}); try a wider range or another threshold (kvscope analyze --list).",
+                      highlight=False)
     return EXIT_OK
+
+
+def _changes_nothing(rows: list[TuneRow]) -> bool:
+    """Whether every swept value gave the same confusion matrix (the threshold does not matter here)."""
+    return len(rows) > 1 and len({(r.tp, r.fp, r.fn, r.tn) for r in rows}) == 1

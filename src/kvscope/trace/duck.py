@@ -154,5 +154,8 @@ def one_read_only_statement(con: Any, query: str) -> str:
 
 
 def first_line(exc: BaseException) -> str:
+    """The first line of an error's message, control characters escaped and capped."""
+    from kvscope.trace.text import clean
+
     text = str(exc).strip().splitlines()
-    return text[0] if text else type(exc).__name__
+    return clean(text[0], 400) if text else type(exc).__name__

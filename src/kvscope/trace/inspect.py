@@ -3,11 +3,16 @@
 from __future__ import annotations
 
 import json
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any
 
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from kvscope.errors import TraceError
 from kvscope.schema.tables import TABLES
-from kvscope.trace.reader import check_invariants, open_trace
+from kvscope.trace.reader import MAX_JSON_CHARS, Trace, check_invariants, open_trace
 
 RUN_FIELDS = (
     "run_id", "model_name", "model_type", "num_layers", "dtype", "device", "gpu_name", "driver_version",
@@ -16,21 +21,56 @@ RUN_FIELDS = (
 )
 
 
+# Longest string of a run field kept in the report (a hostile 100 MiB model name is cut here).
+MAX_FIELD_CHARS = 10_000
+
+
+def _cap(value: Any) -> Any:
+    if isinstance(value, str) and len(value) > MAX_FIELD_CHARS:
+        return value[:MAX_FIELD_CHARS] + f"... ({len(value) - MAX_FIELD_CHARS:,} more characters)"
+    return value
+
+
+def _instant(raw: Any) -> str | None:
+    """An ISO instant from microseconds since the epoch; out-of-range values are shown as numbers."""
+    if raw is None:
+        return None
+    try:
+        return (datetime(1970, 1, 1, tzinfo=timezone.utc) + timedelta(microseconds=int(raw))).isoformat()
+    except (OverflowError, ValueError):
+        return f"{raw} us since 1970 (out of range)"
+
+
+def _run_rows(trace: Trace) -> list[dict[str, Any]]:
+    columns = [f for f in RUN_FIELDS if trace.has_column("run", f)] + (
+        ["labels"] if trace.has_column("run", "labels") else [])
+    data = trace.read("run", columns)
+    if "started_at" in data.column_names:  # read as numbers: an out-of-range instant must not raise
+        index = data.column_names.index("started_at")
+        data = data.set_column(index, "started_at", pc.cast(data["started_at"].cast(pa.timestamp("us")), pa.int64()))
+    runs = []
+    for batch in data.to_batches(max_chunksize=1024):
+        for row in batch.to_pylist():
+            if "started_at" in row:
+                row["started_at"] = _instant(row["started_at"])
+            labels = row.get("labels")
+            if isinstance(labels, str) and len(labels) <= MAX_JSON_CHARS:
+                try:
+                    row["labels"] = json.loads(labels, parse_constant=lambda name: name)
+                except (ValueError, RecursionError):
+                    pass
+            runs.append({k: _cap(v) for k, v in row.items()})
+    return runs
+
+
 def inspect_trace(path: str | Path) -> dict[str, Any]:
     """A JSON-ready report of one trace. Raises TraceError when the trace is structurally invalid."""
     trace = open_trace(path)
-    columns = [f for f in RUN_FIELDS if trace.has_column("run", f)] + (
-        ["labels"] if trace.has_column("run", "labels") else [])
-    runs = []
-    for row in trace.read("run", columns).to_pylist():
-        if row.get("started_at") is not None:
-            row["started_at"] = row["started_at"].isoformat()
-        if isinstance(row.get("labels"), str):
-            try:
-                row["labels"] = json.loads(row["labels"])
-            except json.JSONDecodeError:
-                pass
-        runs.append(row)
+    report = check_invariants(trace)
+    try:
+        runs = _run_rows(trace)
+    except TraceError:  # a run part that cannot be decoded: the report's errors say so
+        runs = []
     tables = {}
     for name in TABLES:
         rows, size = trace.num_rows(name), trace.size_bytes(name)
@@ -40,7 +80,6 @@ def inspect_trace(path: str | Path) -> dict[str, Any]:
             "size_bytes": size,
             "bytes_per_row": round(size / rows, 3) if rows else None,
         }
-    report = check_invariants(trace)
     return {
         "path": str(trace.path),
         "format_versions": trace.format_versions,

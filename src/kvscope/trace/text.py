@@ -45,3 +45,21 @@ def markup(value: Any, limit: int = MAX_SHOWN) -> str:
     from rich.markup import escape
 
     return escape(clean(value, limit))
+
+
+def clean_strings(obj: Any, limit: int = 500) -> Any:
+    """A copy of `obj` (dataclasses, lists, tuples, dicts) with every string passed through `clean`."""
+    import dataclasses
+
+    if isinstance(obj, str):
+        return clean(obj, limit)
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        changes = {f.name: clean_strings(getattr(obj, f.name), limit) for f in dataclasses.fields(obj) if f.init}
+        return dataclasses.replace(obj, **changes)
+    if isinstance(obj, list):
+        return [clean_strings(v, limit) for v in obj]
+    if isinstance(obj, tuple):
+        return tuple(clean_strings(v, limit) for v in obj)
+    if isinstance(obj, dict):
+        return {clean_strings(k, limit): clean_strings(v, limit) for k, v in obj.items()}
+    return obj
