@@ -35,3 +35,14 @@ def test_tune_says_when_the_parameter_changes_nothing(pair: dict[str, Path], tmp
     assert "changes nothing" not in capsys.readouterr().out
     assert main([*base, "--param", "live_threshold", "--range", "0.1:0.5:0.2", "--format", "json"]) == 0
     assert json.loads(capsys.readouterr().out)["changes_nothing"] is False
+
+
+def test_diff_fail_on_gates_on_new_findings_in_b(pair: dict[str, Path], capsys: pytest.CaptureFixture[str]) -> None:
+    healthy, leaky, odd = (str(pair[k]) for k in ("r0", "r40", "odd"))
+    assert main(["diff", healthy, leaky, "--fail-on", "critical"]) == 1  # the leak is new in B
+    assert "1 new critical-or-worse finding(s) in B (post_eos)" in capsys.readouterr().err
+    assert main(["diff", leaky, healthy, "--fail-on", "critical"]) == 0  # fixed in B: no regression
+    assert main(["diff", healthy, odd, "--fail-on", "critical", "--format", "json"]) == 0  # a warning only
+    assert main(["diff", healthy, odd, "--fail-on", "warning", "--format", "json"]) == 1
+    assert main(["diff", healthy, odd]) == 0  # no gate without --fail-on
+    assert main(["diff", healthy, odd, "--fail-on", "warning", "--min-severity", "critical"]) == 2

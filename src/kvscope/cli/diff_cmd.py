@@ -8,7 +8,7 @@ from typing import Any
 import click
 
 from kvscope.cli.console import stdout_console
-from kvscope.errors import EXIT_OK
+from kvscope.errors import EXIT_FINDINGS, EXIT_OK, UsageError
 
 
 def _num(x: Any, kind: str = "") -> str:
@@ -62,8 +62,18 @@ def _print(result: dict[str, Any], a: str, b: str) -> None:
 @click.option("--min-severity", type=click.Choice(["info", "warning", "critical"]), default="warning",
               show_default=True, help="Findings compared: this severity or worse.")
 @click.option("--no-validate", is_flag=True, help="Skip the checks of `kvscope inspect` (faster on big traces).")
-def diff_command(a: str, b: str, fmt: str, min_severity: str, no_validate: bool) -> int:
-    """Compare trace A (before) with trace B (after): layers, peaks, retention, fragmentation, findings."""
+@click.option("--fail-on", type=click.Choice(["warning", "critical"]), default=None,
+              help="Exit 1 when B has a finding of this severity or worse that A has not (a CI gate on regressions).")
+def diff_command(a: str, b: str, fmt: str, min_severity: str, no_validate: bool, fail_on: str | None) -> int:
+    """Compare trace A (before) with trace B (after): layers, peaks, retention, fragmentation, findings.
+
+    Exits 0, or 1 with --fail-on when B brings a new finding at that severity or worse; 2 for bad input.
+    """
+    from kvscope.analyzer.findings import SEVERITY_RANK
+
+    if fail_on is not None and SEVERITY_RANK[fail_on] < SEVERITY_RANK[min_severity]:
+        raise UsageError(f"--fail-on {fail_on} is below --min-severity {min_severity}: those findings are not "
+                         "compared; lower --min-severity.")
     from kvscope.analyzer.diff import compare
     from kvscope.analyzer.load import load_traces
 
@@ -73,4 +83,10 @@ def diff_command(a: str, b: str, fmt: str, min_severity: str, no_validate: bool)
         click.echo(json.dumps(result, indent=2, default=str))
     else:
         _print(result, a, b)
+    if fail_on is not None:
+        new = [f for f in result["only_in_b"] if SEVERITY_RANK[f["severity"]] >= SEVERITY_RANK[fail_on]]
+        if new:
+            click.echo(f"kvscope diff: {len(new)} new {fail_on}-or-worse finding(s) in B "
+                       f"({', '.join(sorted({f['detector'] for f in new}))})", err=True)
+            return EXIT_FINDINGS
     return EXIT_OK
