@@ -46,3 +46,21 @@ def test_diff_fail_on_gates_on_new_findings_in_b(pair: dict[str, Path], capsys: 
     assert main(["diff", healthy, odd, "--fail-on", "warning", "--format", "json"]) == 1
     assert main(["diff", healthy, odd]) == 0  # no gate without --fail-on
     assert main(["diff", healthy, odd, "--fail-on", "warning", "--min-severity", "critical"]) == 2
+
+
+def test_sql_table_right_aligns_and_rounds(pair: dict[str, Path], capsys: pytest.CaptureFixture[str],
+                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("COLUMNS", "80")
+    query = ("SELECT * FROM (VALUES ('short', 413773.3333, 0.884900412, 1234567), ('a longer name', 5.5, 12.0, 7)) "
+             "AS t(name, tokens_to_oom, fraction, bytes)")
+    assert main(["sql", str(pair["r0"]), query]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    rows = [line for line in lines if "short" in line or "longer" in line]
+    assert len(rows) == 2 and all(len(line) <= 80 for line in lines)
+    assert "413,773" in rows[0] and "0.8849" in rows[0] and "1,234,567" in rows[0]
+    assert "5.5" in rows[1] and " 12 " in rows[1] + " "
+    # right-aligned: the numbers of both rows end in the same column
+    for a, b in (("413,773", "5.5"), ("0.8849", "12"), ("1,234,567", "7")):
+        assert rows[0].index(a) + len(a) == rows[1].index(b) + len(b)
+    header = next(line for line in lines if "tokens_to_oom" in line or "tokens_to" in line)
+    assert "name" in header

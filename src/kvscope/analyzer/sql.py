@@ -13,6 +13,7 @@ import csv
 import io
 import json
 from collections.abc import Sequence
+from decimal import Decimal
 from typing import Any
 
 import duckdb
@@ -102,6 +103,23 @@ def run_query(paths: Sequence[str], query: str, fmt: str, output: str | None, li
     return None
 
 
+def _cell(v: Any) -> str:
+    """A value as the table shows it: integers with thousands separators, floats rounded."""
+    from kvscope.trace.text import clean
+
+    if isinstance(v, Decimal):
+        v = int(v) if v == v.to_integral_value() else float(v)
+    if isinstance(v, bool) or not isinstance(v, (int, float)):
+        return clean(_plain(v))
+    if isinstance(v, int):
+        return f"{v:,}"
+    if v != v or v in (float("inf"), float("-inf")):
+        return str(v)
+    if v.is_integer() and abs(v) < 1e15:
+        return f"{int(v):,}"
+    return f"{v:,.0f}" if abs(v) >= 1000 else f"{v:.4g}"
+
+
 def _print_table(columns: list[str], rows: list[tuple[Any, ...]], limit: int, output: str | None) -> None:
     from rich.console import Console
     from rich.table import Table
@@ -109,11 +127,18 @@ def _print_table(columns: list[str], rows: list[tuple[Any, ...]], limit: int, ou
 
     from kvscope.trace.text import clean
 
+    shown = rows[:limit]
+    numeric = [bool(shown) and all(v is None or (isinstance(v, (int, float, Decimal)) and not isinstance(v, bool))
+                                   for v in (row[i] for row in shown)) for i in range(len(columns))]
+    cells = [["NULL" if v is None else _cell(v) for v in row] for row in shown]
     table = Table(show_edge=False)
-    for name in columns:
-        table.add_column(Text(clean(name)), overflow="fold")
-    for row in rows[:limit]:
-        table.add_row(*(Text("NULL" if v is None else clean(_plain(v))) for v in row))
+    for i, (name, is_number) in enumerate(zip(columns, numeric, strict=True)):
+        # numbers right-aligned and never folded; names fold only past their first 10 characters
+        widest = max((len(row[i]) for row in cells), default=0) if is_number else 0
+        table.add_column(Text(clean(name)), overflow="fold", justify="right" if is_number else "left",
+                         min_width=max(min(len(name), 10), widest))
+    for row in cells:
+        table.add_row(*(Text(c) for c in row))
     if output is not None:
         with open(output, "w", encoding="utf-8") as handle:
             Console(file=handle, width=200).print(table)
