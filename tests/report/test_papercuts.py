@@ -64,3 +64,21 @@ def test_sql_table_right_aligns_and_rounds(pair: dict[str, Path], capsys: pytest
         assert rows[0].index(a) + len(a) == rows[1].index(b) + len(b)
     header = next(line for line in lines if "tokens_to_oom" in line or "tokens_to" in line)
     assert "name" in header
+
+
+def test_sql_from_python_has_column_names(pair: dict[str, Path]) -> None:
+    import pyarrow as pa
+
+    import kvscope
+    from kvscope.errors import UsageError
+
+    query = "SELECT run_id, count(*) AS n, max(kv_bytes) AS peak FROM steps GROUP BY run_id ORDER BY run_id"
+    table = kvscope.sql([pair["r0"], pair["odd"]], query)
+    assert isinstance(table, pa.Table) and table.column_names == ["run_id", "n", "peak"]
+    assert table.column("run_id").to_pylist() == ["odd", "r0"] and table.column("n").to_pylist() == [128, 128]
+    frame = kvscope.sql(str(pair["r0"]), query, to="polars")
+    assert frame.columns == ["run_id", "n", "peak"] and frame["peak"].to_list() == table.column("peak").to_pylist()[1:]
+    with pytest.raises(UsageError, match="the query failed"):
+        kvscope.sql(pair["r0"], "SELECT nope FROM steps")
+    with pytest.raises(UsageError, match="to must be"):
+        kvscope.sql(pair["r0"], query, to="pandas")  # type: ignore[arg-type]

@@ -15,7 +15,7 @@ import dataclasses
 import os
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Union
+from typing import Any, Literal, Union
 
 from kvscope.analyzer.analyze import analyze as _run_detectors
 from kvscope.analyzer.findings import SEVERITY_RANK, Finding
@@ -99,3 +99,30 @@ def analyze(paths: PathLike | Sequence[PathLike], detectors: Iterable[str | Dete
         findings = _run_detectors(tables, chosen, configs)
         verdict = verdict_of(tables, findings)
     return Analysis(findings, verdict)
+
+
+def sql(paths: PathLike | Sequence[PathLike], query: str, *, to: Literal["arrow", "polars"] = "arrow",
+        threads: int | None = None) -> Any:
+    """One DuckDB query over the traces' views (run, generations, steps, layers, events, kv_samples,
+    head_stats), returned with its column names: a ``pyarrow.Table`` (default) or a ``polars.DataFrame``.
+
+        kvscope.sql("traces/", "SELECT run_id, max(kv_bytes) AS peak FROM steps GROUP BY run_id")
+
+    Raises:
+        kvscope.errors.UsageError: a query DuckDB refuses, or an unknown ``to``.
+    """
+    import duckdb
+
+    if to not in ("arrow", "polars"):
+        raise UsageError(f"to must be 'arrow' or 'polars', not {to!r}.")
+    given = [paths] if isinstance(paths, (str, os.PathLike)) else list(paths)
+    with load_traces(given, threads=threads) as tables:
+        try:
+            table = tables.arrow(query)
+        except duckdb.Error as exc:
+            raise UsageError(f"the query failed: {str(exc).splitlines()[0]}") from exc
+    if to == "polars":
+        import polars as pl
+
+        return pl.from_arrow(table)
+    return table
