@@ -16,12 +16,15 @@ from kvscope.trace.reader import check_invariants, open_trace
 from kvscope.twins import kv_geometry, list_twins, load_twin, shrink_config
 
 SHIPPED = {"pythia-1.4b", "gemma-3-4b", "gpt-oss-20b", "gpt-oss-120b", "glm-4.5-air", "glm-4.7-flash",
-           "deepseek-v2-lite"}
+           "deepseek-v2-lite", "gemma-4-e2b", "gemma-4-e4b", "gemma-4-26b-a4b", "gemma-4-31b"}
 # Geometry from the design table (shared/design/transformers-caches.md).
 EXPECTED = {
     "pythia-1.4b": (24, 16, 128), "gemma-3-4b": (34, 4, 256), "gpt-oss-20b": (24, 8, 64),
     "gpt-oss-120b": (36, 8, 64), "glm-4.5-air": (46, 8, 128), "glm-4.7-flash": (47, 20, None),
     "deepseek-v2-lite": (27, 16, None),
+    # Gemma 4: sliding layers' kv heads and head_dim (full layers: global_head_dim 512, tests/lab/test_gemma4_twins.py)
+    "gemma-4-e2b": (35, 1, 256), "gemma-4-e4b": (42, 2, 256), "gemma-4-26b-a4b": (30, 8, 256),
+    "gemma-4-31b": (60, 16, 256),
 }
 
 

@@ -20,11 +20,13 @@ SHRUNK_MOE_INTERMEDIATE = 64
 SHRUNK_HIDDEN = 512
 SHRUNK_EXPERTS = 4
 EXPERT_COUNT_KEYS = ("num_local_experts", "n_routed_experts", "num_experts")
-EXPERTS_PER_TOKEN_KEYS = ("num_experts_per_tok", "experts_per_token")
+EXPERTS_PER_TOKEN_KEYS = ("num_experts_per_tok", "experts_per_token", "top_k_experts")
 TOKEN_ID_KEYS = ("bos_token_id", "eos_token_id", "pad_token_id")
 # Everything the KV cache's size and layout depend on.
 GEOMETRY_KEYS = ("num_hidden_layers", "num_key_value_heads", "head_dim", "layer_types", "sliding_window",
-                 "sliding_window_pattern", "kv_lora_rank", "qk_rope_head_dim", "qk_nope_head_dim", "v_head_dim")
+                 "sliding_window_pattern", "kv_lora_rank", "qk_rope_head_dim", "qk_nope_head_dim", "v_head_dim",
+                 # Gemma 4: full layers' own head_dim and kv heads, K = V on them, layers reusing another's KV
+                 "global_head_dim", "num_global_key_value_heads", "attention_k_eq_v", "num_kv_shared_layers")
 
 
 @dataclass(frozen=True)
@@ -87,7 +89,7 @@ def shrink_config(spec: TwinSpec) -> TwinSpec:
     if ("head_dim" in cfg or "kv_lora_rank" in cfg) and cfg.get("hidden_size", 0) > SHRUNK_HIDDEN:
         cfg["hidden_size"] = SHRUNK_HIDDEN
     for key, size in (("intermediate_size", SHRUNK_INTERMEDIATE), ("moe_intermediate_size", SHRUNK_MOE_INTERMEDIATE),
-                      ("vocab_size", SHRUNK_VOCAB)):
+                      ("vocab_size", SHRUNK_VOCAB), ("vocab_size_per_layer_input", SHRUNK_VOCAB)):
         if isinstance(cfg.get(key), int) and cfg[key] > size:
             cfg[key] = size
     for key in EXPERT_COUNT_KEYS:

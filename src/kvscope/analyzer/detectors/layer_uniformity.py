@@ -4,7 +4,9 @@ At each generation's last step: the coefficient of variation (population) of per
 and the layers grouped into modes (sorted bytes, a new mode wherever a layer holds more than
 `mode_gap` times the previous one). gpt-oss has two modes 1:1 (sliding, full), Gemma 3 5:1.
 Always an info finding; a warning when the modes disagree with the declared layer_types: layers
-declared sliding that hold more tokens than the window (they never saturate).
+declared sliding that hold more tokens than the window (they never saturate). Layers that own no
+cache (Gemma 3n/4 KV-shared layers reuse an earlier layer's keys and values) are not counted: the
+message says how many of the model's layers hold a cache and how many are KV-shared.
 """
 
 from __future__ import annotations
@@ -36,17 +38,24 @@ class Config:
 
 
 def _windows(t: LoadedTraces) -> str:
-    """A VALUES list of (run_id, sliding_window, declared layer_types JSON) from the run table."""
-    rows = t.sql("SELECT run_id, model_config, layer_types FROM run")
+    """A VALUES list of (run_id, sliding_window, declared layer_types JSON, model layers, KV-shared
+    layers) from the run table."""
+    rows = t.sql("SELECT run_id, model_config, layer_types, num_layers FROM run")
     values = []
-    for run_id, config, declared in rows:  # one row per run
-        window = parse_config(config).get("sliding_window")
+    for run_id, config, declared, num_layers in rows:  # one row per run
+        parsed = parse_config(config)
+        window = parsed.get("sliding_window")
         window = int(window) if isinstance(window, (int, float)) and not isinstance(window, bool) else None
+        shared = parsed.get("num_kv_shared_layers")
+        shared = int(shared) if isinstance(shared, int) and not isinstance(shared, bool) and shared > 0 else None
         values.append(f"('{run_id.replace(chr(39), chr(39) * 2)}', {window if window else 'NULL'}, "
-                      f"'{json.dumps(list(declared or [])).replace(chr(39), chr(39) * 2)}')")
+                      f"'{json.dumps(list(declared or [])).replace(chr(39), chr(39) * 2)}', "
+                      f"{int(num_layers) if num_layers else 'NULL'}, {shared or 'NULL'})")
     if not values:
-        return "SELECT NULL::VARCHAR AS run_id, NULL::BIGINT AS sliding_window, NULL::VARCHAR AS declared WHERE false"
-    return f"SELECT * FROM (VALUES {', '.join(values)}) v(run_id, sliding_window, declared)"
+        return ("SELECT NULL::VARCHAR AS run_id, NULL::BIGINT AS sliding_window, NULL::VARCHAR AS declared, "
+                "NULL::BIGINT AS model_layers, NULL::BIGINT AS kv_shared WHERE false")
+    return (f"SELECT * FROM (VALUES {', '.join(values)}) "
+            "v(run_id, sliding_window, declared, model_layers, kv_shared)")
 
 
 def detect(t: LoadedTraces, cfg: Config) -> list[Finding]:
@@ -55,6 +64,7 @@ def detect(t: LoadedTraces, cfg: Config) -> list[Finding]:
         WITH w AS ({_windows(t)}),
         x AS (
           SELECT s.run_id, s.gen_id, s.layer, s.kv_bytes, s.stored_tokens, s.last_seq_len, w.sliding_window,
+            w.model_layers, w.kv_shared,
             coalesce(json_extract_string(w.declared, '$[' || s.layer || ']'), s.layer_type) AS declared_type
           FROM {summary} s LEFT JOIN w USING (run_id)
         ), o AS (
@@ -69,6 +79,7 @@ def detect(t: LoadedTraces, cfg: Config) -> list[Finding]:
         ), stats AS (
           SELECT run_id, gen_id, count(*) AS layers, stddev_pop(kv_bytes) / nullif(avg(kv_bytes), 0) AS cv,
             max(last_seq_len) AS context, any_value(sliding_window) AS sliding_window,
+            any_value(model_layers) AS model_layers, any_value(kv_shared) AS kv_shared,
             list(layer ORDER BY layer) FILTER (WHERE declared_type LIKE '%sliding%' AND sliding_window IS NOT NULL
               AND greatest(coalesce(last_seq_len, 0), stored_tokens) > sliding_window + {int(cfg.window_slack_tokens)}
               AND stored_tokens > sliding_window + {int(cfg.window_slack_tokens)}) AS unsaturated
@@ -90,10 +101,17 @@ def detect(t: LoadedTraces, cfg: Config) -> list[Finding]:
         evidence = {"modes": [{"layers": m["layers"], "count": m["n"], "bytes": m["bytes"], "mib": m["bytes"] / 2**20,
                                "types": m["types"]} for m in modes],
                     "mode_ratio": ratio, "outlier_layers": outliers, "context_tokens": r["context"],
-                    "sliding_window": r["sliding_window"]}
+                    "sliding_window": r["sliding_window"], "cache_layers": r["layers"],
+                    "model_layers": r["model_layers"], "kv_shared_layers": r["kv_shared"]}
+        over = f"{r['layers']} layers"
+        if r["model_layers"] and r["model_layers"] > r["layers"]:
+            without = r["model_layers"] - r["layers"]
+            why = (f"{without} KV-shared layers reuse an earlier layer's cache" if r["kv_shared"] == without
+                   else f"{without} hold no cache")
+            over = f"the {r['layers']} layers that hold a cache (of the model's {r['model_layers']}: {why})"
         findings.append(Finding(
             NAME, "info", r["run_id"], r["gen_id"], None, "cv", r["cv"] if r["cv"] is not None else 0.0, None,
-            f"per-layer KV bytes vary with CV {r['cv'] or 0:.2f} over {r['layers']} layers in {len(modes)} "
+            f"per-layer KV bytes vary with CV {r['cv'] or 0:.2f} over {over} in {len(modes)} "
             f"mode{'s' if len(modes) != 1 else ''} ({described}; ratio {ratio}); for information.",
             evidence,
         ))
