@@ -239,7 +239,7 @@ def _oom(model: Any, s: LabSettings, rec: Any, lab: dict[str, Any]) -> dict[str,
     notes: dict[str, Any] = {"limit_bytes": lab.get("limit_bytes")}
     rec.next_prompt("lab-oom")
     try:  # a batch of 32 long sequences under the cap: the cache outgrows it
-        out = _generate(model, _ids(model, 64, 0).repeat(32, 1), s, max_new_tokens=8192)
+        out = _generate(model, _ids(model, 64, 0).repeat(32, 1), s, max_new_tokens=2048)
         del out
         notes["oom"] = False
     except torch.cuda.OutOfMemoryError as exc:
@@ -347,7 +347,7 @@ SCENARIOS: tuple[Scenario, ...] = (
              "a buffer 1 MiB larger each step, allocated between the cache's own growing tensors",
              _interleaved, needs_cuda=True),
     Scenario("oom_fraction", True, ("oom_event", "oom_forecast"),
-             "batch 32, 8192 new tokens under set_per_process_memory_fraction: a real OOM", _oom, needs_cuda=True),
+             "batch 32, up to 2048 new tokens under set_per_process_memory_fraction: a real OOM", _oom, needs_cuda=True),
     Scenario("preallocated", True, ("preallocation_waste",), "a static cache of 8x the tokens used",
              _static(lambda s, tokens: 8 * (tokens + s.new_tokens)), cpu_detectable=True),
     Scenario("float32_layer", True, ("layer_anomaly",), "one full layer's cache stored in float32",

@@ -8,7 +8,7 @@ from kvscope.errors import EXIT_OK
 
 
 @click.command("lab")
-@click.option("-o", "--output", "output", required=True, type=click.Path(file_okay=False),
+@click.option("-o", "--output", "output", default=None, type=click.Path(file_okay=False),
               help="Empty directory: one trace per scenario, labels.csv (for kvscope tune) and lab.json.")
 @click.option("--device", default="cpu", show_default=True, help='Torch device: "cuda", "cuda:0" or "cpu".')
 @click.option("--twin", default="gpt-oss-20b", show_default=True, help="Shipped twin (shrunk) to plant in.")
@@ -19,7 +19,7 @@ from kvscope.errors import EXIT_OK
               help="Prompt lengths, one generation each (comma-separated).")
 @click.option("-s", "--scenario", "scenarios", multiple=True, help="Only these scenarios (repeatable).")
 @click.option("--list", "list_only", is_flag=True, help="List the scenarios and exit.")
-def lab_command(output: str, device: str, twin: str, dtype: str, layers: int | None, new_tokens: int,
+def lab_command(output: str | None, device: str, twin: str, dtype: str, layers: int | None, new_tokens: int,
                 prompt_tokens: str, scenarios: tuple[str, ...], list_only: bool) -> int:
     """Record the fault lab: kept caches, kept scores, kept attentions, copied keys, fragmentation,
     a real OOM, static and preallocated caches, a float32 layer, an unhonoured window, a dead head,
@@ -34,6 +34,8 @@ def lab_command(output: str, device: str, twin: str, dtype: str, layers: int | N
             flags = ", ".join(s.expected) or "no warning"
             click.echo(f"{s.name:28s} {kind:8s} {flags:32s} {'CUDA only' if s.needs_cuda else ''}")
         return EXIT_OK
+    if output is None:
+        raise UsageError("give an output directory: kvscope lab -o DIR (or --list).")
     try:
         lengths = tuple(int(x) for x in prompt_tokens.split(",") if x.strip())
     except ValueError as exc:
