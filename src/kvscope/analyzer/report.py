@@ -12,8 +12,6 @@ from typing import Any
 from kvscope.analyzer.findings import Finding
 from kvscope.analyzer.verdict import FindingGroup, RunVerdict, Verdict, metric_value_text
 
-_STYLE = {"info": "cyan", "warning": "yellow", "critical": "bold red"}
-
 
 def _fmt_value(x: float | None) -> str:
     if x is None:
@@ -55,24 +53,6 @@ def to_markdown(findings: list[Finding]) -> str:
 def summary_line(findings: list[Finding]) -> str:
     counts = {s: sum(1 for f in findings if f.severity == s) for s in ("critical", "warning", "info")}
     return ", ".join(f"{n} {s}" for s, n in counts.items())
-
-
-def print_table(findings: list[Finding], console: Any | None = None, title: str | None = None) -> None:
-    from rich.console import Console
-    from rich.table import Table
-
-    console = console or Console()
-    table = Table(title=title, show_lines=False, expand=False)
-    for header, justify in (("severity", "left"), ("detector", "left"), ("run", "left"), ("gen", "right"),
-                            ("layer", "right"), ("metric", "left"), ("value", "right"),
-                            ("threshold", "right"), ("message", "left")):
-        table.add_column(header, justify=justify, overflow="fold",  # type: ignore[arg-type]
-                         no_wrap=header != "message", ratio=1 if header == "message" else None)
-    for f in findings:
-        table.add_row(f"[{_STYLE[f.severity]}]{f.severity}[/]", f.detector, f.run_id, _fmt_opt(f.gen_id),
-                      _fmt_opt(f.layer), f.metric, _fmt_value(f.value), _fmt_value(f.threshold), f.message)
-    console.print(table)
-    console.print(f"{len(findings)} finding(s): {summary_line(findings)}", highlight=False)
 
 
 # --- the verdict as plain text (80 columns and up, a pipe, a terminal) -------------------------
