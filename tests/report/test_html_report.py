@@ -173,3 +173,27 @@ def test_the_browser_checks_catch_errors_and_requests(tmp_path: Path) -> None:
     dom, requests = _load(page, tmp_path)
     assert "console.error: boom" in dom
     assert any(url.startswith("http://127.0.0.1:9/") for url in requests), requests
+
+
+def test_head_statistics_become_heat_maps(tmp_path: Path) -> None:
+    from kvscope.trace.writer import TraceWriter
+
+    trace = build_synthetic_trace(tmp_path / "heads", SynthSpec(run_id="h", steps=16))
+    rows: dict[str, list] = {k: [] for k in ("run_id", "gen_id", "step", "layer", "head", "stat", "value", "tokens",
+                                             "source")}
+    for step in (4, 8):
+        for layer in range(4):
+            for head in range(8):
+                for stat, value in (("key_norm_mean", layer + head / 10 + step), ("entropy_mean", 0.5 * head)):
+                    for k, v in zip(rows, ("h", 0, step, layer, head, stat, value, 64 + step, "online"), strict=True):
+                        rows[k].append(v)
+    with TraceWriter(trace) as w:
+        w.extend("head_stats", rows)
+    figures = _figures(_report([trace], tmp_path / "heads.html"))
+    key, entropy = figures["run0-heads"]["data"][0], figures["run0-heads1"]["data"][0]
+    assert key["type"] == entropy["type"] == "heatmap"
+    assert key["y"] == [0, 1, 2, 3] and key["x"] == list(range(8))
+    assert key["z"][2][3] == pytest.approx(2 + 0.3 + 6)  # the mean over the two sampled steps
+    assert entropy["z"][0] == [0.5 * h for h in range(8)]
+    plain = _figures(_report([SHIPPED[0]], tmp_path / "plain.html"))
+    assert not any(k.startswith("run0-heads") for k in plain)
