@@ -11,7 +11,14 @@ import pytest
 import kvscope
 from kvscope.analyzer.findings import Finding
 from kvscope.analyzer.report import verdict_text
-from kvscope.analyzer.verdict import RunFacts, build_verdict, group_findings, metric_value_text, span_text
+from kvscope.analyzer.verdict import (
+    GenerationMemory,
+    RunFacts,
+    build_verdict,
+    group_findings,
+    metric_value_text,
+    span_text,
+)
 from kvscope.cli.main import main
 from kvscope.errors import UsageError
 
@@ -136,15 +143,18 @@ def test_grouping_merges_generations_with_ranges() -> None:
 
 def test_unknown_detectors_and_new_metrics_are_tolerated() -> None:
     facts = RunFacts("r", "m", generations=2, steps=10, bytes_per_token=1024.0, peak_kv_bytes=1 << 20,
-                     non_kv_allocated_bytes=1 << 30, peak_allocated_bytes=(1 << 30) + (1 << 20))
+                     non_kv_allocated_bytes=1 << 30, peak_allocated_bytes=(1 << 30) + (1 << 20),
+                     retention=(GenerationMemory(0, 0, 0, 1 << 20), GenerationMemory(1, 0, 0, 0)))
     fs = [Finding("oom_event", "critical", "r", 1, None, "ooms", 1, 0, "the run ran out of memory at step 7."),
-          Finding("growth_curve", "warning", "r", 0, None, "outside_cache_slope", 4096, 0,
-                  "allocated memory outside the cache grows 4.00 KiB per token."),
+          Finding("growth_curve", "warning", "r", 0, None, "outside_marginal_rate_ratio", 1.6, 1.25,
+                  "the cache grows linearly; something outside it grows 4.00 KiB per token."),
+          Finding("post_eos", "info", "r", 0, None, "outside_allocator_retention", 0.2, 0.05, "warm-up."),
           Finding("someone_elses", "warning", "r", None, 3, "odd", 2.0, 1.0, "something odd.")]
     run = build_verdict(fs, [facts]).worst
     assert run is not None and run.severity == "critical"
     assert run.aspect("oom").status == "critical" and run.aspect("oom").label == "ran out"
     assert run.aspect("outside_cache").status == "warning" and "4.00 KiB per token" in run.aspect("outside_cache").text
     assert run.aspect("kv_cache").status == "ok"  # the outside-the-cache growth is not the cache's
+    assert run.aspect("retention").label == "warm-up"  # post_eos's "outside the allocator" stays retention
     assert {g.detector for g in run.action} == {"oom_event", "growth_curve", "someone_elses"}
     assert "ran out" in verdict_text(build_verdict(fs, [facts]), 80)

@@ -39,14 +39,16 @@ _DETECTOR_ASPECT = {
     "post_eos": "retention", "fragmentation": "fragmentation",
     "oom_forecast": "oom", "oom_event": "oom",
 }
-# Words in a metric that make it about the memory beside the cache, whichever detector reports it.
+# Words in a metric that make it about the memory beside the cache, whichever detector reports it
+# (and growth_curve's fits of the allocator's footprint outside the cache: `outside_*` metrics).
 _OUTSIDE_WORDS = ("outside_cache", "non_kv", "footprint", "beside_cache")
 
 
 def aspect_of(f: Finding) -> str | None:
     """The aspect a finding belongs to, by its detector and metric."""
     metric = f.metric.lower()
-    if any(w in metric for w in _OUTSIDE_WORDS) or (f.detector == "growth_curve" and "allocat" in metric):
+    if any(w in metric for w in _OUTSIDE_WORDS) or (
+            f.detector == "growth_curve" and ("outside" in metric or "allocat" in metric)):
         return "outside_cache"
     if "oom" in f.detector:
         return "oom"
