@@ -158,3 +158,21 @@ def test_unknown_detectors_and_new_metrics_are_tolerated() -> None:
     assert run.aspect("retention").label == "warm-up"  # post_eos's "outside the allocator" stays retention
     assert {g.detector for g in run.action} == {"oom_event", "growth_curve", "someone_elses"}
     assert "ran out" in verdict_text(build_verdict(fs, [facts]), 80)
+
+
+def test_an_oom_event_makes_the_forecast_ran_out(tmp_path: Path) -> None:
+    import pyarrow.parquet as pq
+
+    from kvscope.trace.synth import SynthSpec, build_synthetic_trace
+    from kvscope.trace.writer import TraceWriter
+
+    trace = build_synthetic_trace(tmp_path / "oom", SynthSpec(run_id="oom", generations=2))
+    steps = sorted((r for part in (trace / "steps").glob("part-*.parquet") for r in pq.read_table(part).to_pylist()),
+                   key=lambda r: (r["gen_id"], r["step"]))
+    with TraceWriter(trace) as w:
+        w.extend("events", {"run_id": ["oom"], "gen_id": [1], "step": [100], "t_ns": [steps[228]["t_ns"]],
+                            "kind": ["oom"], "detail": [json.dumps({"tried_bytes": 1 << 30})]})
+    run = kvscope.analyze(trace).verdict.worst
+    assert run is not None and run.severity == "critical" and run.headline == "OOM forecast: ran out"
+    oom = run.aspect("oom")
+    assert oom.status == "critical" and oom.text.startswith("ran out of memory (1 OOM): ")

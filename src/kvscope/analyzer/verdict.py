@@ -538,7 +538,9 @@ def _oom_aspect(facts: RunFacts, fs: list[Finding]) -> Aspect:
     ran_out = [f for f in mine if f.severity == "critical"]
     forecasts = [f for f in mine if f.detector == "oom_forecast"]
     if ran_out or facts.oom_events:
-        n = max(facts.oom_events, len(ran_out))
+        n = facts.oom_events or len({(f.gen_id, f.detector) for f in ran_out if f.detector != "oom_forecast"}) \
+            or len({f.gen_id for f in ran_out})
+        ran_out.sort(key=lambda f: f.detector == "oom_forecast")  # the OOM's own finding says more
         why = ran_out[0].message if ran_out else "the trace holds out-of-memory events"
         return Aspect("oom", status, "ran out", f"ran out of memory ({_plural(n, 'OOM')}): {why}")
     if not forecasts:
