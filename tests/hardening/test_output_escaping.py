@@ -14,13 +14,9 @@ from kvscope.trace.text import clean
 Cli = Callable[..., tuple[int, str, str]]
 
 HOSTILE = [
-    "\x1b[2J\x1b[H",  # clear screen
-    "\x1b]0;pwned\x07",  # window title
-    "\x1b]8;;https://evil.example/\x1b\\click\x1b]8;;\x1b\\",  # OSC 8 link
-    "[/]",  # rich markup that breaks rendering
-    "[bold red]shout[/bold red][link=https://evil.example]x[/link]",
-    "\u202eevil\u202c",  # bidi override
-    "line\nbreak\rcarriage",
+    "\x1b[2J\x1b[H" + "\x1b]0;pwned\x07",  # clear screen, window title
+    "\x1b]8;;https://evil.example/\x1b\\click\x1b]8;;\x1b\\" + "\u202eevil\u202c" + "line\nbreak\rcr",  # OSC 8, bidi
+    "[/]" + "[bold red]shout[/bold red][link=https://evil.example]x[/link]",  # rich markup
 ]
 
 

@@ -8,6 +8,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+from hardening_helpers import one_line_error
 
 from kvscope.analyzer.load import load_traces
 
@@ -35,3 +36,34 @@ def test_glob_characters_in_the_trace_path(tmp_path: Path, trace: Path, cli: Cli
     shutil.copytree(trace, odd)
     code, out, err = cli("sql", odd, "SELECT count(*) AS n FROM layers", "--format", "json")
     assert code == 0 and json.loads(out) == [{"n": 64}], err
+
+
+def test_unreadable_table_folder(trace: Path, cli: Cli, monkeypatch: pytest.MonkeyPatch) -> None:
+    """chmod 000 on a table folder (simulated: the tests may run as root, who reads it anyway)."""
+    import os
+
+    real = os.listdir
+    layers = str(trace / "layers")
+
+    def listdir(path: object = ".") -> list[str]:
+        if str(path) == layers:
+            raise PermissionError(13, "Permission denied", layers)
+        return real(path)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(os, "listdir", listdir)
+    for args in (("inspect", trace), ("sql", trace, "SELECT 1"), ("analyze", trace)):
+        code, _out, err = cli(*args)
+        assert code == 2 and "Permission denied" in one_line_error(err) and "layers" in err
+
+
+def test_chmod_000_as_a_user(trace: Path, cli: Cli) -> None:
+    import os
+
+    if os.geteuid() == 0:
+        pytest.skip("root reads a chmod 000 folder")
+    os.chmod(trace / "layers", 0)
+    try:
+        code, _out, err = cli("inspect", trace)
+        assert code == 2 and "permission denied" in one_line_error(err)
+    finally:
+        os.chmod(trace / "layers", 0o755)

@@ -36,8 +36,12 @@ from kvscope.trace.writer import ASIDE_SUFFIX, JOURNAL_NAME, PART_GLOB, TMP_SUFF
 MAX_PARTS = 10_000
 # The largest uncompressed column chunk accepted: a highly compressible hostile value (a 1 GiB
 # string that zstd packs into kilobytes) is refused from the footer, before anything is decoded.
-MAX_CHUNK_BYTES = 256 << 20
+MAX_CHUNK_BYTES = 64 << 20
 MAX_CHUNK_BYTES_BINARY = 2 << 30  # kv_samples.data holds raw tensors
+# The longest string value accepted, and for the key columns that every query groups by.
+MAX_STRING_CHARS = 16 << 20
+MAX_KEY_CHARS = 1024
+KEY_COLUMNS = frozenset({"run_id", "prompt_id", "layer_type", "k_dtype", "v_dtype", "kind", "tensor", "stat"})
 # JSON columns of the run table (model_config, labels, options): at most this long and this deep.
 MAX_JSON_CHARS = 1 << 20
 MAX_JSON_DEPTH = 64
@@ -309,13 +313,16 @@ def find_traces(paths: list[str | os.PathLike[str]] | tuple[str | os.PathLike[st
     return found
 
 
-def _list_parts(directory: Path, root: Path, table: str, trace: Trace) -> list[Path]:
-    """The part files of one table folder, in name order; notes stray and aside files."""
+def _listdir(directory: Path, table: str) -> list[str]:
     try:
-        names = sorted(os.listdir(directory))
+        return sorted(os.listdir(directory))
     except OSError as exc:
         raise TraceError(f"{shown(directory)}: table folder '{table}' cannot be read "
                          f"({exc.strerror or exc}).") from exc
+
+
+def _list_parts(directory: Path, names: list[str], root: Path, table: str, trace: Trace) -> list[Path]:
+    """The part files among a table folder's `names`; notes stray and aside files."""
     parts = []
     for name in names:
         try:
@@ -377,15 +384,17 @@ def _open_trace(path: Path, max_parts: int | None) -> Trace:
     except (OSError, RuntimeError) as exc:
         raise TraceError(f"{shown(path)}: cannot be read ({exc}).") from exc
     trace = Trace(path)
-    listed: dict[str, list[Path]] = {}
+    names: dict[str, tuple[Path, list[str]]] = {}
     for table in TABLES:
         directory = _table_dir(path, root, table)
         if directory is not None:
-            listed[table] = _list_parts(directory, root, table, trace)
-    total = sum(len(v) for v in listed.values())
-    if max_parts is not None and total > max_parts:
+            names[table] = (directory, _listdir(directory, table))
+    total = sum(1 for _d, entries in names.values() for n in entries if fnmatch.fnmatchcase(n, PART_GLOB))
+    if max_parts is not None and total > max_parts:  # counted from the listing, before any part is opened
         raise TraceError(f"{shown(path)}: the trace holds {total:,} part files, more than the {max_parts:,} kvscope "
                          "reads (a crashed recording's flushes); merge them with `kvscope compact TRACE`.")
+    listed = {table: _list_parts(directory, entries, root, table, trace)
+              for table, (directory, entries) in names.items()}
     for table, part_paths in listed.items():
         infos: dict[str, PartInfo] = {}
         claims: dict[str, list[str]] = {}
@@ -473,30 +482,47 @@ def check_invariants(trace: Trace, *, memory_limit: str = "512MB", threads: int 
 
 
 def decode_part(part: PartInfo) -> str | None:
-    """Decode every page of one part (checksums verified, values cast); the problem, or None."""
+    """Decode every page of one part (checksums verified, values cast); the problem, or None.
+
+    Strings are read dictionary-encoded, so a value repeated a billion times is held once, and
+    no string may be longer than `MAX_STRING_CHARS` (`MAX_KEY_CHARS` for key columns).
+    """
     spec = TABLES[part.table]
     known = [c for c in part.column_names if c in spec.column_names]
+    text = [c for c in known if pa.types.is_string(spec.column(c).type) or pa.types.is_binary(spec.column(c).type)]
     binary = any(pa.types.is_binary(spec.column(c).type) for c in known)
     try:
-        parquet = pq.ParquetFile(part.path, page_checksum_verification=True)
+        parquet = pq.ParquetFile(part.path, page_checksum_verification=True, read_dictionary=text)
         rows = 0
-        for batch in parquet.iter_batches(batch_size=256 if binary else BATCH_ROWS, columns=known,
-                                          use_threads=False):
+        for batch in parquet.iter_batches(batch_size=16 if binary else 8192, columns=known, use_threads=False):
             rows += batch.num_rows
             for name in batch.schema.names:
-                column = batch.column(name)
-                target = spec.column(name).type
-                try:
-                    column.cast(target)
-                except (pa.ArrowInvalid, pa.ArrowNotImplementedError) as exc:
-                    return (f"{shown(part.path)}: column '{name}' of table '{part.table}' holds values that do not "
-                            f"fit {target} ({_first_line(exc)}).")
+                problem = _check_values(part, name, batch.column(name), spec.column(name).type)
+                if problem:
+                    return problem
         if rows != part.num_rows:
             return (f"{shown(part.path)}: part of table '{part.table}' decodes to {rows:,} rows but its footer "
                     f"says {part.num_rows:,}.")
     except (pa.ArrowException, OSError, ValueError, EOFError) as exc:
         return (f"{shown(part.path)}: part file of table '{part.table}' has pages that cannot be decoded "
                 f"(corrupt or damaged: {_first_line(exc)}).")
+    return None
+
+
+def _check_values(part: PartInfo, name: str, column: pa.Array, target: pa.DataType) -> str | None:
+    values = column.dictionary if pa.types.is_dictionary(column.type) else column
+    if pa.types.is_string(values.type) or pa.types.is_large_string(values.type) or (
+            pa.types.is_binary(values.type) and not pa.types.is_binary(target)):
+        limit = MAX_KEY_CHARS if name in KEY_COLUMNS else MAX_STRING_CHARS
+        longest = pc.max(pc.binary_length(values)).as_py() if len(values) else None
+        if longest is not None and longest > limit:
+            return (f"{shown(part.path)}: column '{name}' of table '{part.table}' holds a value of {longest:,} "
+                    f"bytes (at most {limit:,}).")
+    try:
+        values.cast(target)
+    except (pa.ArrowInvalid, pa.ArrowNotImplementedError) as exc:
+        return (f"{shown(part.path)}: column '{name}' of table '{part.table}' holds values that do not "
+                f"fit {target} ({_first_line(exc)}).")
     return None
 
 

@@ -1,0 +1,100 @@
+"""The acceptance corpus: every hostile trace gives a one-line exit-2 error naming the file and the
+problem from inspect, analyze, sql and diff, or is read correctly; no traceback, nothing written
+outside, within time. The corpus is built by scripts/make_hostile_traces.py in a temporary folder."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import resource
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from kvscope.cli.main import main
+from kvscope.trace import duck
+
+SCRIPT = Path(__file__).resolve().parents[2] / "scripts" / "make_hostile_traces.py"
+_spec = importlib.util.spec_from_file_location("make_hostile_traces", SCRIPT)
+assert _spec is not None and _spec.loader is not None
+corpus = importlib.util.module_from_spec(_spec)
+sys.modules["make_hostile_traces"] = corpus
+_spec.loader.exec_module(corpus)
+
+NAMES = [c.name for c, _ in corpus.CASES]
+
+
+def test_corpus_is_large_enough() -> None:
+    assert len(NAMES) >= 60 and len(set(NAMES)) == len(NAMES)
+    assert sum(c.expect == "error" for c, _ in corpus.CASES) >= 45
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple[object, Path]]:
+    root = tmp_path_factory.mktemp("corpus")
+    return {c.name: (c, p) for c, p in corpus.build_corpus(root)}
+
+
+def _tree(path: Path) -> set[tuple[str, int]]:
+    out = set()
+    for dirpath, dirnames, filenames in os.walk(path, followlinks=False):
+        for name in dirnames + filenames:
+            full = os.path.join(dirpath, name)
+            try:
+                out.add((full, os.lstat(full).st_size if name in filenames else -1))
+            except OSError:
+                out.add((full, -2))
+    return out
+
+
+def _top(root: Path) -> set[str]:
+    return set(os.listdir(root))
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_hostile_trace(name: str, built: dict[str, tuple[object, Path]], tmp_path: Path,
+                       monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    if name not in built:
+        pytest.skip("needs a non-root user (root reads a chmod 000 folder)")
+    case, path = built[name]
+    base = path.parent / "base"
+    monkeypatch.chdir(tmp_path)  # where a stray COPY ... TO 'relative' would land
+    before, top = _tree(path), _top(path.parent)
+    scratches: list[Path] = []
+    real_init = duck.Scratch.__init__
+
+    def tracked_init(self: duck.Scratch) -> None:
+        real_init(self)
+        scratches.append(self.path)
+
+    monkeypatch.setattr(duck.Scratch, "__init__", tracked_init)
+    started = time.monotonic()
+    commands = {
+        "inspect": ["inspect", path],
+        "analyze": ["analyze", path, "--format", "json"],
+        "sql": ["sql", path, "SELECT count(*) AS n FROM layers", "--format", "csv"],
+        "diff": ["diff", path, base, "--format", "json"],
+    }
+    for command, args in commands.items():
+        code = main([str(a) for a in args])
+        out, err = capsys.readouterr()
+        assert "Traceback" not in out + err and "internal error" not in err, (command, err)
+        if case.expect == "error":
+            assert code == 2, (command, code, err)
+            lines = err.strip().splitlines()
+            assert len(lines) == 1 and lines[0].startswith("kvscope: error: "), (command, err)
+            named = out + err if command == "inspect" else lines[0]
+            assert case.match in named, (command, case.match, named[-2000:])
+            assert str(path) in named or path.name in named, (command, named[-500:])
+        else:
+            assert code == 0, (command, err)
+            if command == "sql":
+                assert out.splitlines() == ["n", str(case.layers)], out
+    elapsed = time.monotonic() - started
+    assert elapsed < 60, elapsed
+    assert _tree(path) == before and _top(path.parent) == top, "a command wrote or removed something"
+    assert list(tmp_path.iterdir()) == [], "a command wrote into the working directory"
+    assert not [p for p in scratches if p.exists()], "a DuckDB spill folder was left behind"
+    assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss < 2 * 1024 * 1024  # KiB: under 2 GiB
