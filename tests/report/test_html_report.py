@@ -197,3 +197,12 @@ def test_head_statistics_become_heat_maps(tmp_path: Path) -> None:
     assert entropy["z"][0] == [0.5 * h for h in range(8)]
     plain = _figures(_report([SHIPPED[0]], tmp_path / "plain.html"))
     assert not any(k.startswith("run0-heads") for k in plain)
+
+
+def test_a_cpu_trace_reports_what_it_has(tmp_path: Path) -> None:
+    trace = build_synthetic_trace(tmp_path / "cpu", SynthSpec(run_id="cpu", device="cpu", generations=2))
+    page = _report([trace], tmp_path / "cpu.html")
+    assert set(_figures(page)) == {"run0-kv", "run0-bpt"}
+    assert page.count('<p class="note"') == 3  # memory, per generation, heads: each says why it is absent
+    assert "Not drawn: no allocator readings (CPU run)." in page
+    assert 'href="#run0-memory"' not in page  # no link to a chart that is not there
