@@ -26,6 +26,7 @@ COMMANDS = (
     ("kvscope.cli.diff_cmd", "diff_command"),
     ("kvscope.cli.kernels_cmd", "kernels_command"),
     ("kvscope.cli.compact_cmd", "compact_command"),
+    ("kvscope.cli.redact_cmd", "redact_command"),
     ("kvscope.cli.lab_cmd", "lab_command"),
     ("kvscope.cli.report_cmd", "report_command"),
     ("kvscope.cli.export_cmd", "export_command"),
