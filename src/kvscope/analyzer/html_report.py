@@ -28,7 +28,7 @@ from kvscope.analyzer.findings import Finding, human_bytes
 from kvscope.analyzer.geometry import dtype_bytes, geometry
 from kvscope.analyzer.load import LoadedTraces
 from kvscope.analyzer.summaries import layer_summary
-from kvscope.analyzer.verdict import RunVerdict, Verdict, metric_value_text, span_text
+from kvscope.analyzer.verdict import RunVerdict, Verdict, aspect_of, metric_value_text, span_text
 from kvscope.errors import KvscopeError
 
 MIB = float(1 << 20)
@@ -387,7 +387,8 @@ def _group_rows(rc: RunCharts, groups: Sequence[Any]) -> str:
             value += f" to {metric_value_text(g.metric, g.value_max)}"
         where = (f"layer {g.layer}, " if g.layer is not None else "") + (
             f"generation{'s' if len(g.gen_ids) > 1 else ''} {span_text(g.gen_ids)}" if g.gen_ids else "whole run")
-        anchor = ANCHOR_OF_DETECTOR.get(g.detector) or ANCHOR_OF_ASPECT.get(g.aspect or "", "findings")
+        anchor = (ANCHOR_OF_ASPECT["outside_cache"] if g.aspect == "outside_cache" else
+                  ANCHOR_OF_DETECTOR.get(g.detector) or ANCHOR_OF_ASPECT.get(g.aspect or "", "findings"))
         link = f'<a href="#{rc.anchor(anchor)}">chart</a>' if anchor in rc.figures else ""
         rows.append(f"<tr><td>{_status(g.severity)}</td><td>{_e(g.detector)}</td><td>{_e(g.metric)}</td>"
                     f'<td class="num">{_e(value)}</td><td>{_e(where)}</td><td>{_e(g.message)}</td><td>{link}</td></tr>')
@@ -399,12 +400,17 @@ def _group_rows(rc: RunCharts, groups: Sequence[Any]) -> str:
 def _findings_table(rc: RunCharts, findings: Sequence[Finding]) -> str:
     rows = []
     for f in findings:
+        aspect = aspect_of(f)
+        anchor = (ANCHOR_OF_ASPECT["outside_cache"] if aspect == "outside_cache" else
+                  ANCHOR_OF_DETECTOR.get(f.detector) or ANCHOR_OF_ASPECT.get(aspect or "", ""))
+        link = f'<a href="#{rc.anchor(anchor)}">chart</a>' if anchor in rc.figures else ""
         rows.append(f"<tr><td>{_status(f.severity)}</td><td>{_e(f.detector)}</td>"
                     f"<td class=\"num\">{'' if f.gen_id is None else f.gen_id}</td>"
                     f"<td class=\"num\">{'' if f.layer is None else f.layer}</td><td>{_e(f.metric)}</td>"
-                    f'<td class="num">{_e(metric_value_text(f.metric, f.value))}</td><td>{_e(f.message)}</td></tr>')
+                    f'<td class="num">{_e(metric_value_text(f.metric, f.value))}</td><td>{_e(f.message)}</td>'
+                    f"<td>{link}</td></tr>")
     head = ("<tr><th>severity</th><th>detector</th><th>gen</th><th>layer</th><th>metric</th><th>value</th>"
-            "<th>message</th></tr>")
+            "<th>message</th><th></th></tr>")
     return f"<table>{head}{''.join(rows)}</table>"
 
 
