@@ -434,7 +434,7 @@ def _kv_aspect(facts: RunFacts, fs: list[Finding]) -> Aspect:
     return Aspect("kv_cache", status, label, text)
 
 
-def _mib_list(values: Iterable[int | None]) -> int:
+def _positive_sum(values: Iterable[int | None]) -> int:
     return sum(max(v or 0, 0) for v in values)
 
 
@@ -446,9 +446,9 @@ def _retention_aspect(facts: RunFacts, fs: list[Finding]) -> Aspect:
         if mine:
             return Aspect("retention", status, "see findings", mine[0].message)
         return Aspect("retention", "n/a", "not measured", "not measured: no GPU memory readings around generations")
-    live = _mib_list(g.live_bytes for g in gens)
-    pools = _mib_list(g.pool_bytes for g in gens)
-    outside = _mib_list(g.outside_bytes for g in gens)
+    live = _positive_sum(g.live_bytes for g in gens)
+    pools = _positive_sum(g.pool_bytes for g in gens)
+    outside = _positive_sum(g.outside_bytes for g in gens)
     split = (f"live tensors {human_bytes(live)}, allocator pools {human_bytes(pools)}, "
              f"outside PyTorch {human_bytes(outside)}")
     n = len(gens)
