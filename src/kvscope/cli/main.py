@@ -30,6 +30,7 @@ COMMANDS = (
     ("kvscope.cli.lab_cmd", "lab_command"),
     ("kvscope.cli.report_cmd", "report_command"),
     ("kvscope.cli.export_cmd", "export_command"),
+    ("kvscope.cli.ppl_cmd", "ppl_command"),
 )
 
 
