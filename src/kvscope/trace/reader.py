@@ -169,6 +169,16 @@ def _major(version: str) -> int | None:
 def read_part_info(path: Path, table: str) -> tuple[PartInfo, list[str]]:
     """Validate one part file's footer; return its info and the parts it says it replaces."""
     try:
+        return _read_part_info(path, table)
+    except TraceError:
+        raise
+    except (pa.ArrowException, OSError, ValueError, EOFError, OverflowError) as exc:  # a damaged footer
+        raise TraceError(f"{shown(path)}: part file of table '{table}' has a damaged footer "
+                         f"({_first_line(exc)}).") from exc
+
+
+def _read_part_info(path: Path, table: str) -> tuple[PartInfo, list[str]]:
+    try:
         parquet = pq.ParquetFile(path)
         schema = parquet.schema_arrow
         metadata = parquet.metadata
@@ -503,7 +513,7 @@ def decode_part(part: PartInfo) -> str | None:
         if rows != part.num_rows:
             return (f"{shown(part.path)}: part of table '{part.table}' decodes to {rows:,} rows but its footer "
                     f"says {part.num_rows:,}.")
-    except (pa.ArrowException, OSError, ValueError, EOFError) as exc:
+    except (pa.ArrowException, OSError, ValueError, EOFError, OverflowError) as exc:
         return (f"{shown(part.path)}: part file of table '{part.table}' has pages that cannot be decoded "
                 f"(corrupt or damaged: {_first_line(exc)}).")
     return None
