@@ -72,8 +72,15 @@ def _flatten(value: Any) -> list[torch.Tensor]:
 
 
 def cache_layer_tensors(cache: Any) -> list[list[torch.Tensor]]:
-    """Each layer's tensors, by the container layouts of 4.46 / 4.57 / 5.x."""
-    cache = getattr(cache, "self_attention_cache", cache)
+    """Each layer's tensors, by the container layouts of 4.46 / 4.57 / 5.x; an EncoderDecoderCache's
+    self-attention layers, then its cross-attention layers (the recorder numbers them after)."""
+    cross = getattr(cache, "cross_attention_cache", None)
+    if cross is not None:
+        return _one_cache_layers(cache.self_attention_cache) + _one_cache_layers(cross)
+    return _one_cache_layers(cache)
+
+
+def _one_cache_layers(cache: Any) -> list[list[torch.Tensor]]:
     if isinstance(cache, (tuple, list)):
         return [list(layer[:2]) for layer in cache]
     if hasattr(cache, "layers"):
@@ -168,3 +175,102 @@ def dynamic_layer(keys: torch.Tensor, values: torch.Tensor | None) -> object:
     layer = DynamicLayer.__new__(DynamicLayer)
     layer.keys, layer.values = keys, values
     return layer
+
+
+# -- an independent count for every architecture (KV, cross-attention KV, recurrent state) ----------
+# Enumerates what each container of 4.57 / 5.x holds by its own reading of the transformers classes:
+# no recorder code. Layer numbering follows the trace format: self-attention 0..n-1, then an
+# encoder-decoder's cross-attention n..2n-1.
+_STATE_NAMES = ("conv_states", "conv_cache", "ssm_states", "recurrent_states")
+_MODULE_STATE_NAMES = ("key_states", "value_states", "conv1d_state", "recurrent_states")
+
+
+def _nonempty(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
+    return [t for t in tensors if t.numel()]
+
+
+def _entry(states: Any, i: int) -> list[torch.Tensor]:
+    if isinstance(states, dict):
+        return _flatten(states.get(i))
+    if isinstance(states, torch.Tensor):  # Mamba2Cache: [layers, ...]
+        return [states[i]] if i < states.shape[0] else []
+    return _flatten(states[i]) if i < len(states) else []
+
+
+def held_by_layer(cache: Any) -> dict[int, list[torch.Tensor]]:
+    """Per layer index, the non-empty tensors a returned cache object holds."""
+    if cache is None:
+        return {}
+    cross = getattr(cache, "cross_attention_cache", None)
+    if cross is not None:
+        own = held_by_layer(cache.self_attention_cache)
+        offset = len(getattr(cache.self_attention_cache, "layers", None) or
+                     getattr(cache.self_attention_cache, "key_cache", None) or [])
+        return {**own, **{offset + i: ts for i, ts in held_by_layer(cross).items()}}
+    if isinstance(cache, list) and cache and all(isinstance(t, torch.Tensor) and t.dim() == 3 for t in cache):
+        return {i: [t[:, :, i] for t in cache] for i in range(cache[0].shape[-1])}  # rwkv's state
+    found: dict[int, list[torch.Tensor]] = {}
+    if isinstance(cache, (tuple, list)):
+        for i, layer in enumerate(cache):
+            found[i] = _flatten(layer if isinstance(layer, torch.Tensor) else list(layer[:2]))
+    elif hasattr(cache, "layers"):
+        for i, layer in enumerate(cache.layers):
+            found[i] = (_flatten(getattr(layer, "_quantized_keys", None))
+                        + _flatten(getattr(layer, "_quantized_values", None)) + _flatten(getattr(layer, "keys", None))
+                        + _flatten(getattr(layer, "values", None)) + _flatten(getattr(layer, "indexer_keys", None))
+                        + _flatten(getattr(layer, "conv_states", None))
+                        + _flatten(getattr(layer, "recurrent_states", None)))
+    else:
+        keys = getattr(cache, "key_cache", None) or []
+        values = getattr(cache, "value_cache", None) or []
+        states = [getattr(cache, n) for n in _STATE_NAMES if getattr(cache, n, None) is not None]
+        count = max([len(keys)] + [len(s) if not isinstance(s, dict) else max(s, default=-1) + 1 for s in states])
+        for i in range(count):
+            found[i] = (_flatten(keys[i] if i < len(keys) else None) + _flatten(values[i] if i < len(values) else None)
+                        + [t for s in states for t in _entry(s, i)])
+    return {i: _nonempty(ts) for i, ts in found.items() if _nonempty(ts)}
+
+
+def module_state_by_layer(model: torch.nn.Module) -> dict[int, list[torch.Tensor]]:
+    """recurrent_gemma's state kept as plain tensor attributes of its layers' modules."""
+    found: dict[int, list[torch.Tensor]] = {}
+    for name, module in model.named_modules():
+        parts = name.split(".")
+        if "layers" not in parts or parts.index("layers") + 1 >= len(parts):
+            continue
+        index = int(parts[parts.index("layers") + 1])
+        for attr in _MODULE_STATE_NAMES:
+            value = module.__dict__.get(attr)
+            if isinstance(value, torch.Tensor) and value.numel():
+                found.setdefault(index, []).append(value)
+    return found
+
+
+class StateCounter:
+    """Per forward pass: unique bytes per layer and in all, of the cache the model returned (or was
+    called with), plus state on its modules for models that keep it there."""
+
+    def __init__(self, model: torch.nn.Module, modules: bool = False) -> None:
+        self.model = model
+        self.modules = modules
+        self.per_step: list[tuple[dict[int, int], int]] = []
+        self.handle = model.register_forward_hook(self._hook, with_kwargs=True)
+
+    def _hook(self, module: torch.nn.Module, args: tuple, kwargs: dict[str, Any], output: Any) -> None:
+        cache = None
+        for name in ("cache", "past_key_values", "cache_params", "state"):
+            value = getattr(output, name, None) if name in output else None
+            if value is not None:
+                cache = value
+                break
+        if cache is None:
+            cache = kwargs.get("cache", kwargs.get("past_key_values"))
+        layers = held_by_layer(cache)
+        if self.modules:
+            for i, ts in module_state_by_layer(self.model).items():
+                layers.setdefault(i, ts)
+        per_layer = {i: unique_bytes(ts) for i, ts in layers.items()}
+        self.per_step.append((per_layer, unique_bytes([t for ts in layers.values() for t in ts])))
+
+    def remove(self) -> None:
+        self.handle.remove()

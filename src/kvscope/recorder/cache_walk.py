@@ -11,6 +11,7 @@ here keeps a reference once the step's rows are built.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -18,6 +19,7 @@ from typing import Any
 import torch
 
 from kvscope.recorder.storage import flatten_tensors
+from kvscope.schema.layer_types import CONV, CROSS_ATTENTION, RECURRENT, SSM
 
 # Container classes of the key_cache era whose tensors are preallocated to a fixed length.
 PREALLOCATED_CONTAINERS = frozenset(
@@ -47,6 +49,9 @@ class LayerTensors:
     extras: list[torch.Tensor] = field(default_factory=list)
     preallocated: bool = False
     quantized: bool = False
+    # A type the walk knows better than the config: cross-attention KV (fixed by the encoder's length),
+    # recurrent/state-space states (constant in tokens); None: the config's declared type.
+    layer_type: str | None = None
 
 
 _kind_by_type: dict[type, tuple[str, tuple[str, ...]]] = {}
@@ -95,8 +100,38 @@ _MISSING = object()
 
 
 def iter_layers(cache: Any) -> Iterator[LayerTensors]:
-    """Each layer's tensors; layers that hold nothing (Dummy, not yet filled) are left out."""
-    cache = unwrap_container(cache)
+    """Each layer's tensors; layers that hold nothing (Dummy, not yet filled) are left out.
+
+    An `EncoderDecoderCache` gives its self-attention layers (0..n-1), then its cross-attention
+    layers numbered after them (n..2n-1, layer type `cross_attention`).
+    """
+    inner = unwrap_container(cache)
+    if inner is cache:
+        yield from _container_layers(cache)
+        return
+    count = 0
+    for entry in _container_layers(inner):
+        count = max(count, entry.layer + 1)
+        yield entry
+    cross = getattr(cache, "cross_attention_cache", None)
+    if cross is None:
+        return
+    count = max(count, _layer_count(inner))
+    for entry in _container_layers(cross):
+        entry.layer += count
+        entry.layer_type = CROSS_ATTENTION
+        yield entry
+
+
+def _layer_count(cache: Any) -> int:
+    for attr in ("layers", "key_cache"):
+        value = getattr(cache, attr, None)
+        if isinstance(value, (list, tuple)):
+            return len(value)
+    return len(cache) if isinstance(cache, (list, tuple)) else 0
+
+
+def _container_layers(cache: Any) -> Iterator[LayerTensors]:
     if isinstance(cache, (tuple, list)):
         yield from _legacy_layers(cache)
         return
@@ -104,11 +139,58 @@ def iter_layers(cache: Any) -> Iterator[LayerTensors]:
     if isinstance(layers, (list, tuple)) and (not layers or not isinstance(layers[0], torch.Tensor)):
         yield from _layer_objects(layers)
         return
+    if isinstance(cache, ModuleStateCache):
+        yield from cache.entries()
+        return
+    if isinstance(cache, RwkvState):
+        yield from cache.entries()
+        return
     key_cache = getattr(cache, "key_cache", None)
-    if isinstance(key_cache, (list, tuple)):
-        yield from _key_cache_lists(cache, key_cache)
+    states = _state_lists(cache)
+    if isinstance(key_cache, (list, tuple)) or states:
+        yield from _key_cache_lists(cache, key_cache if isinstance(key_cache, (list, tuple)) else [], states)
         return
     yield from _scanned_layers(cache)
+
+
+# Per-layer state lists of 4.x caches: MambaCache / FalconMambaCache (`conv_states`, `ssm_states`
+# lists), Mamba2Cache (one stacked [layers, ...] tensor each), HybridMambaAttentionDynamicCache
+# (jamba, bamba, granitemoehybrid), FalconHybridMambaAttentionDynamicCache and
+# Zamba2HybridDynamicCache (dicts by layer), Qwen3NextDynamicCache (`conv_states`,
+# `recurrent_states`, None for attention layers), Lfm2HybridConvCache (`conv_cache`).
+STATE_LISTS = (("conv_states", CONV), ("conv_cache", CONV), ("ssm_states", SSM), ("recurrent_states", RECURRENT))
+
+
+def _state_lists(cache: Any) -> list[tuple[str, Any]]:
+    found = []
+    for attr, kind in STATE_LISTS:
+        value = getattr(cache, attr, None)
+        if isinstance(value, (list, tuple, dict)) or (isinstance(value, torch.Tensor) and value.dim() >= 2):
+            found.append((kind, value))
+    return found
+
+
+def _state_at(states: Any, index: int) -> list[torch.Tensor]:
+    if isinstance(states, dict):
+        value = states.get(index)
+    elif isinstance(states, torch.Tensor) or index < len(states):
+        value = states[index] if index < len(states) else None
+    else:
+        value = None
+    return [t for t in flatten_tensors(value) if t.numel()]
+
+
+def _state_count(states: Any) -> int:
+    if isinstance(states, dict):
+        return max((k + 1 for k in states if isinstance(k, int)), default=0)
+    return len(states)
+
+
+def _state_entry(index: int, name: str, tensors: list[torch.Tensor], layer_type: str) -> LayerTensors:
+    """A layer whose cache is recurrent state (constant in tokens): the first tensor (conv state)
+    stands as K, the second (ssm / recurrent state) as V, the rest in its unique bytes."""
+    return LayerTensors(index, name, tensors[0], tensors[1] if len(tensors) > 1 else None, extras=tensors[2:],
+                        layer_type=layer_type)
 
 
 def _legacy_layers(pkv: tuple | list) -> Iterator[LayerTensors]:
@@ -142,14 +224,18 @@ def _layer_objects(layers: list | tuple) -> Iterator[LayerTensors]:
         keys = getattr(layer, "keys", None)
         if not isinstance(keys, torch.Tensor):
             if extras:  # a linear-attention layer: its states are what it caches
-                yield LayerTensors(i, name, extras[0], extras[1] if len(extras) > 1 else None, extras=extras[2:])
+                recurrent = flatten_tensors(getattr(layer, "recurrent_states", None))
+                yield _state_entry(i, name, [t for t in extras if t.numel()], RECURRENT if recurrent else CONV)
             continue
         yield LayerTensors(i, name, keys, getattr(layer, "values", None), extras=extras,
                            preallocated=kind == KIND_STATIC)
 
 
-def _key_cache_lists(cache: Any, key_cache: list | tuple) -> Iterator[LayerTensors]:
+def _key_cache_lists(cache: Any, key_cache: list | tuple, states: list[tuple[str, Any]] = ()) -> Iterator[LayerTensors]:
     name = type(cache).__name__
+    if states:
+        yield from _hybrid_lists(cache, name, key_cache, states)
+        return
     value_cache = getattr(cache, "value_cache", None) or []
     preallocated = name in PREALLOCATED_CONTAINERS or any(
         c.__name__ in PREALLOCATED_CONTAINERS for c in type(cache).__mro__)
@@ -168,6 +254,101 @@ def _key_cache_lists(cache: Any, key_cache: list | tuple) -> Iterator[LayerTenso
             continue
         values = value_cache[i] if i < len(value_cache) and isinstance(value_cache[i], torch.Tensor) else None
         yield LayerTensors(i, name, keys, values, preallocated=preallocated)
+
+
+def _hybrid_lists(cache: Any, name: str, key_cache: list | tuple, states: list[tuple[str, Any]]) -> Iterator[LayerTensors]:
+    """A 4.x cache with state lists: per layer, its attention K/V (where it has any) with the states
+    counted in its unique bytes, or the states alone as a state layer."""
+    value_cache = getattr(cache, "value_cache", None) or []
+    count = max([len(key_cache)] + [_state_count(v) for _, v in states])
+    for i in range(count):
+        keys = key_cache[i] if i < len(key_cache) else None
+        held = [(kind, t) for kind, v in states for t in _state_at(v, i)]
+        tensors = [t for _, t in held]
+        if isinstance(keys, torch.Tensor) and keys.numel():
+            values = value_cache[i] if i < len(value_cache) and isinstance(value_cache[i], torch.Tensor) else None
+            yield LayerTensors(i, name, keys, values, extras=tensors)
+        elif tensors:
+            kinds = {kind for kind, _ in held}
+            kind = SSM if SSM in kinds else RECURRENT if RECURRENT in kinds else CONV
+            yield _state_entry(i, name, tensors, kind)
+
+
+class RwkvState:
+    """RWKV's `state`: five tensors [batch, hidden, layers] (attention x, a, b, p and feed-forward x);
+    a layer's state is their slice at its index (views whose spans interleave with the other layers')."""
+
+    def __init__(self, tensors: list[torch.Tensor]) -> None:
+        self.tensors = tensors
+
+    def entries(self) -> Iterator[LayerTensors]:
+        count = self.tensors[0].shape[-1] if self.tensors and self.tensors[0].dim() >= 1 else 0
+        for i in range(count):
+            yield _state_entry(i, "RwkvState", [t.select(-1, i) for t in self.tensors], RECURRENT)
+
+
+# Tensor attributes that models keep their decoding state in on their own modules (recurrent_gemma
+# ≤4.5x: `key_states`/`value_states` on the local attention, `conv1d_state` on the recurrent block,
+# `recurrent_states` on the RG-LRU), found once per generation by `ModuleState.find`.
+MODULE_STATE_ATTRS = ("key_states", "value_states", "conv1d_state", "conv_state", "recurrent_states",
+                      "ssm_state", "ssm_states", "conv_states")
+# Models known to keep state on modules even where a cache object is passed (their attention layers' KV
+# may be in it, their recurrent layers' state is not): searched at the first step whatever it found.
+MODULE_STATE_MODELS = frozenset({"recurrent_gemma"})
+_MODULE_LAYER = re.compile(r"\.(?:layers|layer|h|blocks|block)\.(\d+)\.")
+
+
+class ModuleState:
+    """Where a model keeps per-layer state as attributes of its modules: (layer, module, attribute)."""
+
+    def __init__(self, places: list[tuple[int, Any, str]]) -> None:
+        self.places = places
+
+    @classmethod
+    def find(cls, model: torch.nn.Module) -> ModuleState | None:
+        places = []
+        for qualified, module in model.named_modules():
+            attrs = vars(module)
+            named = [a for a in MODULE_STATE_ATTRS if isinstance(attrs.get(a), torch.Tensor)]
+            if not named:
+                continue
+            match = _MODULE_LAYER.search(f".{qualified}.")
+            if match is None:
+                continue
+            places.extend((int(match.group(1)), module, a) for a in named)
+        return cls(places) if places else None
+
+    def read(self, inner: Any = None) -> ModuleStateCache:
+        return ModuleStateCache(self, inner)
+
+
+class ModuleStateCache:
+    """One step's view of the model's module state (plus the cache object found, if any): the
+    cache's layers first, then each layer found only on the modules."""
+
+    def __init__(self, state: ModuleState, inner: Any) -> None:
+        self.state = state
+        self.inner = inner
+
+    def entries(self) -> Iterator[LayerTensors]:
+        seen: set[int] = set()
+        if self.inner is not None:
+            for entry in iter_layers(self.inner):
+                seen.add(entry.layer)
+                yield entry
+        by_layer: dict[int, list[tuple[str, torch.Tensor]]] = {}
+        for layer, module, attr in self.state.places:
+            tensor = vars(module).get(attr)
+            if isinstance(tensor, torch.Tensor) and tensor.numel() and layer not in seen:
+                by_layer.setdefault(layer, []).append((attr, tensor))
+        for layer in sorted(by_layer):
+            named = dict(by_layer[layer])
+            keys, values = named.pop("key_states", None), named.pop("value_states", None)
+            if keys is not None:  # attention KV kept on the module (a preallocated window)
+                yield LayerTensors(layer, "module", keys, values, extras=list(named.values()), preallocated=True)
+            else:
+                tensors = list(named.values()) + ([values] if values is not None else [])
+                yield _state_entry(layer, "module", tensors, RECURRENT)
 
 
 def _quantized_layer(index: int, name: str, q_keys: Any, q_values: Any, res_keys: Any,

@@ -68,16 +68,35 @@ def _eos_ids(model: Any, kwargs: dict[str, Any]) -> list[int]:
     return [int(e) for e in eos] if isinstance(eos, (list, tuple)) else [int(eos)]
 
 
-def generated_tokens(model: Any, output: Any, args: tuple, kwargs: dict[str, Any], steps: int) -> tuple[int, bool]:
-    """(new tokens per sequence, whether every sequence emitted EOS), read from generate's output."""
+def generated_tokens(model: Any, output: Any, args: tuple, kwargs: dict[str, Any], steps: int,
+                     decoder_prompt_tokens: int | None = None) -> tuple[int, bool]:
+    """(new tokens per sequence, whether every sequence emitted EOS), read from generate's output.
+
+    A decoder-only model's sequences start with the prompt (`input_ids`). An encoder-decoder's start
+    with the decoder's prompt: the decoder start token (bart's equals its EOS), or the
+    `decoder_input_ids` passed, or what generate put there itself (whisper's task tokens); the
+    recorder counts it at the first step (`decoder_prompt_tokens`). None of it was generated.
+    """
     sequences = output if isinstance(output, torch.Tensor) else getattr(output, "sequences", None)
-    ids = kwargs.get("input_ids", args[0] if args and isinstance(args[0], torch.Tensor) else None)
     if not isinstance(sequences, torch.Tensor) or sequences.dim() != 2:
         return steps, False
-    prompt_len = ids.shape[-1] if isinstance(ids, torch.Tensor) and not model.config.is_encoder_decoder else 0
-    new = sequences[:, prompt_len:]
+    if getattr(model.config, "is_encoder_decoder", False):
+        prompt_len = _decoder_prompt_len(kwargs, decoder_prompt_tokens)
+    else:
+        ids = kwargs.get("input_ids", args[0] if args and isinstance(args[0], torch.Tensor) else None)
+        prompt_len = ids.shape[-1] if isinstance(ids, torch.Tensor) else 0
+    new = sequences[:, min(prompt_len, sequences.shape[-1]):]
     eos = _eos_ids(model, kwargs)
     if not eos or new.numel() == 0:
         return new.shape[-1], False
     hit = torch.isin(new, torch.tensor(eos, device=new.device)).any(dim=-1).all()
     return new.shape[-1], bool(hit)
+
+
+def _decoder_prompt_len(kwargs: dict[str, Any], recorded: int | None) -> int:
+    ids = kwargs.get("decoder_input_ids")
+    if isinstance(ids, torch.Tensor) and ids.dim() == 2:
+        return ids.shape[-1]
+    if recorded:  # tokens the decoder's first forward pass took (its prefill)
+        return recorded
+    return 1  # the decoder start token

@@ -14,8 +14,11 @@ from typing import Any
 
 import torch
 
+from kvscope.recorder.cache_walk import RwkvState
+
 CACHE_KEYWORDS = ("past_key_values", "cache", "past_key_value", "layer_past")
-CACHE_OUTPUT_ATTRS = ("cache", "past_key_values")
+# `cache_params`: mamba / falcon_mamba / mamba2 on 4.x (their MambaCache); `state`: rwkv's five state tensors.
+CACHE_OUTPUT_ATTRS = ("cache", "past_key_values", "cache_params", "state")
 
 
 def _is_cache(value: Any) -> bool:
@@ -35,13 +38,17 @@ def cache_from_output(output: Any, name: str | None = None) -> tuple[Any, str | 
     if name is not None:
         value = getattr(output, name, None)
         if _is_cache(value):
-            return value, name
+            return (RwkvState(value) if name == "state" else value), name
     for attr in CACHE_OUTPUT_ATTRS:
         try:
             value = getattr(output, attr, None)
         except (AttributeError, KeyError):
             value = None
         if _is_cache(value):
+            if attr == "state":
+                if not isinstance(value, (list, tuple)) or not all(isinstance(t, torch.Tensor) for t in value):
+                    continue
+                return RwkvState(list(value)), attr
             return value, attr
     return None, None
 

@@ -28,6 +28,7 @@ from kvscope.recorder.facts import (
 )
 from kvscope.recorder.model_layout import ModelLayout
 from kvscope.recorder.storage import Span, dtype_name, spans_overlap, tensor_span, union_bytes
+from kvscope.schema.layer_types import RECURRENT
 
 __all__ = ["CONTIGUOUS", "LAYER_FIELDS", "SHAPE_END", "Fact", "FastStep", "LayerPlan", "StepMeasure", "decode_facts",
            "measure_cache"]
@@ -44,9 +45,14 @@ def _dtype(dtype: torch.dtype) -> str:
 
 def _layer_row(out: StepMeasure, layout: ModelLayout, seq_len: int, index: int, holder: str, keys: torch.Tensor,
                values: torch.Tensor | None, k_spans: list[Span], v_spans: list[Span], k_bytes: int, v_bytes: int,
-               extra_spans: list[Span], preallocated: bool, quantized: bool) -> None:
+               extra_spans: list[Span], preallocated: bool, quantized: bool, walked_type: str | None = None) -> None:
     k_shape = tuple(keys.shape)
-    layer_type = layout.layer_type(index)
+    if walked_type is None:
+        layer_type = layout.layer_type(index)
+    elif walked_type == RECURRENT:  # state alone: `ssm` in a state-space model
+        layer_type = layout.state_type
+    else:
+        layer_type = walked_type
     rank = layout.kv_lora_rank
     if rank is not None and len(k_shape) == 4 and k_shape[1] == 1 and k_shape[-1] == rank:
         layer_type = LATENT
@@ -90,7 +96,8 @@ def _measure_entry(out: StepMeasure, layout: ModelLayout, seq_len: int, entry: L
         k_bytes = keys.nbytes
         v_bytes = values.nbytes if values is not None else 0
     _layer_row(out, layout, seq_len, entry.layer, entry.holder_class, keys, values, k_spans, v_spans,
-               k_bytes, v_bytes, [tensor_span(t) for t in entry.extras], entry.preallocated, entry.quantized)
+               k_bytes, v_bytes, [tensor_span(t) for t in entry.extras], entry.preallocated, entry.quantized,
+               entry.layer_type)
 
 
 # Plans per cache object (a generation reuses one), valid while it holds the same layers list.
@@ -214,7 +221,7 @@ def measure_cache(cache: Any, layout: ModelLayout, seq_len: int,
     `native` is the C++ fast path (`recorder/native`), or None to capture in Python.
     """
     container = unwrap_container(cache)
-    layers = getattr(container, "layers", None)
+    layers = getattr(container, "layers", None) if container is cache else None  # EncoderDecoderCache: the walk
     if isinstance(layers, list) and layers and not isinstance(layers[0], torch.Tensor):
         fast = _capture_fast(container, layers, layout, sample_layers, native)
         if fast is not None:

@@ -16,6 +16,8 @@ from typing import Any
 import torch
 
 from kvscope.recorder.facts import LATENT
+from kvscope.schema.layer_types import RECURRENT
+from kvscope.schema.layer_types import SSM as SSM_TYPE
 
 __all__ = ["FULL", "LATENT", "SLIDING", "ModelLayout", "model_layout"]
 
@@ -38,6 +40,9 @@ class ModelLayout:
     dtype: str
     device: str
     cuda_devices: tuple[int, ...]
+    # What a layer holding recurrent state alone is called: `ssm` in state-space models (mamba, mamba2,
+    # jamba, bamba, zamba2, falcon_h1, ...), `recurrent` otherwise (rwkv, RG-LRU, gated delta net, xLSTM).
+    state_type: str = RECURRENT
 
     def layer_type(self, layer: int) -> str:
         return self.layer_types[layer] if 0 <= layer < len(self.layer_types) else FULL
@@ -68,8 +73,14 @@ def declared_layer_types(cfg: Any) -> list[str]:
     declared = getattr(cfg, "layer_types", None)
     if declared:
         return [str(t) for t in declared][:n] if len(declared) >= n else [str(t) for t in declared]
-    window = getattr(cfg, "sliding_window", None)
     model_type = getattr(cfg, "model_type", "")
+    blocks = getattr(cfg, "block_types", None)  # recurrent_gemma: "recurrent" / "attention" (local), repeating
+    if model_type == "recurrent_gemma" and isinstance(blocks, (list, tuple)) and blocks:
+        return [SLIDING if blocks[i % len(blocks)] == "attention" else RECURRENT for i in range(n)]
+    neo = getattr(cfg, "attention_layers", None)  # GPT-Neo: "global" / "local" (a window of `window_size`)
+    if model_type == "gpt_neo" and isinstance(neo, (list, tuple)) and len(neo) >= n:
+        return [SLIDING if t == "local" else FULL for t in neo[:n]]
+    window = getattr(cfg, "sliding_window", None)
     if not window:
         return [FULL] * n
     if model_type == "gemma2":
@@ -91,6 +102,8 @@ def model_layout(model: torch.nn.Module) -> ModelLayout:
     first = next(model.parameters(), None)
     devices = sorted({p.device.index or 0 for p in model.parameters() if p.device.type == "cuda"})
     window = getattr(cfg, "sliding_window", None)
+    if window is None and getattr(cfg, "model_type", "") == "gpt_neo":
+        window = getattr(cfg, "window_size", None)
     rank = getattr(cfg, "kv_lora_rank", None)
     attn = getattr(config, "_attn_implementation", None) or getattr(cfg, "_attn_implementation", None)
     return ModelLayout(
@@ -103,7 +116,16 @@ def model_layout(model: torch.nn.Module) -> ModelLayout:
         dtype=str(first.dtype).removeprefix("torch.") if first is not None else "unknown",
         device=str(first.device) if first is not None else "cpu",
         cuda_devices=tuple(devices),
+        state_type=state_layer_type(cfg),
     )
+
+
+# Config attributes that only state-space (mamba-style) models have.
+_SSM_ATTRS = ("ssm_state_size", "state_size", "mamba_d_state", "mamba_d_ssm", "ssm_cfg")
+
+
+def state_layer_type(cfg: Any) -> str:
+    return SSM_TYPE if any(isinstance(getattr(cfg, a, None), (int, dict)) for a in _SSM_ATTRS) else RECURRENT
 
 
 def attention_modules(model: torch.nn.Module) -> list[tuple[int, torch.nn.Module]]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from typing import Any
 
 import torch
@@ -17,7 +18,19 @@ def _config_dict(config: Any) -> dict[str, Any]:
         data = config.to_dict()
     except Exception:  # noqa: BLE001 - a config that cannot serialise still gets recorded by name
         return {"model_type": getattr(config, "model_type", None)}
-    return json.loads(json.dumps(data, default=str))
+    return _finite(json.loads(json.dumps(data, default=str)))
+
+
+def _finite(value: Any) -> Any:
+    """Non-finite floats as strings: JSON has no Infinity (mamba2 / bamba / falcon_h1 configs hold
+    `time_step_limit = (0.0, inf)`), and a trace must stay valid JSON."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)  # "inf", "-inf", "nan"
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_finite(v) for v in value]
+    return value
 
 
 def run_metadata(model: torch.nn.Module, layout: ModelLayout, model_name: str | None, labels: dict[str, str],

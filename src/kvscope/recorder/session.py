@@ -30,6 +30,7 @@ from kvscope.recorder.generation import GenerationRecord, generated_tokens, supp
 from kvscope.recorder.hooks import AttentionDiscovery
 from kvscope.recorder.model_layout import attention_modules, attention_parameters, model_layout
 from kvscope.recorder.nvml_poller import NvmlPoller
+from kvscope.recorder.run_flags import merge_run_options
 from kvscope.recorder.run_info import run_metadata
 from kvscope.recorder.steps import SamplePolicy, StepRecorder
 from kvscope.recorder.telemetry import AllocatorProbe, NvmlProbe, start_nvml_sampler
@@ -95,6 +96,7 @@ class Recording:
         self.tokenizer = tokenizer
         self.extra_options = dict(options or {})
         self.generations: list[GenerationRecord] = []
+        self.no_cache_generations: list[int] = []  # generations in which no cache was seen (`_no_cache`)
         self._pending: GenerationRecord | None = None
         self._next_prompt: tuple[str | None, str | None] = (None, None)
         self._started = False
@@ -200,6 +202,9 @@ class Recording:
         self.sample_writer.close(compact=False)
         self.samples.staging = None  # give the pinned buffer back
         self.writer.close()
+        if self.no_cache_generations:
+            merge_run_options(self.path, self.run_id, {"cache_seen": False,
+                                                       "cache_not_seen_generations": self.no_cache_generations})
         n = len(self.generations)
         _announce(f"kvscope: recorded {n} generation{'s' if n != 1 else ''} into {self.path}; next: "
                   f"kvscope analyze {self.path}  (or kvscope report {self.path} -o report.html)")
@@ -291,7 +296,10 @@ class Recording:
         record.last_kv_bytes = steps.last_kv_bytes()
         record.final_seq_len = steps.seq_len
         record.layers_recorded = steps.last.get("layers", 0)
-        record.new_tokens, record.eos_reached = generated_tokens(self.model, output, args, kwargs, steps.step)
+        if steps.step and not steps.cache_seen and not steps.failed_steps:
+            self._no_cache(record, steps)
+        record.new_tokens, record.eos_reached = generated_tokens(self.model, output, args, kwargs, steps.step,
+                                                                 steps.prompt_tokens)
         if self.store_prompts and record.prompt_text is None:
             ids = kwargs.get("input_ids", args[0] if args else None)
             if isinstance(ids, torch.Tensor):
@@ -302,6 +310,20 @@ class Recording:
         # end of the `with` block wait for them, and report any write error).
         steps.end(wait=False)
         self._pending = record
+
+    def _no_cache(self, record: GenerationRecord, steps: StepRecorder) -> None:
+        """No cache object or recurrent state found at any step: the trace would show 0 bytes and no
+        layers as if the model held nothing. Say so: a warning, a `no_cache` event, and at the end of
+        the block `cache_seen: false` in the run's options."""
+        self.no_cache_generations.append(record.gen_id)
+        message = (f"kvscope: no cache seen in generation {record.gen_id} ({self.layout.model_type}, "
+                   f"{steps.step} steps): neither the model's outputs, its forward keywords nor its modules "
+                   "held a cache or recurrent state the recorder can read, so the trace has no layer rows and "
+                   "0 KV bytes for it (generate(use_cache=False), or a container kvscope does not know).")
+        warnings.warn(message, RuntimeWarning, stacklevel=4)
+        steps.events.append({"kind": "no_cache", "step": None, "detail": {
+            "source": "cache_walk", "model_type": self.layout.model_type, "steps": steps.step,
+            "cache_class": steps.cache_class, "message": message}})
 
     def _abort_generation(self, record: GenerationRecord, exc: BaseException) -> None:
         steps = self.steps

@@ -10,6 +10,7 @@ as `recorder_ns`.
 from __future__ import annotations
 
 import time
+import warnings
 import weakref
 from collections.abc import Container
 from dataclasses import dataclass
@@ -17,7 +18,7 @@ from typing import Any
 
 import torch
 
-from kvscope.recorder.cache_walk import unwrap_container
+from kvscope.recorder.cache_walk import MODULE_STATE_MODELS, ModuleState, unwrap_container
 from kvscope.recorder.facts import FastStep
 from kvscope.recorder.flusher import BackgroundWriter
 from kvscope.recorder.hooks import AttentionDiscovery, batch_and_tokens, cache_from_kwargs, cache_from_output
@@ -113,6 +114,8 @@ class StepRecorder:
         self._layer_rows: list[tuple] = []
         self._sample_ready: Any = None
         self._sample_rows: list[tuple] = []
+        self.module_state: ModuleState | None = None  # where the model keeps state on its modules
+        self._module_state_searched = False
         self.begin(-1)
 
     def begin(self, gen_id: int) -> None:
@@ -133,6 +136,9 @@ class StepRecorder:
         self._lane_plan: Any = None
         self._lane_misses = 0
         self.events: list[dict[str, Any]] = []
+        self.cache_seen = False  # a cache (or recurrent state) was found at some step of this generation
+        self.failed_steps = 0  # steps whose cache could not be read (`_cache_read_failed`)
+        self._failure: dict[str, Any] | None = None
         self.active = gen_id >= 0
         if self.active and self.nvml_sampler is not None:
             self.nvml_sampler.begin(gen_id)
@@ -160,7 +166,10 @@ class StepRecorder:
         start = time.perf_counter_ns()
         lane = self._lane
         if lane is not None and (self.samples.every <= 0 or self.samples.layers_at(self.step) is None):
-            got = self.native.step(output, kwargs, lane)
+            try:
+                got = self.native.step(output, kwargs, lane)
+            except Exception:  # noqa: BLE001 - the lane gives up; the long way below reports a real failure
+                got = None
             if got is not None:
                 self._lane_step(start, got)
                 return
@@ -172,35 +181,72 @@ class StepRecorder:
             self.prompt_tokens = tokens
             self.batch_size = batch
         self.seq_len += tokens
-        cache, self._cache_attr = cache_from_output(output, self._cache_attr)
-        if cache is None:
-            cache = self.discovery.cache if self.discovery.cache is not None else cache_from_kwargs(kwargs)
-        elif step == 0 and self.discovery.installed:
-            self.discovery.remove()  # the output carries the cache: later steps need no attention hooks
-        self.discovery.cache = None
-        if step == 0:
-            self.cache_class = type(cache).__name__ if cache is not None else None
-        sample_layers = self.samples.layers_at(step)
-        measured = measure_cache(cache, self.layout, self.seq_len, sample_layers, self.native) \
-            if cache is not None else None
         gen_id, run_id = self.gen_id, self.run_id
-        if measured is not None:
-            # Expanded into rows (and the step's unique bytes) by the writer, per batch.
-            self._layer_rows.append((run_id, gen_id, step, self.seq_len, measured))
-            if measured.sample_tensors:
+        cache: Any = None
+        try:  # whatever the cache holds, reading it never breaks the generation
+            cache, self._cache_attr = cache_from_output(output, self._cache_attr)
+            if cache is None:
+                cache = self.discovery.cache if self.discovery.cache is not None else cache_from_kwargs(kwargs)
+            elif step == 0 and self.discovery.installed:
+                self.discovery.remove()  # the output carries the cache: later steps need no attention hooks
+            self.discovery.cache = None
+            if step == 0:
+                self.cache_class = type(cache).__name__ if cache is not None else None
+            if self.module_state is not None:
+                cache = self.module_state.read(cache)  # state kept on the model's modules (recurrent_gemma)
+            sample_layers = self.samples.layers_at(step)
+            measured = measure_cache(cache, self.layout, self.seq_len, sample_layers, self.native) \
+                if cache is not None else None
+            if not self.cache_seen:
+                if step == 0 and not self._module_state_searched and (
+                        measured is None or not measured.layer_count or self.layout.model_type in MODULE_STATE_MODELS):
+                    self._module_state_searched = True  # once per recording: the state lives on the same modules
+                    self.module_state = ModuleState.find(module)
+                    if self.module_state is not None:
+                        cache = self.module_state.read(cache)
+                        measured = measure_cache(cache, self.layout, self.seq_len, sample_layers, self.native)
+                self.cache_seen = measured is not None and measured.layer_count > 0
+            if measured is not None and measured.sample_tensors:
                 if _in_flight(cache, measured.sample_tensors):
                     torch.cuda.synchronize()  # offloading moves layers on side streams: wait before copying
                 self._copy_samples(measured.sample_tensors, step)
                 measured.sample_tensors = None  # never keep a cache tensor past the hook
-        if self._lane is None and type(measured) is FastStep and type(measured.facts) is bytes \
-                and measured.sample_tensors is None:
-            self._open_lane(cache, kwargs, measured)
+            if self._lane is None and type(measured) is FastStep and type(measured.facts) is bytes \
+                    and measured.sample_tensors is None:
+                self._open_lane(cache, kwargs, measured)
+        except Exception as exc:  # noqa: BLE001 - reported as an error event, the step's rows skipped
+            del cache
+            self.discovery.cache = None
+            self._cache_read_failed(step, exc)
+            return
+        if measured is not None:
+            # Expanded into rows (and the step's unique bytes) by the writer, per batch.
+            self._layer_rows.append((run_id, gen_id, step, self.seq_len, measured))
         del cache
         reading = self.allocator.read()
         request = self._nvml_request
         if request is not None:
             request(gen_id, step)  # the thread fallback only; readings are filled in on the writer thread
         self._end_step(start, step, batch, measured, reading)
+
+    def _cache_read_failed(self, step: int, exc: Exception) -> None:
+        """A step whose cache could not be read: no steps or layers row (a half-read step would show
+        wrong bytes), one `error` event per generation (counting the steps that failed), and the
+        generation goes on."""
+        self.step = step + 1
+        self._last_measured = None
+        self._lane = None
+        self.failed_steps += 1
+        if self._failure is None:
+            self._failure = {"source": "cache_walk", "exception": type(exc).__name__, "message": str(exc)[:2000],
+                             "first_step": step, "last_step": step, "failed_steps": 1}
+            self.events.append({"kind": "error", "step": step, "detail": self._failure})
+            warnings.warn(f"kvscope: could not read the cache at step {step} of generation {self.gen_id} "
+                          f"({type(exc).__name__}: {str(exc)[:200]}); that step's rows are skipped, "
+                          "generation goes on (an error event says which steps).", RuntimeWarning, stacklevel=2)
+        else:
+            self._failure["last_step"] = step
+            self._failure["failed_steps"] += 1
 
     def _end_step(self, start: int, step: int, batch: int, measured: Any, reading: Any) -> None:
         """Buffer the step's row and hand a full batch to the writer (the end of both paths)."""
