@@ -264,7 +264,9 @@ def _static(max_cache_len: Callable[[LabSettings, int], int], compile_on: bool =
             if compile_on:
                 kwargs["disable_compile"] = False
             out = _generate(model, _ids(model, tokens, i), s, **kwargs)
-            del out, cache
+            # kwargs holds the cache too: a control that kept it would leak one cache per generation
+            # (the H200 recording of 2026-12-01 did, see traces/lab/README.md)
+            del out, cache, kwargs
             rec.settle()
     return run
 

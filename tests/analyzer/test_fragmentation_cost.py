@@ -12,7 +12,7 @@ GIB = 1 << 30
 H200 = 150_754_820_096  # NVML total of the H200 (140.4 GiB)
 
 
-def _trace(tmp_path: Path, allocated: int, reserved: int, *, total: int | None = H200,
+def _trace(tmp_path: Path, allocated: int, reserved: int | list[int], *, total: int | None = H200,
            limit: int | None = None, n: int = 64) -> Path:
     run = run_row()
     run["nvml_total_bytes"] = [total]
@@ -20,7 +20,8 @@ def _trace(tmp_path: Path, allocated: int, reserved: int, *, total: int | None =
     run["options"] = [json.dumps({})]
     write_part(tmp_path, "run", run)
     write_part(tmp_path, "steps", merge(step_rows("r1", 0, list(range(64, 64 + n)), [MIB] * n,
-                                                  allocated=[allocated] * n, reserved=[reserved] * n,
+                                                  allocated=[allocated] * n,
+                                                  reserved=reserved if isinstance(reserved, list) else [reserved] * n,
                                                   retries=[0] * n, nvml_total=total)))
     return tmp_path
 
@@ -35,16 +36,37 @@ def test_a_small_pool_at_sixteen_percent_is_info_with_both_numbers(tmp_path: Pat
     assert "nothing to do" in f.message
 
 
-def test_the_same_fraction_of_a_large_pool_is_a_warning(tmp_path: Path) -> None:
-    (f,) = detect(_trace(tmp_path, 21 * GIB, 25 * GIB), "fragmentation")
-    assert (f.severity, f.value) == ("warning", pytest.approx(0.16))
-    assert f.evidence["mean_unused_bytes"] == 4 * GIB
-    assert "4.00 GiB unused on average, of up to 25.00 GiB reserved, 2.85% of the device's 140.40 GiB" in f.message
+def _growing(n: int = 64) -> list[int]:
+    # 21 GiB allocated; unused grows by 128 MiB a step from 0: a mean of 3.94 GiB, F = 15.4%
+    return [21 * GIB + i * 128 * MIB for i in range(n)]
+
+
+def test_a_growing_unused_pool_is_a_warning(tmp_path: Path) -> None:
+    (f,) = detect(_trace(tmp_path, 21 * GIB, _growing()), "fragmentation")
+    assert (f.severity, f.value) == ("warning", pytest.approx(0.1506, abs=1e-3))
+    assert f.evidence["mean_unused_bytes"] == pytest.approx(3.9375 * GIB)
+    assert f.evidence["unused_growth_bytes"] == pytest.approx((55.5 + 1) * 128 * MIB, rel=0.02)
+    assert "3.94 GiB unused on average, of up to 28.88 GiB reserved, 2.80% of the device's 140.40 GiB" in f.message
+
+
+def test_a_flat_pool_left_by_the_prefill_is_info(tmp_path: Path) -> None:
+    # the H200 recording of a gpt-oss-120b twin: a 4,000-token prefill leaves 7.6 GiB unused, flat
+    n = 96
+    reserved = [int(8.33 * GIB)] * n
+    (f,) = detect(_trace(tmp_path / "flat", int(0.6 * GIB), reserved, n=n), "fragmentation")
+    assert (f.severity, f.value) == ("info", pytest.approx(0.928, abs=1e-3))
+    assert f.evidence["unused_growth_bytes"] == 0
+    assert "already unused after the prefill and it changed by +0 B while decoding" in f.message
+    # the same pool growing from nothing over the generation is fragmentation
+    growing = [int(0.6 * GIB) + int(i * 7.73 * GIB / n) for i in range(n)]
+    (g,) = detect(_trace(tmp_path / "growing", int(0.6 * GIB), growing, n=n), "fragmentation")
+    assert g.severity == "warning"
 
 
 def test_the_floor_follows_the_device_or_its_limit(tmp_path: Path) -> None:
-    # 200 MiB unused at F = 40%: above the 128 MiB floor, below 0.2% of an H200 (287 MiB)
-    args = (300 * MIB, 500 * MIB)
+    # unused growing from 0 to 400 MiB (a mean of 200 MiB): above the 128 MiB floor, below 0.2% of an
+    # H200 (287 MiB)
+    args = (300 * MIB, [300 * MIB + 400 * MIB * i // 63 for i in range(64)])
     assert [f.severity for f in detect(_trace(tmp_path / "h200", *args), "fragmentation")] == ["info"]
     # capped at 2.93 GiB by a memory fraction: the device share is 6 MiB, the 128 MiB floor rules
     capped = _trace(tmp_path / "capped", *args, limit=int(2.93 * GIB))

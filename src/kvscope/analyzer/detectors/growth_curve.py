@@ -21,10 +21,12 @@ from dataclasses import dataclass
 from kvscope.analyzer.findings import Finding, human_bytes, layer_list
 from kvscope.analyzer.load import LoadedTraces
 from kvscope.analyzer.registry import Detector
-from kvscope.analyzer.summaries import FIT_DERIVED, R2_QUAD, fit_aggregates, layer_summary, step_fits
+from kvscope.analyzer.summaries import FIT_DERIVED, R2_QUAD, fit_aggregates, layer_summary
+from kvscope.schema.layer_types import constant_types_sql
 
 NAME = "growth_curve"
 OUTSIDE_FITS = "_kvscope_outside_fits"
+DECODE_FITS = "_kvscope_decode_step_fits"
 
 
 @dataclass(frozen=True)
@@ -43,8 +45,9 @@ class Config:
     saturation_ratio: float = 0.1
     # Fewer points than this per curve: too short to judge.
     min_points: int = 8
-    # Also fit the per-step totals (steps.kv_bytes on seq_len), which catch copies kept outside
-    # the layers' own tensors.
+    # Also fit the per-step totals (steps.kv_bytes on seq_len, decode steps: a sliding layer's view
+    # of a long prefill pins the prompt's whole storage at step 0 only, a drop that reads as
+    # curvature), which catch copies kept outside the layers' own tensors.
     check_totals: bool = True
     # Also fit the allocator's footprint outside the cache (steps.allocated_bytes − kv_bytes on
     # seq_len, decode steps): kept attentions, logits or key copies live there, not in the cache.
@@ -108,7 +111,7 @@ def detect(t: LoadedTraces, cfg: Config) -> list[Finding]:
     rows = t.records(f"""
         SELECT v.*, s.layer_type, s.stored_tokens FROM ({_classify_sql(summary, 'run_id, gen_id, layer', cfg)}) v
         JOIN {summary} s USING (run_id, gen_id, layer)
-        WHERE verdict IS NOT NULL ORDER BY run_id, gen_id, layer
+        WHERE verdict IS NOT NULL AND s.layer_type NOT IN {constant_types_sql()} ORDER BY run_id, gen_id, layer
     """)
     saturated: dict[tuple[str, int, int], list[dict]] = {}
     for row in rows:
@@ -128,7 +131,7 @@ def detect(t: LoadedTraces, cfg: Config) -> list[Finding]:
              "slopes_last_quarter": [r["slope_last"] for r in group]},
         ))
     if cfg.check_totals:
-        fits = step_fits(t)
+        fits = decode_step_fits(t)
         for row in t.records(f"""
             SELECT * FROM ({_classify_sql(fits, 'run_id, gen_id', cfg)})
             WHERE verdict = 'superlinear' ORDER BY run_id, gen_id
@@ -138,6 +141,29 @@ def detect(t: LoadedTraces, cfg: Config) -> list[Finding]:
     if cfg.check_outside:
         findings.extend(_outside(t, cfg))
     return findings
+
+
+def decode_step_fits(t: LoadedTraces) -> str:
+    """One row per (run, generation): fit of the step totals (kv_bytes) on seq_len, decode steps only.
+
+    At step 0 a dynamic sliding layer's cache is a view of the freshly concatenated prefill, so its
+    storage holds the whole prompt until the next step (transformers 4.56+): on an H200 recording of
+    a gpt-oss-20b twin with a 200-token prompt the step total drops 1.5 MB from step 0 to step 1,
+    which a fit over every step reads as a convex curve (marginal rate x1.56) on a healthy run.
+    """
+    x, y = "CAST(s.seq_len AS DOUBLE)", "CAST(s.kv_bytes AS DOUBLE)"
+    return t.cached_table(DECODE_FITS, f"""
+        WITH d AS (SELECT * FROM steps WHERE step >= 1), agg AS (
+          SELECT s.run_id, s.gen_id,
+            {fit_aggregates(x, y, ("r.seq_lo", "r.seq_hi"))},
+            max(s.seq_len) AS max_seq_len, arg_max(s.kv_bytes, s.step) AS last_kv_bytes
+          FROM d s JOIN (SELECT run_id, gen_id, min(seq_len) AS seq_lo, max(seq_len) AS seq_hi
+                         FROM d GROUP BY run_id, gen_id) r
+            ON s.run_id = r.run_id AND s.gen_id = r.gen_id
+          GROUP BY s.run_id, s.gen_id
+        ), fit AS (SELECT agg.*, {FIT_DERIVED} FROM agg)
+        SELECT fit.*, {R2_QUAD} AS r2_quad FROM fit
+    """)
 
 
 def outside_fits(t: LoadedTraces) -> str:
@@ -188,8 +214,8 @@ def _outside(t: LoadedTraces, cfg: Config) -> list[Finding]:
     fits = outside_fits(t)
     # the cache's own verdict (classify_sql leaves out flat and too-short curves: LEFT JOIN)
     cache_rows = {(r["run_id"], r["gen_id"]): r for r in t.records(f"""
-        SELECT f.run_id, f.gen_id, f.slope, f.vyy, f.last_kv_bytes, v.verdict FROM {step_fits(t)} f
-        LEFT JOIN ({_classify_sql(step_fits(t), 'run_id, gen_id', cfg)}) v USING (run_id, gen_id)""")}
+        SELECT f.run_id, f.gen_id, f.slope, f.vyy, f.last_kv_bytes, v.verdict FROM {decode_step_fits(t)} f
+        LEFT JOIN ({_classify_sql(decode_step_fits(t), 'run_id, gen_id', cfg)}) v USING (run_id, gen_id)""")}
     findings = []
     for r in t.records(f"""
         SELECT v.*, o.y_first, o.y_last, o.kv_first, o.kv_last, o.rising_fraction, o.device_bytes, o.x_lo, o.x_hi
