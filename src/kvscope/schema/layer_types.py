@@ -16,3 +16,8 @@ CONSTANT_IN_TOKENS = frozenset({CROSS_ATTENTION, SSM, CONV, RECURRENT})
 
 def constant_in_tokens(layer_type: object) -> bool:
     return layer_type in CONSTANT_IN_TOKENS
+
+
+def constant_types_sql() -> str:
+    """The constant layer types as an SQL list, for `layer_type NOT IN (...)`."""
+    return "(" + ", ".join(f"'{t}'" for t in sorted(CONSTANT_IN_TOKENS)) + ")"

@@ -18,6 +18,7 @@ from kvscope.analyzer.geometry import dtype_bytes_sql, geometry
 from kvscope.analyzer.load import LoadedTraces
 from kvscope.analyzer.registry import Detector
 from kvscope.analyzer.summaries import layer_summary
+from kvscope.schema.layer_types import constant_types_sql
 
 NAME = "cache_density"
 
@@ -59,6 +60,7 @@ def detect(t: LoadedTraces, cfg: Config) -> list[Finding]:
             g.cfg_bytes IS NULL AS dtype_from_trace
           FROM {summary} s JOIN g USING (run_id)
           WHERE greatest(coalesce(s.capacity_tokens, s.stored_tokens), 0) > 0
+            AND s.layer_type NOT IN {constant_types_sql()}
         )
         SELECT run_id, gen_id, median(measured) AS measured, median(expected) AS expected,
           median(measured / expected) AS ratio, count(*) AS layers,

@@ -14,6 +14,7 @@ from kvscope.analyzer.findings import Finding, human_bytes
 from kvscope.analyzer.load import LoadedTraces
 from kvscope.analyzer.registry import Detector
 from kvscope.analyzer.summaries import layer_summary
+from kvscope.schema.layer_types import constant_types_sql
 
 NAME = "layer_anomaly"
 
@@ -35,6 +36,7 @@ def detect(t: LoadedTraces, cfg: Config) -> list[Finding]:
           SELECT run_id, gen_id, layer, layer_type, k_dtype, kv_bytes, stored_tokens,
                  kv_bytes::DOUBLE / stored_tokens / batch_size AS bpt
           FROM {summary} WHERE stored_tokens > 0
+            AND layer_type NOT IN {constant_types_sql()}
         ), m AS (
           SELECT run_id, gen_id, layer_type, median(bpt) AS med, count(*) AS peers FROM x GROUP BY ALL
         ), d AS (

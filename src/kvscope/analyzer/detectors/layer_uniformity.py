@@ -21,6 +21,7 @@ from kvscope.analyzer.geometry import parse_config
 from kvscope.analyzer.load import LoadedTraces
 from kvscope.analyzer.registry import Detector
 from kvscope.analyzer.summaries import layer_summary
+from kvscope.schema.layer_types import constant_types_sql
 
 NAME = "layer_uniformity"
 
@@ -67,6 +68,7 @@ def detect(t: LoadedTraces, cfg: Config) -> list[Finding]:
             w.model_layers, w.kv_shared,
             coalesce(json_extract_string(w.declared, '$[' || s.layer || ']'), s.layer_type) AS declared_type
           FROM {summary} s LEFT JOIN w USING (run_id)
+          WHERE s.layer_type NOT IN {constant_types_sql()}
         ), o AS (
           SELECT *, CASE WHEN kv_bytes > {cfg.mode_gap} * lag(kv_bytes) OVER g THEN 1 ELSE 0 END AS jump
           FROM x WINDOW g AS (PARTITION BY run_id, gen_id ORDER BY kv_bytes, layer)
