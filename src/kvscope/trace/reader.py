@@ -504,7 +504,7 @@ def decode_part(part: PartInfo) -> str | None:
     try:
         parquet = pq.ParquetFile(part.path, page_checksum_verification=True, read_dictionary=text)
         rows = 0
-        for batch in parquet.iter_batches(batch_size=16 if binary else 8192, columns=known, use_threads=False):
+        for batch in parquet.iter_batches(batch_size=16 if binary else BATCH_ROWS, columns=known, use_threads=False):
             rows += batch.num_rows
             for name in batch.schema.names:
                 problem = _check_values(part, name, batch.column(name), spec.column(name).type)
