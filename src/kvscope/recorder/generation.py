@@ -74,14 +74,19 @@ def generated_tokens(model: Any, output: Any, args: tuple, kwargs: dict[str, Any
 
     A decoder-only model's sequences start with the prompt (`input_ids`). An encoder-decoder's start
     with the decoder's prompt: the decoder start token (bart's equals its EOS), or the
-    `decoder_input_ids` passed, or what generate put there itself (whisper's task tokens); the
-    recorder counts it at the first step (`decoder_prompt_tokens`). None of it was generated.
+    `decoder_input_ids` passed, or what generate put there itself (whisper's task tokens). None of
+    it was generated: each recorded step generated one token, so the prompt is what comes before the
+    last `steps` tokens; without steps, the `decoder_input_ids` or the tokens of the decoder's first
+    forward pass (`decoder_prompt_tokens`).
     """
     sequences = output if isinstance(output, torch.Tensor) else getattr(output, "sequences", None)
     if not isinstance(sequences, torch.Tensor) or sequences.dim() != 2:
         return steps, False
     if getattr(model.config, "is_encoder_decoder", False):
-        prompt_len = _decoder_prompt_len(kwargs, decoder_prompt_tokens)
+        # One decoder forward pass per generated token: what precedes the last `steps` tokens is the
+        # decoder's prompt, whether generate returned it (bart, t5) or stripped it (whisper on 4.x).
+        width = sequences.shape[-1]
+        prompt_len = width - steps if 0 < steps <= width else _decoder_prompt_len(kwargs, decoder_prompt_tokens)
     else:
         ids = kwargs.get("input_ids", args[0] if args and isinstance(args[0], torch.Tensor) else None)
         prompt_len = ids.shape[-1] if isinstance(ids, torch.Tensor) else 0
