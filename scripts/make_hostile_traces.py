@@ -113,6 +113,16 @@ case("garbage_layers_part", "error", "layers")(lambda t: part(t, "layers").write
 case("text_as_steps_part", "error", "steps")(lambda t: part(t, "steps").write_text("run_id,step\nx,1\n"))
 case("footer_length_corrupt", "error", "layers")(lambda t: flip_at(part(t, "layers"), part(t, "layers").stat().st_size - 8, 4))
 case("footer_metadata_corrupt", "error", "layers")(lambda t: flip_at(part(t, "layers"), part(t, "layers").stat().st_size - 200, 16))
+def _footer_not_utf8(t: Path) -> None:
+    """A column path in the footer that is not UTF-8 (what the fuzzer found first)."""
+    target = part(t, "layers")
+    rewrite(target, lambda d: d.append_column("extra_\u00e9", pa.array([1] * d.num_rows)))
+    raw = target.read_bytes()
+    assert b"extra_\xc3\xa9" in raw
+    target.write_bytes(raw.replace(b"extra_\xc3\xa9", b"extra_\xc3\x28"))
+
+
+case("footer_column_name_not_utf8", "error", "layers")(_footer_not_utf8)
 case("bitflip_layers_pages", "error", "layers")(lambda t: flip_pages(part(t, "layers")))
 case("bitflip_layers_kv_bytes", "error", "layers")(lambda t: flip_pages(part(t, "layers"), "kv_bytes"))
 case("bitflip_steps_pages", "error", "steps")(lambda t: flip_pages(part(t, "steps")))
