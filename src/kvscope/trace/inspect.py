@@ -63,6 +63,29 @@ def _run_rows(trace: Trace) -> list[dict[str, Any]]:
     return runs
 
 
+def no_cache_notes(trace: Trace) -> list[str]:
+    """One note per run whose recorder saw no cache (`options.cache_seen = false`): its 0 bytes and
+    missing layer rows say nothing about the model's memory."""
+    if not trace.has_column("run", "options"):
+        return []
+    notes = []
+    for row in trace.read("run", ["run_id", "options"]).to_pylist():
+        raw = row.get("options")
+        if not isinstance(raw, str) or len(raw) > MAX_JSON_CHARS or '"cache_seen"' not in raw:
+            continue
+        try:
+            options = json.loads(raw, parse_constant=lambda name: name)
+        except (ValueError, RecursionError):
+            continue
+        if isinstance(options, dict) and options.get("cache_seen") is False:
+            gens = options.get("cache_not_seen_generations")
+            which = f" (generations {_cap(json.dumps(gens))})" if isinstance(gens, list) else ""
+            notes.append(f"run {_cap(str(row.get('run_id')))}: no cache seen{which}: the recorder found no KV cache "
+                         "or recurrent state it can read, so these generations have no layer rows and 0 KV bytes; "
+                         "this says nothing about the model's memory.")
+    return notes
+
+
 def inspect_trace(path: str | Path) -> dict[str, Any]:
     """A JSON-ready report of one trace. Raises TraceError when the trace is structurally invalid."""
     trace = open_trace(path)
@@ -89,5 +112,5 @@ def inspect_trace(path: str | Path) -> dict[str, Any]:
         "size_bytes": sum(t["size_bytes"] for t in tables.values()),
         "valid": report.ok,
         "errors": report.errors,
-        "warnings": report.warnings,
+        "warnings": report.warnings + (no_cache_notes(trace) if report.ok else []),
     }
