@@ -144,3 +144,19 @@ def test_without_allocator_readings_nothing_is_fitted(tmp_path: Path) -> None:
     write_part(tmp_path, "run", run_row())
     write_part(tmp_path, "steps", step_rows("r1", 0, seq, [1024 * s for s in seq]))
     assert detect(tmp_path, "growth_curve") == []
+
+
+def test_a_sliding_layers_pinned_prefill_is_not_read_as_curvature(tmp_path: Path) -> None:
+    # the H200 recording of the gpt-oss-20b twin, a 200-token prompt: at step 0 each of the 12
+    # sliding layers is a view of the 200-token prefill (storage 200 tokens, not 127), so the step
+    # total drops 1.45 MiB from step 0 to step 1, then grows 24 KiB per token (the 12 full layers)
+    seq = np.arange(200, 328)
+    per_token = 2 * 8 * 64 * ELEM
+    sliding = np.full(seq.size, 127)
+    kv = per_token * (12 * sliding + 12 * seq)
+    kv[0] += 12 * per_token * (200 - 127)
+    layer_kv = {i: ((per_token * (sliding if i % 2 == 0 else seq)).astype(int).tolist(),
+                    (sliding if i % 2 == 0 else seq).tolist(),
+                    "sliding_attention" if i % 2 == 0 else "full_attention") for i in range(LAYERS)}
+    trace = _trace(tmp_path, seq, kv, np.full(seq.size, 3 * MIB), layer_kv=layer_kv)
+    assert [f for f in detect(trace, "growth_curve") if f.severity != "info"] == []
