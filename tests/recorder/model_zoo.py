@@ -91,7 +91,7 @@ OVERRIDES: dict[str, dict[str, Any]] = {
                        linear_conv_kernel_dim=4, decoder_sparse_step=1, shared_expert_intermediate_size=32),
     "recurrent_gemma": dict(block_types=["recurrent", "attention"], lru_width=HIDDEN, attention_window_size=WINDOW,
                             head_dim=16, num_key_value_heads=1, conv1d_width=4),
-    "xlstm": dict(embedding_dim=HIDDEN, num_blocks=LAYERS, num_heads=4, qk_dim_factor=0.5, v_dim_factor=1.0,
+    "xlstm": dict(embedding_dim=HIDDEN, num_blocks=LAYERS, num_heads=4, qk_dim_factor=1.0, v_dim_factor=1.0,
                   mode="inference", chunk_size=8),
 }
 

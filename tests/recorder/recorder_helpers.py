@@ -181,7 +181,7 @@ def dynamic_layer(keys: torch.Tensor, values: torch.Tensor | None) -> object:
 # Enumerates what each container of 4.57 / 5.x holds by its own reading of the transformers classes:
 # no recorder code. Layer numbering follows the trace format: self-attention 0..n-1, then an
 # encoder-decoder's cross-attention n..2n-1.
-_STATE_NAMES = ("conv_states", "conv_cache", "ssm_states", "recurrent_states")
+_STATE_NAMES = ("conv_states", "conv_cache", "ssm_states", "recurrent_states", "rnn_state")
 _MODULE_STATE_NAMES = ("key_states", "value_states", "conv1d_state", "recurrent_states")
 
 

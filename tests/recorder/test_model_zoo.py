@@ -35,7 +35,7 @@ ATTENTION = [
 STATEFUL = {
     "mamba": {"ssm"}, "falcon_mamba": {"ssm"}, "mamba2": {"ssm"}, "rwkv": {"recurrent"},
     "jamba": {"ssm"}, "bamba": {"ssm"}, "granitemoehybrid": {"ssm"}, "zamba2": {"ssm"}, "falcon_h1": set(),
-    "lfm2": {"conv"}, "qwen3_next": {"recurrent"}, "recurrent_gemma": {"recurrent"},
+    "lfm2": {"conv"}, "qwen3_next": {"recurrent"}, "recurrent_gemma": {"recurrent"}, "xlstm": {"recurrent"},
 }
 MODULE_STATE = {"recurrent_gemma"}
 

@@ -157,8 +157,10 @@ def _container_layers(cache: Any) -> Iterator[LayerTensors]:
 # lists), Mamba2Cache (one stacked [layers, ...] tensor each), HybridMambaAttentionDynamicCache
 # (jamba, bamba, granitemoehybrid), FalconHybridMambaAttentionDynamicCache and
 # Zamba2HybridDynamicCache (dicts by layer), Qwen3NextDynamicCache (`conv_states`,
-# `recurrent_states`, None for attention layers), Lfm2HybridConvCache (`conv_cache`).
-STATE_LISTS = (("conv_states", CONV), ("conv_cache", CONV), ("ssm_states", SSM), ("recurrent_states", RECURRENT))
+# `recurrent_states`, None for attention layers), Lfm2HybridConvCache (`conv_cache`), xLSTMCache (`rnn_state`:
+# per layer its C, n and m states).
+STATE_LISTS = (("conv_states", CONV), ("conv_cache", CONV), ("ssm_states", SSM), ("recurrent_states", RECURRENT),
+               ("rnn_state", RECURRENT))
 
 
 def _state_lists(cache: Any) -> list[tuple[str, Any]]:
