@@ -18,8 +18,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from kvscope.errors import TraceError
-from kvscope.schema.tables import META_REPLACES, TABLES
-from kvscope.trace.reader import Trace, open_trace, shown
+from kvscope.schema.tables import TABLES
+from kvscope.trace.reader import Trace, _table_dir, is_trace_dir, open_trace, shown
 from kvscope.trace.writer import JOURNAL_NAME, TMP_SUFFIX, compact_parts, repair_compaction
 
 # kv_samples parts hold raw tensors: merged only while the table stays below this size.
@@ -33,7 +33,7 @@ def _scalar_columns(table: pa.Table) -> list[str]:
 
 def _contained(leftover: Path, merged: Path) -> bool:
     """Whether every row of `leftover` is a row of `merged` (compared on their scalar columns)."""
-    small, big = pq.read_table(leftover), pq.read_table(merged)
+    small, big = pq.ParquetFile(leftover).read(), pq.ParquetFile(merged).read()
     keys = [c for c in _scalar_columns(small) if c in big.column_names and small[c].null_count == 0]
     if not keys or small.num_rows > big.num_rows:
         return False
@@ -52,8 +52,7 @@ def _leftovers(trace: Trace, table: str) -> list[str]:
     parts = {p.path.name: p for p in trace.parts.get(table, [])}
     drop: list[str] = []
     for name, part in parts.items():
-        claims = (pq.ParquetFile(part.path).metadata.metadata or {}).get(META_REPLACES, b"")
-        for old in (n for n in claims.decode(errors="replace").split(",") if n and n != name):
+        for old in (n for n in part.replaces if n != name):
             if old in parts and old not in drop:
                 if not _contained(parts[old].path, part.path):
                     raise TraceError(
@@ -68,10 +67,12 @@ def compact_trace(path: str | os.PathLike[str]) -> list[str]:
     """Compact one trace in place; return what was done, one line each."""
     path = Path(path)
     done: list[str] = []
-    trace = open_trace(path, max_parts=None)  # validates the structure and refuses symlinks out
+    if not is_trace_dir(path):
+        raise TraceError(f"{shown(path)}: not a kvscope trace (no run/, steps/ or layers/ folder).")
+    root = path.resolve()
     for table in TABLES:
-        directory = path / table
-        if not directory.is_dir():
+        directory = _table_dir(path, root, table)  # refuses a table folder that links out of the trace
+        if directory is None:
             continue
         outcome = repair_compaction(directory)
         if outcome:

@@ -62,6 +62,7 @@ class PartInfo:
     num_rows: int
     size_bytes: int
     column_names: tuple[str, ...]
+    replaces: tuple[str, ...] = ()  # what its `kvscope.replaces` says it merged (never trusted to hide a part)
 
 
 @dataclass
@@ -213,7 +214,7 @@ def _read_part_info(path: Path, table: str) -> tuple[PartInfo, list[str]]:
         raise TraceError(f"{shown(path)}: part file of table '{table}' has two columns of the same name.")
     _check_chunk_sizes(path, table, metadata)
     replaces = [n for n in kv.get(META_REPLACES, b"").decode(errors="replace").split(",") if n]
-    info = PartInfo(path, table, version, metadata.num_rows, size, tuple(schema.names))
+    info = PartInfo(path, table, version, metadata.num_rows, size, tuple(schema.names), tuple(replaces))
     return info, replaces
 
 
