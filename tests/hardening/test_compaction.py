@@ -94,3 +94,26 @@ def test_stray_tmp_parts_are_ignored_then_removed(trace: Path, cli: Callable[...
     assert code == 0 and "removed stray temporary file" in out
     assert not list((trace / "layers").glob(".*"))
     assert cli("inspect", trace)[0] == 0
+
+
+def test_open_retries_when_a_compaction_removes_listed_parts(tmp_path: Path,
+                                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    """Parts listed, then set aside by a compaction finishing at the recording's close: read again."""
+    from kvscope.schema.tables import TABLES
+    from kvscope.trace import reader
+    from kvscope.trace.writer import compact_parts
+
+    path = _many_parts(tmp_path / "t")
+    real = reader.read_part_info
+    calls = {"n": 0}
+
+    def racing(part_path: Path, table: str):  # noqa: ANN202
+        calls["n"] += 1
+        if calls["n"] == 1:  # the writer compacts layers right after this reader listed it
+            names = sorted(p.name for p in (path / "layers").glob("part-*.parquet"))
+            compact_parts(path / "layers", TABLES["layers"], names)
+        return real(part_path, table)
+
+    monkeypatch.setattr(reader, "read_part_info", racing)
+    trace = open_trace(path)
+    assert trace.num_rows("layers") == 48 and len(trace.parts["layers"]) == 1
