@@ -4,7 +4,8 @@ The method (the one in the Hugging Face perplexity guide): the chunk is tokenize
 `window` tokens start every `stride` tokens; in each window only the tokens not scored by an earlier
 window are targets, the rest are context whose labels are -100. Every token but the first is scored
 exactly once, each with at least `window - stride` tokens of context (except in the first window).
-PPL = exp(sum of the targets' negative log-likelihoods / number of targets), in float32.
+PPL = exp(sum of the targets' negative log-likelihoods / number of targets): each token's NLL in
+float32 (log-softmax of the logits), the sum in float64.
 
 lm-eval's `wikitext` task scores disjoint windows instead (each token of a window is a target, so
 the first tokens of every window have little or no context) and reports word- and byte-normalised
@@ -163,7 +164,11 @@ def _status_kib(key: str) -> int | None:
 def evaluate_variant(model: torch.nn.Module, ids: torch.Tensor, windows: list[Window], device: str,
                      recording: Any, progress: Callable[[int], None] | None = None) -> tuple[float, int, float]:
     """(sum of the targets' NLL, number of targets, seconds) of `model` over the windows, each window a
-    generate(max_new_tokens=1) call inside `recording` (a kvscope Recording)."""
+    generate(max_new_tokens=1) call inside `recording` (a kvscope Recording).
+
+    On CUDA each window is settled (gc, then the post-release and post-empty-cache readings); on the
+    CPU there is no allocator to read, so the next window writes the previous one's row (post-release
+    readings null, as they would be anyway) and the gc pass per window (about 0.1-1 s) is saved."""
     import torch.nn.functional as F
 
     captured: list[torch.Tensor] = []
@@ -177,6 +182,7 @@ def evaluate_variant(model: torch.nn.Module, ids: torch.Tensor, windows: list[Wi
 
     extra = _logits_kwarg(model)
     pad = _pad_token(model)
+    settle = torch.device(device).type == "cuda"
     handle = model.register_forward_hook(keep_logits, with_kwargs=True)
     nll_sum, scored, seconds = 0.0, 0, 0.0
     try:
@@ -196,12 +202,13 @@ def evaluate_variant(model: torch.nn.Module, ids: torch.Tensor, windows: list[Wi
                 logits = captured.pop()
                 first = window.length - window.targets  # first target position in the window (>= 1)
                 nll = F.cross_entropy(logits[0, first - 1:window.length - 1].float(), x[0, first:window.length],
-                                      reduction="sum")
+                                      reduction="none").double().sum()  # float32 per token, summed in float64
                 nll_sum += float(nll)
             seconds += time.perf_counter() - start
             scored += window.targets
             del output, logits, nll, x
-            recording.settle()
+            if settle:
+                recording.settle()
             if progress is not None:
                 progress(index + 1)
     finally:
@@ -211,9 +218,10 @@ def evaluate_variant(model: torch.nn.Module, ids: torch.Tensor, windows: list[Wi
 
 def run_ppl(loaded: LoadedModel, chunk: TextChunk, variants: list[Variant], *, window: int, stride: int,
             device: str = "cpu", output: Path | None = None, labels: dict[str, str] | None = None,
-            progress: PplProgress | None = None) -> PplResult:
+            progress: PplProgress | None = None, record_options: dict[str, Any] | None = None) -> PplResult:
     """Perplexity of each variant over the chunk, each variant's windows recorded into its own trace
-    (`output/<variant>`; a temporary folder, deleted at the end, without `output`)."""
+    (`output/<variant>`; a temporary folder, deleted at the end, without `output`). `record_options`
+    go to `kvscope.record` (e.g. writer="thread")."""
     from kvscope.recorder.session import Recording
 
     ids_list = loaded.encode(chunk.text)
@@ -248,7 +256,7 @@ def run_ppl(loaded: LoadedModel, chunk: TextChunk, variants: list[Variant], *, w
                                "stride": stride, "text": chunk.source, "text_chars": chunk.chars,
                                "text_sha256": chunk.sha256, "tokens": len(ids_list), "windows": len(wins)}}
             with Recording(model, trace, labels=run_labels, model_name=f"{loaded.name} [{variant.name}]",
-                           tokenizer=loaded.tokenizer, options=options) as rec:
+                           tokenizer=loaded.tokenizer, options=options, **(record_options or {})) as rec:
                 nll_sum, scored, seconds = evaluate_variant(
                     model, ids, wins, device, rec, lambda done, name=variant.name: hook("window", name, done, len(wins)))
                 ppl = math.exp(nll_sum / scored)

@@ -212,6 +212,12 @@ def load_model(model: str | None, *, twin: str | None = None, shrink: bool = Fal
     except (OSError, ValueError) as exc:
         raise UsageError(f"{model}: has no loadable tokenizer ({exc}); save one into it "
                          "(tokenizer.save_pretrained) or use --twin.") from None
-    loaded = AutoModelForCausalLM.from_pretrained(path, dtype=target if target is not None else "auto").eval()
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # its tqdm bar would interleave with kvscope's
+    try:
+        loaded = AutoModelForCausalLM.from_pretrained(path, dtype=target if target is not None else "auto").eval()
+    finally:
+        hf_logging.enable_progress_bar()
     return LoadedModel(loaded, _tokenizer_encoder(tokenizer), name, f"{type(tokenizer).__name__} from {path.name}",
                        _vocab(loaded))
