@@ -6,9 +6,11 @@ Each execution takes one part of a small valid synthetic trace, mutates its byte
 interesting bytes, a deleted, duplicated or spliced chunk, truncation; the footer more often than
 its share) and runs `kvscope inspect`; when inspect accepts the mutant, `sql` and `analyze` run on
 it too. A finding is anything other than exit 0 or a one-line `kvscope: error:` with exit 2: an
-exit 3 ("internal error"), an exception out of `main`, several error lines, or an execution over
-`--hang-seconds`. Prints executions, exit-code counts and findings (kind, command, first line),
-and exits 1 when there is a finding.
+exit 3 ("internal error"), an exception out of `main`, several error lines, an execution over
+`--hang-seconds`, or the process dying (a native abort or segfault in a library: the loop runs in a
+worker process that is restarted with the next seed, the mutant that killed it kept). Prints
+executions, exit-code counts and findings (kind, command, first line), and exits 1 when there is a
+finding.
 """
 
 from __future__ import annotations
@@ -87,7 +89,8 @@ def classify(code: int, err: str) -> str | None:
     return None
 
 
-def fuzz(seconds: float, seed: int, hang_seconds: float, save: Path | None) -> int:
+def fuzz(seconds: float, seed: int, hang_seconds: float, save: Path | None, current: Path | None = None) -> int:
+    """The fuzz loop (in a worker process); `current` receives each mutant before it runs."""
     rng = random.Random(seed)
     work = Path(tempfile.mkdtemp(prefix="kvscope-fuzz-"))
     try:
@@ -107,6 +110,9 @@ def fuzz(seconds: float, seed: int, hang_seconds: float, save: Path | None) -> i
             if rng.random() < 0.2:  # sometimes two mutations
                 mutant = mutate(mutant, rng, donor)
             (trace / target).write_bytes(mutant)
+            if current is not None:
+                current.write_bytes(mutant)
+                current.with_suffix(".name").write_text(str(target))
             commands = [["inspect", str(trace)]]
             for i, args in enumerate(commands):
                 started = time.monotonic()
@@ -131,7 +137,45 @@ def fuzz(seconds: float, seed: int, hang_seconds: float, save: Path | None) -> i
         print(f"findings: {len(findings)}")
         for kind, command, part, line in findings[:50]:
             print(f"  {kind:15s} {command:8s} {part}: {line}")
+        sys.stdout.flush()
         return 1 if findings else 0
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def supervise(seconds: float, seed: int, hang_seconds: float, save: Path | None) -> int:
+    """Run `fuzz` in worker processes for `seconds` in all; a worker that dies is a finding."""
+    import subprocess
+
+    deadline = time.monotonic() + seconds
+    work = Path(tempfile.mkdtemp(prefix="kvscope-fuzz-current-"))
+    current = work / "current.bin"
+    total_exec, crashes, worst = 0, 0, 0
+    try:
+        while (left := deadline - time.monotonic()) > 5:
+            cmd = [sys.executable, __file__, "--worker", "--seconds", f"{left:.1f}", "--seed", str(seed),
+                   "--hang-seconds", str(hang_seconds), "--current", str(current)]
+            if save is not None:
+                cmd += ["--save", str(save)]
+            result = subprocess.run(cmd, capture_output=True, text=True)
+            sys.stdout.write(result.stdout)
+            for line in result.stdout.splitlines():
+                if line.startswith("executions: "):
+                    total_exec += int(line.split()[1])
+            if result.returncode not in (0, 1):  # died: a native crash (the loop never got to print)
+                crashes += 1
+                name = current.with_suffix(".name").read_text() if current.with_suffix(".name").exists() else "?"
+                reason = (result.stderr.strip().splitlines() or [f"exit {result.returncode}"])[-1][:300]
+                print(f"  native-crash    inspect  {name}: signal/exit {result.returncode}: {reason}")
+                if save is not None and current.exists():
+                    save.mkdir(parents=True, exist_ok=True)
+                    (save / f"crash-{seed}-{Path(name).name}").write_bytes(current.read_bytes())
+                seed += 1000  # go on with another sequence
+            else:
+                worst = max(worst, result.returncode)
+        print(f"total: {total_exec} executions (worker restarts after a crash not counted), "
+              f"{crashes} native crash(es)")
+        return 1 if crashes or worst else 0
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
@@ -142,8 +186,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--hang-seconds", type=float, default=20.0, help="An execution slower than this is a finding.")
     parser.add_argument("--save", type=Path, default=None, help="Write each finding's mutant part here.")
+    parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--current", type=Path, default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
-    return fuzz(args.seconds, args.seed, args.hang_seconds, args.save)
+    if args.worker:
+        return fuzz(args.seconds, args.seed, args.hang_seconds, args.save, args.current)
+    return supervise(args.seconds, args.seed, args.hang_seconds, args.save)
 
 
 if __name__ == "__main__":

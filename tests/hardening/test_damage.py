@@ -76,3 +76,12 @@ def test_too_many_parts_refused_then_compacted(tmp_path: Path, cli: Cli, monkeyp
     assert steps["step"].to_pylist() == list(range(60))
     assert np.all(np.diff(steps["t_ns"].to_numpy()) > 0)
     assert cli("inspect", trace)[0] == 0
+
+
+def test_row_group_expanding_past_the_limit_is_refused_unread(trace: Path, cli: Cli,
+                                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    """From the footer's row-group total alone (the limit lowered: a real one needs 512 MiB of data)."""
+    monkeypatch.setattr(reader, "MAX_ROW_GROUP_BYTES", 2000)
+    code, _out, err = cli("inspect", trace)
+    assert code == 2 and "refused before it is decoded" in one_line_error(err)
+

@@ -31,11 +31,12 @@ def default_threads() -> int:
     return max(1, os.cpu_count() or 1)
 
 
-# DuckDB errors that a trace's data can cause (a corrupt page, a value out of range, memory):
-# they become a TraceError (exit 2) naming the traces; others (a binder error) are bugs.
-_DATA_ERRORS: tuple[type[BaseException], ...] = (
-    duckdb.OutOfMemoryException, duckdb.IOException, duckdb.InvalidInputException,
-    duckdb.ConversionException, duckdb.OutOfRangeException,
+# DuckDB errors that a query's own text causes (a detector's bug): every other DuckDB error while
+# reading traces (a damaged footer, a corrupt page, a value out of range, out of memory) is caused
+# by the traces' data and becomes a TraceError (exit 2) naming them.
+_QUERY_ERRORS: tuple[type[BaseException], ...] = (
+    duckdb.BinderException, duckdb.CatalogException, duckdb.ParserException, duckdb.InternalException,
+    duckdb.NotImplementedException,
 )
 
 
@@ -85,14 +86,18 @@ class LoadedTraces:
         """Run a query and fetch every row (a DuckDB 2.x execute() must be fetched to the end)."""
         try:
             return self.con.execute(query, params or []).fetchall()
-        except _DATA_ERRORS as exc:
+        except duckdb.Error as exc:
+            if isinstance(exc, _QUERY_ERRORS):
+                raise
             raise self.data_error(exc) from exc
 
     def arrow(self, query: str) -> pa.Table:
         """Run a query and return its result as an Arrow table."""
         try:
             return self.con.sql(query).to_arrow_table()
-        except _DATA_ERRORS as exc:
+        except duckdb.Error as exc:
+            if isinstance(exc, _QUERY_ERRORS):
+                raise
             raise self.data_error(exc) from exc
 
     def records(self, query: str) -> list[dict[str, Any]]:
@@ -101,7 +106,9 @@ class LoadedTraces:
             rel = self.con.sql(query)
             names = rel.columns
             return [dict(zip(names, row, strict=True)) for row in rel.fetchall()]
-        except _DATA_ERRORS as exc:
+        except duckdb.Error as exc:
+            if isinstance(exc, _QUERY_ERRORS):
+                raise
             raise self.data_error(exc) from exc
 
     def cached_table(self, name: str, query: str) -> str:
@@ -109,7 +116,9 @@ class LoadedTraces:
         if name not in self._cache:
             try:
                 self.con.execute(f"CREATE OR REPLACE TEMP TABLE {quote_ident(name)} AS {query}").fetchall()
-            except _DATA_ERRORS as exc:
+            except duckdb.Error as exc:
+                if isinstance(exc, _QUERY_ERRORS):
+                    raise
                 raise self.data_error(exc) from exc
             self._cache[name] = query
         return name

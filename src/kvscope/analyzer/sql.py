@@ -35,13 +35,19 @@ def _plain(x: Any) -> Any:
     return x
 
 
+def _query_error(tables: LoadedTraces, exc: duckdb.Error) -> Exception:
+    """The user's query is at fault (UsageError) unless the traces' data is (TraceError)."""
+    if isinstance(exc, (duckdb.OutOfMemoryException, duckdb.IOException)) or (
+            type(exc) is duckdb.Error and "Protocol" in str(exc)):
+        return tables.data_error(exc)
+    return UsageError(f"the query failed: {first_line(exc)}")
+
+
 def _relation(tables: LoadedTraces, query: str) -> duckdb.DuckDBPyRelation | None:
     try:
         return tables.con.sql(query)
-    except (duckdb.OutOfMemoryException, duckdb.IOException) as exc:
-        raise tables.data_error(exc) from exc
     except duckdb.Error as exc:
-        raise UsageError(f"the query failed: {first_line(exc)}") from exc
+        raise _query_error(tables, exc) from exc
 
 
 def query_rows(tables: LoadedTraces, query: str) -> tuple[list[str], list[tuple[Any, ...]]]:
@@ -51,10 +57,8 @@ def query_rows(tables: LoadedTraces, query: str) -> tuple[list[str], list[tuple[
         return [], []
     try:
         return list(rel.columns), rel.fetchall()
-    except (duckdb.OutOfMemoryException, duckdb.IOException) as exc:
-        raise tables.data_error(exc) from exc
     except duckdb.Error as exc:
-        raise UsageError(f"the query failed: {first_line(exc)}") from exc
+        raise _query_error(tables, exc) from exc
 
 
 def _write_parquet(tables: LoadedTraces, query: str, output: str) -> None:
@@ -70,10 +74,8 @@ def _write_parquet(tables: LoadedTraces, query: str, output: str) -> None:
         with pq.ParquetWriter(output, reader.schema, compression="zstd") as writer:
             for batch in reader:
                 writer.write_batch(batch)
-    except (duckdb.OutOfMemoryException, duckdb.IOException) as exc:
-        raise tables.data_error(exc) from exc
     except duckdb.Error as exc:
-        raise UsageError(f"the query failed: {first_line(exc)}") from exc
+        raise _query_error(tables, exc) from exc
     except OSError as exc:
         raise UsageError(f"{output}: cannot write the result ({exc.strerror or exc}).") from exc
 
