@@ -55,6 +55,9 @@ def test_too_many_parts_refused_then_compacted(tmp_path: Path, cli: Cli, monkeyp
     """A crashed flush_every=1 recording: one part per step, more than the limit (lowered for the test)."""
     monkeypatch.setattr(reader, "MAX_PARTS", 50)
     monkeypatch.setattr(reader.open_trace, "__kwdefaults__", {"max_parts": 50})
+    from kvscope.trace import writer as writer_module
+
+    monkeypatch.setattr(writer_module, "COMPACT_GROUP", 7)  # several groups, the last one short
     from kvscope.schema import TraceMetadata
 
     w = TraceWriter(tmp_path / "t")
