@@ -216,6 +216,22 @@ case("model_config_huge", "error", "characters long")(
     lambda t: run_edit(t, "model_config", json.dumps({"x": "y" * (2 << 20)})))
 case("labels_deep", "error", "labels")(lambda t: run_edit(t, "labels", '{"a":' * 50_000 + "1" + "}" * 50_000))
 case("labels_not_json", "error", "labels")(lambda t: run_edit(t, "labels", "{not json"))
+def _event(t: Path, detail: str) -> None:
+    """An events part with one error event whose detail is `detail`."""
+    from kvscope.schema.tables import TABLES
+    from kvscope.trace.writer import write_part
+
+    run_id = pq.read_table(part(t, "run"))["run_id"][0].as_py()
+    rows = pa.table({"run_id": [run_id], "gen_id": pa.array([0], pa.int32()), "step": pa.array([1], pa.int32()),
+                     "t_ns": [5], "kind": ["oom"], "detail": [detail]})
+    from kvscope.trace.writer import conform
+
+    write_part(t / "events", TABLES["events"], conform("events", rows))
+
+
+case("event_detail_deep", "error", "events.detail")(lambda t: _event(t, '{"a":' * 100_000 + "1" + "}" * 100_000))
+case("event_detail_not_object", "error", "events.detail")(lambda t: _event(t, "[1, 2, 3]"))
+case("event_detail_ok", "ok")(lambda t: _event(t, json.dumps({"message": "CUDA out of memory", "bytes": 1 << 30})))
 case("model_config_wrong_types", "ok")(
     lambda t: run_edit(t, "model_config", json.dumps({"head_dim": "64", "num_key_value_heads": [8], "layer_types": 3})))
 

@@ -43,10 +43,10 @@ MAX_ROW_GROUP_BYTES_BINARY = 4 << 30  # kv_samples.data holds raw tensors
 MAX_STRING_CHARS = 16 << 20
 MAX_KEY_CHARS = 1024
 KEY_COLUMNS = frozenset({"run_id", "prompt_id", "layer_type", "k_dtype", "v_dtype", "kind", "tensor", "stat"})
-# JSON columns of the run table (model_config, labels, options): at most this long and this deep.
+# JSON columns (run: model_config, labels, options; events: detail): at most this long and this deep.
 MAX_JSON_CHARS = 1 << 20
 MAX_JSON_DEPTH = 64
-JSON_COLUMNS = ("model_config", "labels", "options")
+JSON_COLUMNS = {"run": ("model_config", "labels", "options"), "events": ("detail",)}
 # Nanosecond-representable instants (years 1678-2262): every reader can hold them.
 MAX_ABS_TIMESTAMP_US = (1 << 63) // 1000 - 1
 # Rows decoded at a time by the invariant check's decode pass.
@@ -583,7 +583,7 @@ def _check_run_values(trace: Trace, report: InvariantReport) -> None:
     for table, parts in trace.parts.items():
         spec = TABLES[table]
         ts_cols = [c.name for c in spec.columns if pa.types.is_timestamp(c.type)]
-        json_cols = [c for c in JSON_COLUMNS if table == "run" and c in spec.column_names]
+        json_cols = [c for c in JSON_COLUMNS.get(table, ()) if c in spec.column_names]
         for part in parts:
             wanted = [c for c in (*ts_cols, *json_cols) if c in part.column_names]
             if not wanted:
@@ -603,7 +603,7 @@ def _check_run_values(trace: Trace, report: InvariantReport) -> None:
                     if name not in batch.schema.names:
                         continue
                     for value in batch.column(name).to_pylist():
-                        problem = _check_json(value, f"run.{name}") if isinstance(value, str) else None
+                        problem = _check_json(value, f"{table}.{name}") if isinstance(value, str) else None
                         if problem:
                             report.errors.append(f"{problem[:-1]} ({shown(part.path)}).")
                             return
