@@ -116,8 +116,8 @@ def connect(threads: int, memory_limit: str, scratch: Scratch | None = None) -> 
         "autoinstall_known_extensions": "false",
         "autoload_known_extensions": "false",
         "temp_directory": str(scratch.path) if scratch is not None else "",
-        "enable_progress_bar": "false",  # nothing on stderr but kvscope's own one-line errors
     })
+    con.execute("SET enable_progress_bar = false").fetchall()  # nothing on stderr but kvscope's one-line errors
     return con
 
 
