@@ -17,9 +17,11 @@ from typing import Any
 import pytest
 import torch
 import transformers
+from packaging.version import Version
 
 pytest.importorskip("transformers.masking_utils", reason="needs AttentionMaskInterface (transformers >= 4.53)")
 
+from kvscope.errors import UsageError  # noqa: E402
 from kvscope.recorder.session import record  # noqa: E402
 from kvscope.trace.reader import open_trace  # noqa: E402
 from kvscope.twins.build import build_twin  # noqa: E402
@@ -41,11 +43,16 @@ def _spec(name: str) -> TwinSpec:
         return GEMMA2
     spec = shrink_config(load_twin(name))
     cfg = dict(spec.config)
-    if cfg.get("num_hidden_layers", 0) > LAYERS:
-        cfg["num_hidden_layers"] = LAYERS
+    layers = LAYERS
+    if cfg.get("num_kv_shared_layers"):
+        # KV-shared models: 12 layers (two 5:1 periods), the last 6 reading the first 6's caches
+        layers = 12
+        cfg["num_kv_shared_layers"] = 6
+    if cfg.get("num_hidden_layers", 0) > layers:
+        cfg["num_hidden_layers"] = layers
         for key in ("layer_types", "mlp_layer_types"):
             if isinstance(cfg.get(key), list):
-                cfg[key] = cfg[key][:LAYERS]
+                cfg[key] = cfg[key][:layers]
         if isinstance(cfg.get("first_k_dense_replace"), int):
             cfg["first_k_dense_replace"] = min(cfg["first_k_dense_replace"], 1)
     return dataclasses.replace(spec, config=cfg, dtype="float32")
@@ -54,8 +61,8 @@ def _spec(name: str) -> TwinSpec:
 def _model(name: str, attn: str) -> torch.nn.Module:
     try:
         return build_twin(_spec(name), dtype="float32", attn_implementation=attn, seed=1)
-    except (ValueError, ImportError) as exc:  # e.g. gpt-oss and gemma2 declare no sdpa support
-        pytest.skip(f"{name} with {attn}: {exc}")
+    except (ValueError, ImportError, UsageError) as exc:  # gpt-oss/gemma2 declare no sdpa; older releases lack types
+        pytest.skip(f"{name} with {attn}: {str(exc)[:160]}")
 
 
 def _inputs(model: torch.nn.Module, padded: bool) -> tuple[torch.Tensor, torch.Tensor]:
@@ -77,25 +84,72 @@ def _generate(model: torch.nn.Module, ids: torch.Tensor, mask: torch.Tensor) -> 
                               min_new_tokens=NEW_TOKENS, do_sample=False)
 
 
-def _expected(probs: torch.Tensor, sink: torch.Tensor | None, rows: torch.Tensor, group: int) -> dict[str, Any]:
+def _visible(context: int, tq: int, tk: int, window: int | None, key_valid: torch.Tensor) -> torch.Tensor:
+    """[B, Tq, Tk]: which key each query sees (causal, the layer's window, no pad keys)."""
+    q_pos = torch.arange(context - tq, context)[:, None]
+    k_pos = torch.arange(context - tk, context)[None, :]
+    seen = k_pos <= q_pos
+    if window is not None:
+        seen &= k_pos > q_pos - window
+    return seen[None] & key_valid[:, None, :]
+
+
+def _window(model: torch.nn.Module, layer: int) -> int | None:
+    cfg = model.config.get_text_config()
+    types = getattr(cfg, "layer_types", None)
+    return cfg.sliding_window if types and types[layer] == "sliding_attention" else None
+
+
+def _expected(probs: torch.Tensor, sink: torch.Tensor | None, rows: torch.Tensor, group: int,
+              visible: torch.Tensor) -> dict[str, Any]:
     """Entropy per query row and normalised mass per key from eager probabilities [B, Hq, Tq, Tk]."""
     entropy = -torch.xlogy(probs, probs).sum(-1)
     if sink is not None:
         entropy = entropy - torch.xlogy(sink, sink)
     b, hq, tq, tk = probs.shape
     valid = rows[:, None, :, None].to(probs.dtype)
+    probs = torch.where(valid > 0, probs, 0.0)  # pad query rows may hold NaN (a row with no key): left out
     total = (probs * valid).sum(dim=2).reshape(b, hq // group, group, tk).sum(dim=2)
-    count = ((probs > 0) * valid).sum(dim=2).reshape(b, hq // group, group, tk).sum(dim=2)
+    pairs = (visible[:, None].expand(b, hq, tq, tk) * valid)  # a probability may underflow to 0: count by mask
+    count = pairs.sum(dim=2).reshape(b, hq // group, group, tk).sum(dim=2)
     return {"entropy": entropy, "mass": torch.where(count > 0, total / count.clamp(min=1), 0.0), "seen": count > 0}
 
 
-CASES = [*list_twins(), GEMMA2.name]
+# Every twin on transformers 5.x; on the older releases of `make compat` two cases (a full-attention
+# and a sliding + softcap model) keep the run short while still covering each release's masks.
+def _reference_probabilities(model: torch.nn.Module, ids: torch.Tensor, mask: torch.Tensor) -> list[torch.Tensor]:
+    """Per layer [B, Hq, L, L]: each sequence's eager attention probabilities, computed alone and
+    without its padding (what a mask-honouring statistic must see), placed at its positions."""
+    per_row = []
+    for b in range(ids.shape[0]):
+        pad = int((mask[b] == 0).sum())
+        with torch.no_grad():
+            out = model(input_ids=ids[b:b + 1, pad:], output_attentions=True)
+        per_row.append((pad, out.attentions))
+    layers = []
+    for layer in range(len(per_row[0][1])):
+        heads, length = per_row[0][1][layer].shape[1], ids.shape[1]
+        probs = torch.zeros(ids.shape[0], heads, length, length, dtype=torch.float64)
+        for b, (pad, attentions) in enumerate(per_row):
+            probs[b, :, pad:, pad:] = attentions[layer][0].double()
+        layers.append(probs)
+    return layers
+
+
+def _cases() -> list[tuple[str, str, bool]]:
+    """Every twin left-padded with eager and sdpa (padding is where masks matter); unpadded runs for
+    a full-attention and a sliding + softcap model. Gemma 4's four twins share their attention
+    code: two of them (the KV-shared E2B and the K=V 31B) stand for the family, to keep CI short."""
+    names = [n for n in list_twins() if not n.startswith("gemma-4") or n in ("gemma-4-e2b", "gemma-4-31b")]
+    if Version(transformers.__version__).major < 5:
+        names = ["pythia-1.4b"]
+    cases = [(n, attn, True) for n in [*names, GEMMA2.name] for attn in ("eager", "sdpa")]
+    return cases + [(n, attn, False) for n in ("pythia-1.4b", GEMMA2.name) for attn in ("eager", "sdpa")]
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("padded", [False, True], ids=["unpadded", "left-padded"])
-@pytest.mark.parametrize("attn", ["eager", "sdpa"])
-@pytest.mark.parametrize("name", CASES)
+@pytest.mark.parametrize(("name", "attn", "padded"), _cases(),
+                         ids=lambda v: {True: "left-padded", False: "unpadded"}.get(v, v) if isinstance(v, bool) else v)
 def test_head_stats_change_nothing_and_equal_eager_probabilities(name: str, attn: str, padded: bool,
                                                                  tmp_path: Path) -> None:
     model = _model(name, attn)
@@ -116,26 +170,32 @@ def test_head_stats_change_nothing_and_equal_eager_probabilities(name: str, attn
     model.set_attn_implementation("eager")
     prompt = ids.shape[1]
     full_mask = torch.cat([mask, torch.ones(2, NEW_TOKENS - 1, dtype=mask.dtype)], dim=1)
-    with torch.no_grad():
-        out = model(input_ids=got[:, :prompt + NEW_TOKENS - 1], attention_mask=full_mask, output_attentions=True)
-    attentions = out.attentions
+    attentions = _reference_probabilities(model, got[:, :prompt + NEW_TOKENS - 1], full_mask)
     sinks_of = {getattr(m, "layer_idx", None): m.sinks for m in model.modules() if hasattr(m, "sinks")}
+    # Gemma 4 normalises q and k and does not scale logits (scaling 1.0): with random weights they
+    # reach hundreds, and the fp32 rounding that separates a cached decode from a full forward
+    # moves entropy by up to ~2e-4 there; a relative 1e-3 on top of 1e-4 covers that and no more.
+    rtol = 1e-3 if any(getattr(m, "scaling", None) == 1.0 for m in model.modules()) else 0.0
     compared = 0
     for (gen, step, layer), r in raw.items():
         assert gen == 0
         context = prompt + step  # tokens in context after this step
         tq = r["entropy"].shape[-1]
         tk = r["mass"].shape[-1]
-        assert tq == (prompt if step == 0 else 1)
+        # the prefill's queries are the prompt, except where a model computes only the last one
+        # (Gemma 4's KV-shared layers at the prefill): queries are always the last tq positions
+        assert tq in ({prompt, 1} if step == 0 else {1})
         probs = attentions[layer][:, :, context - tq:context].double()
         row_sum = probs.sum(-1)
         probs = probs[..., context - tk:context]
         sink = (1 - row_sum).clamp(min=0) if layer in sinks_of else None
         rows = full_mask[:, context - tq:context].bool()
         assert torch.equal(r["rows"], rows[:, None, :].expand_as(r["rows"])), (name, step, layer)
-        want_stats = _expected(probs, sink, rows, int(r["group"]))
+        key_valid = full_mask[:, context - tk:context].bool()
+        want_stats = _expected(probs, sink, rows, int(r["group"]),
+                               _visible(context, tq, tk, _window(model, layer), key_valid))
         sel = r["rows"]
-        torch.testing.assert_close(r["entropy"].double()[sel], want_stats["entropy"][sel], rtol=0, atol=TOL)
+        torch.testing.assert_close(r["entropy"].double()[sel], want_stats["entropy"][sel], rtol=rtol, atol=TOL)
         assert torch.equal(r["seen"], want_stats["seen"]), (name, step, layer)
         torch.testing.assert_close(r["mass"].double(), want_stats["mass"], rtol=0, atol=TOL)
         key_pad = ~full_mask[:, context - tk:context].bool()

@@ -53,13 +53,15 @@ def _logits(q: torch.Tensor, k: torch.Tensor, scale: float | None, causal: bool,
     check_attention_args(q, k, causal=causal, window=window)
     group = q.shape[1] // k.shape[1]
     scale = default_scale(q.shape[-1]) if scale is None else scale
-    kf = k.float().repeat_interleave(group, dim=1)
-    s = torch.matmul(q.float(), kf.transpose(-1, -2)) * scale
+    # float64 on the CPU (tests, small samples: rounding-free), fp32 on a GPU without Triton
+    wide = torch.float64 if q.dtype == torch.float64 or q.device.type == "cpu" else torch.float32
+    kf = k.to(wide).repeat_interleave(group, dim=1)
+    s = torch.matmul(q.to(wide), kf.transpose(-1, -2)) * scale
     if softcap:
         s = softcap * torch.tanh(s / softcap)
     mask = visibility_mask(q.shape[2], k.shape[2], causal=causal, window=window, device=q.device)[None, None]
     if bias is not None:
-        s = s + bias.float()
+        s = s + bias.to(wide)
         mask = mask & torch.isfinite(bias)
     return s.masked_fill(~mask, float("-inf")), mask
 
