@@ -109,3 +109,16 @@ def test_a_generation_cut_off_by_a_crash_is_info(tmp_path: Path) -> None:
     for part in (complete / "events").iterdir():
         part.unlink()
     assert detect(complete, "oom_event") == []
+
+
+def test_a_generation_ended_by_an_exception_names_it(tmp_path: Path) -> None:
+    _oom_trace(tmp_path)
+    for part in (tmp_path / "events").iterdir():
+        part.unlink()
+    detail = {"exception": "KeyboardInterrupt", "message": "", "last_step": {"step": 961}}
+    write_part(tmp_path, "events", {"run_id": ["r1"], "gen_id": [2], "step": [962], "t_ns": [10**9],
+                                    "kind": ["error"], "detail": [json.dumps(detail)]})
+    (f,) = detect(tmp_path, "oom_event")
+    assert (f.severity, f.metric, f.evidence["event"]) == ("info", "interrupted_steps", "error")
+    assert "without finishing, by KeyboardInterrupt" in f.message
+    assert detect(tmp_path, "oom_event", report_interrupted=False) == []

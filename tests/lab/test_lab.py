@@ -96,3 +96,19 @@ def test_every_planted_scenario_names_a_registered_detector() -> None:
         assert s.planted == bool(s.expected), s.name
         for name in s.expected:
             get_detector(name)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not __import__("torch").cuda.is_available(), reason="needs CUDA: allocator pools and memory fractions")
+def test_the_cuda_conditions_on_a_gpu(tmp_path: Path) -> None:
+    out = tmp_path / "lab"
+    run_lab(out, LabSettings(device="cuda", prompt_tokens=(64, 200), new_tokens=128),
+            ["interleaved_growth", "oom_fraction", "healthy_fraction", "kept_attentions"])
+    found = _warnings(out)
+    assert "fragmentation" in found["interleaved_growth"]
+    assert {"oom_event", "oom_forecast"} <= found["oom_fraction"]
+    assert "growth_curve" in found["kept_attentions"]
+    assert found["healthy_fraction"] == set()
+    with load_traces([out]) as tables:
+        limits = dict(tables.sql("SELECT json_extract_string(labels, '$.lab'), memory_limit_bytes FROM run"))
+    assert limits["oom_fraction"] > 0 and limits["healthy_fraction"] > limits["oom_fraction"]

@@ -32,3 +32,16 @@ def test_a_memory_fraction_is_recorded_as_the_limit() -> None:
         torch.cuda.set_per_process_memory_fraction(1.0, 0)
     assert limit == int(0.25 * total)
     assert info is not None and info["sources"][0]["kind"] == "per_process_memory_fraction"
+
+
+def test_a_cap_given_by_the_caller_lands_in_the_run_row(tmp_path) -> None:  # noqa: ANN001
+    # a torch that cannot report its fraction: the lab passes the cap it set in options
+    from kvscope.lab import LabSettings, build_model
+    from kvscope.recorder.session import Recording
+    from kvscope.trace.reader import open_trace
+
+    model = build_model(LabSettings(device="cpu", layers=2))
+    with Recording(model, tmp_path / "t", writer="thread", options={"memory_limit_bytes": 3 * GIB}) as rec:
+        assert rec.metadata.memory_limit_bytes == 3 * GIB
+    (row,) = open_trace(tmp_path / "t").read("run").to_pylist()
+    assert row["memory_limit_bytes"] == 3 * GIB
