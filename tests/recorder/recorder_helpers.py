@@ -77,6 +77,8 @@ def cache_layer_tensors(cache: Any) -> list[list[torch.Tensor]]:
     cross = getattr(cache, "cross_attention_cache", None)
     if cross is not None:
         return _one_cache_layers(cache.self_attention_cache) + _one_cache_layers(cross)
+    if isinstance(cache, (tuple, list)) and cache and all(isinstance(x, tuple) and len(x) == 4 for x in cache):
+        return [list(layer[:2]) for layer in cache] + [list(layer[2:]) for layer in cache]  # legacy enc-dec tuples
     return _one_cache_layers(cache)
 
 
@@ -197,22 +199,25 @@ def _entry(states: Any, i: int) -> list[torch.Tensor]:
     return _flatten(states[i]) if i < len(states) else []
 
 
-def held_by_layer(cache: Any) -> dict[int, list[torch.Tensor]]:
-    """Per layer index, the non-empty tensors a returned cache object holds."""
+def held_by_layer(cache: Any, rwkv: bool = False) -> dict[int, list[torch.Tensor]]:
+    """Per layer index, the non-empty tensors a returned cache object holds (`rwkv`: the `state` list
+    of five [batch, hidden, layers] tensors)."""
     if cache is None:
         return {}
+    if rwkv:
+        return {i: [t[:, :, i] for t in cache] for i in range(cache[0].shape[-1])}
     cross = getattr(cache, "cross_attention_cache", None)
     if cross is not None:
         own = held_by_layer(cache.self_attention_cache)
         offset = len(getattr(cache.self_attention_cache, "layers", None) or
                      getattr(cache.self_attention_cache, "key_cache", None) or [])
         return {**own, **{offset + i: ts for i, ts in held_by_layer(cross).items()}}
-    if isinstance(cache, list) and cache and all(isinstance(t, torch.Tensor) and t.dim() == 3 for t in cache):
-        return {i: [t[:, :, i] for t in cache] for i in range(cache[0].shape[-1])}  # rwkv's state
     found: dict[int, list[torch.Tensor]] = {}
     if isinstance(cache, (tuple, list)):
         for i, layer in enumerate(cache):
             found[i] = _flatten(layer if isinstance(layer, torch.Tensor) else list(layer[:2]))
+            if not isinstance(layer, torch.Tensor) and len(layer) == 4:  # (self K, self V, cross K, cross V)
+                found[len(cache) + i] = _flatten(list(layer[2:]))
     elif hasattr(cache, "layers"):
         for i, layer in enumerate(cache.layers):
             found[i] = (_flatten(getattr(layer, "_quantized_keys", None))
@@ -257,15 +262,15 @@ class StateCounter:
         self.handle = model.register_forward_hook(self._hook, with_kwargs=True)
 
     def _hook(self, module: torch.nn.Module, args: tuple, kwargs: dict[str, Any], output: Any) -> None:
-        cache = None
+        cache, found = None, None
         for name in ("cache", "past_key_values", "cache_params", "state"):
             value = getattr(output, name, None) if name in output else None
             if value is not None:
-                cache = value
+                cache, found = value, name
                 break
         if cache is None:
             cache = kwargs.get("cache", kwargs.get("past_key_values"))
-        layers = held_by_layer(cache)
+        layers = held_by_layer(cache, rwkv=found == "state")
         if self.modules:
             for i, ts in module_state_by_layer(self.model).items():
                 layers.setdefault(i, ts)

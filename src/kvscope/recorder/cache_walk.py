@@ -196,12 +196,17 @@ def _state_entry(index: int, name: str, tensors: list[torch.Tensor], layer_type:
 
 
 def _legacy_layers(pkv: tuple | list) -> Iterator[LayerTensors]:
+    cross: list[LayerTensors] = []
     for i, entry in enumerate(pkv):
         if isinstance(entry, torch.Tensor):  # GPTBigCode: one fused K‖V tensor per layer
             yield LayerTensors(i, "tensor", entry, entry)
         elif isinstance(entry, (tuple, list)) and entry and isinstance(entry[0], torch.Tensor):
             values = entry[1] if len(entry) > 1 and isinstance(entry[1], torch.Tensor) else None
             yield LayerTensors(i, "tuple", entry[0], values)
+            # an encoder-decoder's legacy 4-tuple (self K, self V, cross K, cross V): bart ≤4.4x
+            if len(entry) == 4 and isinstance(entry[2], torch.Tensor) and isinstance(entry[3], torch.Tensor):
+                cross.append(LayerTensors(len(pkv) + i, "tuple", entry[2], entry[3], layer_type=CROSS_ATTENTION))
+    yield from cross
 
 
 def _layer_objects(layers: list | tuple) -> Iterator[LayerTensors]:
