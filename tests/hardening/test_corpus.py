@@ -98,3 +98,30 @@ def test_hostile_trace(name: str, built: dict[str, tuple[object, Path]], tmp_pat
     assert list(tmp_path.iterdir()) == [], "a command wrote into the working directory"
     assert not [p for p in scratches if p.exists()], "a DuckDB spill folder was left behind"
     assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss < 2 * 1024 * 1024  # KiB: under 2 GiB
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_compact_on_hostile_trace(name: str, built: dict[str, tuple[object, Path]], tmp_path: Path,
+                                  capsys: pytest.CaptureFixture[str]) -> None:
+    """`kvscope compact` writes into a trace: on each case it either works or refuses in one line, never
+    touches anything outside the trace, and leaves a trace that reads the same rows as before."""
+    if name not in built:
+        pytest.skip("needs a non-root user")
+    import shutil
+
+    case, source = built[name]
+    work = tmp_path / "w"
+    work.mkdir()
+    path = shutil.copytree(source, work / name, symlinks=True)
+    outside = _tree(source.parent / "base")
+    code = main(["compact", str(path)])
+    out, err = capsys.readouterr()
+    assert "Traceback" not in out + err and "internal error" not in err, err
+    assert code in (0, 2), (code, err)
+    if code == 2:
+        assert len(err.strip().splitlines()) == 1 and err.startswith("kvscope: error: "), err
+    assert _tree(source.parent / "base") == outside
+    if code == 0 and case.expect == "ok":
+        assert main(["sql", str(path), "SELECT count(*) AS n FROM layers", "--format", "csv"]) == 0
+        rows = corpus.BASE_LAYERS if name == "interrupted_compaction" else case.layers  # undone: all rows back
+        assert capsys.readouterr().out.splitlines() == ["n", str(rows)]

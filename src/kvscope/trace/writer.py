@@ -13,6 +13,7 @@ Needs only pyarrow: the recorder runs on GPU hosts without polars or duckdb.
 
 from __future__ import annotations
 
+import fnmatch
 import json
 import os
 import uuid
@@ -25,6 +26,7 @@ import pyarrow.parquet as pq
 
 from kvscope.errors import TraceError
 from kvscope.schema.tables import META_FORMAT, META_REPLACES, TABLES, Table
+from kvscope.trace.text import clean
 
 PART_GLOB = "part-*.parquet"
 TMP_SUFFIX = ".tmp"  # `.part-<id>.parquet.tmp`: being written
@@ -92,19 +94,18 @@ def _write_journal(directory: Path, journal: dict[str, Any]) -> None:
     os.replace(tmp, directory / JOURNAL_NAME)
 
 
-def compact_parts(directory: Path, table: Table, names: Sequence[str], *, drop: Sequence[str] = ()) -> Path:
-    """Merge the parts `names` of one table folder into one sorted part; `drop` are set aside unread.
-
-    Order: merged part written as `.tmp`, journal, old parts moved aside (no glob matches them),
-    merged part renamed into place, aside files and journal removed. Between any two steps every
-    reader lists the same parts; `repair_compaction` completes or undoes an interrupted run.
-    """
+def _merge(directory: Path, table: Table, names: Sequence[str]) -> tuple[pa.Table, list[bytes]]:
+    """The parts `names` as one table (sorted by the table's keys) and the format versions they claim."""
     # read in groups, each combined into one chunk: 100,000 one-row tables would cost ~30 KB each
     versions: list[bytes] = []
     merged_groups: list[pa.Table] = []
     group: list[pa.Table] = []
     for n in names:
-        piece = pq.ParquetFile(directory / n).read()  # not read_table: about 2x faster per file
+        try:
+            piece = pq.ParquetFile(directory / n).read()  # not read_table: about 2x faster per file
+        except OSError as exc:
+            raise TraceError(f"{clean(directory / n, 400)}: part cannot be read, so it is not compacted "
+                             f"({clean(exc, 300)}).") from exc
         versions.append((piece.schema.metadata or {}).get(META_FORMAT, b""))
         group.append(piece.replace_schema_metadata(None))
         if len(group) >= COMPACT_GROUP:
@@ -115,6 +116,21 @@ def compact_parts(directory: Path, table: Table, names: Sequence[str], *, drop: 
     data = pa.concat_tables(merged_groups, promote_options="permissive")
     if table.sort_keys and all(k in data.column_names for k in table.sort_keys):
         data = data.sort_by([(k, "ascending") for k in table.sort_keys])
+    return data, versions
+
+
+def compact_parts(directory: Path, table: Table, names: Sequence[str], *, drop: Sequence[str] = ()) -> Path:
+    """Merge the parts `names` of one table folder into one sorted part; `drop` are set aside unread.
+
+    Order: merged part written as `.tmp`, journal, old parts moved aside (no glob matches them),
+    merged part renamed into place, aside files and journal removed. Between any two steps every
+    reader lists the same parts; `repair_compaction` completes or undoes an interrupted run.
+    """
+    try:
+        data, versions = _merge(directory, table, names)
+    except (pa.ArrowException, ValueError) as exc:  # parts whose columns cannot be unified or sorted
+        raise TraceError(f"{clean(directory, 400)}: the parts of table '{table.name}' cannot be merged "
+                         f"({clean(exc, 300)}).") from exc
     newest = max(versions, key=_version_key)
     if _version_key(newest) > _version_key(table.arrow_schema().metadata[META_FORMAT]):
         data = data.replace_schema_metadata({META_FORMAT: newest})  # keep a newer minor version's claim
@@ -154,6 +170,11 @@ def repair_compaction(directory: Path) -> str | None:
     for name in (merged, tmp, *replaced):
         if "/" in name or "\\" in name or name in ("", ".", ".."):
             raise TraceError(f"{directory / JOURNAL_NAME}: the journal names a file outside its folder.")
+    # a journal is trace data too: it may only name parts, and a temporary file to delete
+    if not (fnmatch.fnmatchcase(merged, PART_GLOB) and all(fnmatch.fnmatchcase(n, PART_GLOB) for n in replaced)
+            and tmp.startswith(".") and tmp.endswith(TMP_SUFFIX)):
+        raise TraceError(f"{directory / JOURNAL_NAME}: the compaction journal names files that are not parts "
+                         "and temporary parts; look at the folder before removing it.")
     if (directory / merged).exists():  # the merged part is live: drop what it replaced
         for name in replaced:
             (directory / _aside(name)).unlink(missing_ok=True)
