@@ -272,6 +272,16 @@ def _interrupted(t: Path) -> None:
 case("interrupted_compaction", "ok", layers=BASE_LAYERS // 2)(_interrupted)
 
 
+def _hostile_journal(t: Path) -> None:
+    """A journal that would have `compact` delete a real part (as the 'temporary' file) and restore others."""
+    names = [p.name for p in sorted((t / "layers").glob("part-*.parquet"))]
+    (t / "layers" / ".compact.json").write_text(json.dumps({"merged": "part-none.parquet", "tmp": names[0],
+                                                            "replaces": ["../../run/" + names[1]]}))
+
+
+case("hostile_compaction_journal", "ok")(_hostile_journal)
+
+
 # symlinks and permissions
 def _symlink_part_out(t: Path) -> None:
     target = part(t, "layers")

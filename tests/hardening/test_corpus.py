@@ -121,6 +121,8 @@ def test_compact_on_hostile_trace(name: str, built: dict[str, tuple[object, Path
     if code == 2:
         assert len(err.strip().splitlines()) == 1 and err.startswith("kvscope: error: "), err
     assert _tree(source.parent / "base") == outside
+    if name == "hostile_compaction_journal":  # refused: no real part deleted on a journal's word
+        assert code == 2 and len(list((path / "layers").glob("part-*.parquet"))) == 2
     if code == 0 and case.expect == "ok":
         assert main(["sql", str(path), "SELECT count(*) AS n FROM layers", "--format", "csv"]) == 0
         rows = corpus.BASE_LAYERS if name == "interrupted_compaction" else case.layers  # undone: all rows back
