@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import shutil
 from collections.abc import Callable
 from pathlib import Path
@@ -57,3 +58,16 @@ def test_analyze_parent_skip_bad(trace: Path, tmp_path: Path, cli: Cli) -> None:
     assert len(lines) == 2 and all(line.startswith("kvscope: error: skipped: ") for line in lines)
     assert "b_bad" in lines[0] and "c_good" in lines[1] and "Traceback" not in err
     assert out.strip().startswith("[")
+
+
+def test_inspect_parent_reports_each_bad_trace(trace: Path, tmp_path: Path, cli: Cli) -> None:
+    parent = tmp_path / "traces"
+    parent.mkdir()
+    shutil.copytree(trace, parent / "a_good")
+    broken = shutil.copytree(trace, parent / "b_broken")
+    next((broken / "run").glob("part-*.parquet")).write_bytes(b"not parquet")
+    _negative_bytes(shutil.copytree(trace, parent / "c_invalid"))
+    code, out, err = cli("inspect", parent, "--format", "json")
+    assert code == 2 and "b_broken" in err and "Traceback" not in err
+    reports = json.loads(out)
+    assert [r["valid"] for r in reports] == [True, False]

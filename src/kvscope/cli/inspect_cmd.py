@@ -7,7 +7,7 @@ import json
 import click
 
 from kvscope.cli.console import stdout_console
-from kvscope.errors import EXIT_BAD_INPUT, EXIT_OK
+from kvscope.errors import EXIT_BAD_INPUT, EXIT_OK, TraceError
 from kvscope.trace.text import clean as clean_text
 
 
@@ -71,14 +71,25 @@ def inspect_command(traces: tuple[str, ...], fmt: str) -> int:
     from kvscope.trace.inspect import inspect_trace
     from kvscope.trace.reader import find_traces
 
-    reports = [inspect_trace(path) for path in find_traces(list(traces))]
+    paths = find_traces(list(traces))
+    reports: list[dict] = []
+    unreadable = 0
+    for path in paths:
+        if len(paths) == 1:
+            reports.append(inspect_trace(path))  # a TraceError is the command's one-line error
+            continue
+        try:  # a folder of traces: report one that cannot be opened and go on with the others
+            reports.append(inspect_trace(path))
+        except TraceError as exc:
+            unreadable += 1
+            click.echo(f"kvscope: error: {exc}", err=True)
     if fmt == "json":
-        click.echo(json.dumps(reports[0] if len(reports) == 1 else reports, indent=2, default=str))
+        click.echo(json.dumps(reports[0] if len(paths) == 1 else reports, indent=2, default=str))
     else:
         for report in reports:
             _print_report(report)
-    if not all(r["valid"] for r in reports):
-        if fmt == "text":
+    if unreadable or not all(r["valid"] for r in reports):
+        if fmt == "text" and not all(r["valid"] for r in reports):
             click.echo("kvscope: error: the trace breaks the format's invariants (listed above).", err=True)
         return EXIT_BAD_INPUT
     return EXIT_OK
