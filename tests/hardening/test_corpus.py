@@ -127,3 +127,22 @@ def test_compact_on_hostile_trace(name: str, built: dict[str, tuple[object, Path
         assert main(["sql", str(path), "SELECT count(*) AS n FROM layers", "--format", "csv"]) == 0
         rows = corpus.BASE_LAYERS if name == "interrupted_compaction" else case.layers  # undone: all rows back
         assert capsys.readouterr().out.splitlines() == ["n", str(rows)]
+
+
+def test_in_memory_and_duckdb_checks_agree(built: dict[str, tuple[object, Path]]) -> None:
+    """The checks across rows give the same errors in DuckDB and in memory (hosts without duckdb)."""
+    from kvscope.trace.reader import InvariantReport, _check_in_memory, check_invariants, open_trace
+
+    compared = 0
+    for name in ("base", "null_run_id", "stray_run_id", "duplicate_run_rows", "negative_kv_bytes",
+                 "negative_stored_tokens", "duplicate_step", "negative_step", "t_ns_backwards", "layers_without_steps",
+                 "missing_generations_row"):
+        path = built[name][1] if name in built else next(iter(built.values()))[1].parent / "base"
+        trace = open_trace(path)
+        in_memory = InvariantReport()
+        _check_in_memory(trace, in_memory)
+        with_duckdb = check_invariants(trace)
+        assert in_memory.errors == with_duckdb.errors, name
+        assert bool(in_memory.warnings) == bool(with_duckdb.warnings), name
+        compared += 1
+    assert compared == 11

@@ -688,7 +688,10 @@ def _check_in_memory(trace: Trace, report: InvariantReport) -> None:
     for table in TABLES:
         if table == "run" or trace.num_rows(table) == 0:
             continue
-        ids = pc.unique(trace.read(table, ["run_id"])["run_id"])
+        column = trace.read(table, ["run_id"])["run_id"]
+        if column.null_count:
+            report.errors.append(f"{table}: {column.null_count:,} row(s) have no run_id.")
+        ids = pc.drop_null(pc.unique(column))
         stray = pc.filter(ids, pc.invert(pc.is_in(ids, value_set=known)))
         if len(stray):
             report.errors.append(f"{table}: run_id {stray[0].as_py()!r} has no row in the run table.")
