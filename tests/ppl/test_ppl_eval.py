@@ -172,7 +172,7 @@ def test_a_twin_from_a_json_config_through_the_cli(tmp_path: Path, capsys: pytes
     text = tmp_path / "text.txt"
     text.write_text(TEXT)
     code = kvscope(["ppl", "--twin", str(twin), "--text", str(text), "--chars", "150", "--window", "64",
-                    "--stride", "32", "--quantize", "none", "--device", "cpu", "--format", "json"])
+                    "--stride", "32", "--quantize", "none", "--device", "cpu", "--threads", "1", "--format", "json"])
     assert code == 0
     data = json.loads(capsys.readouterr().out)
     assert data["is_twin"] and data["text_chars"] == 150 and data["tokens"] == 150

@@ -77,11 +77,13 @@ def _check_output(output: Path, variants: list[str]) -> None:
 @click.option("--dtype", help="Load the model in this dtype (bfloat16, float16, float32; default: its own).")
 @click.option("-o", "--output", type=click.Path(path_type=Path),
               help="Keep each variant's recorded trace in OUTPUT/<variant> (kvscope diff OUTPUT/none OUTPUT/int8).")
+@click.option("--threads", type=click.IntRange(min=1), help="torch CPU threads (default: torch's own; 1 is faster "
+                                                            "on a machine shared with other jobs).")
 @click.option("--label", "labels", multiple=True, help="key=value stored with each variant's run (repeatable).")
 @click.option("--format", "fmt", type=click.Choice(["text", "json"]), default="text", show_default=True)
 def ppl_command(model: str | None, twin: str | None, shrink: bool, text_spec: str, chars: int, quantize_spec: str,
                 window: int, stride: int, device: str | None, dtype: str | None, output: Path | None,
-                labels: tuple[str, ...], fmt: str) -> int:
+                threads: int | None, labels: tuple[str, ...], fmt: str) -> int:
     """Perplexity of MODEL (a model directory, a .gguf file or builtin:smollm2) or of --twin over a text,
     native and quantized: strided sliding windows, each variant's evaluation recorded by kvscope.
 
@@ -109,6 +111,8 @@ def ppl_command(model: str | None, twin: str | None, shrink: bool, text_spec: st
         _check_output(output, [v.name for v in variants])
     import torch
 
+    if threads is not None:
+        torch.set_num_threads(threads)
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     _check_device(device)
     if model is not None and not model.startswith("builtin:") and not Path(model).exists():
