@@ -16,6 +16,8 @@ that directory. Stages:
 
 from __future__ import annotations
 
+import logging
+import os
 import resource
 import shutil
 import sys
@@ -50,8 +52,18 @@ def _timed(step: Callable[[], int], name: str) -> int:
     return code
 
 
+def _quiet() -> None:
+    """No tqdm bars from transformers (the stages print their own progress), no import-time notes
+    from torchao about CUDA extensions a CPU build cannot load."""
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    for noisy in ("torchao", "torch.utils._pytree"):
+        logging.getLogger(noisy).setLevel(logging.ERROR)
+
+
 def run(out: Path) -> int:
     from kvscope.errors import KvscopeError
+
+    _quiet()
     from kvscope.ppl.models import SMOLLM2_GGUF, ensure_smollm2_dir, smollm2_dir
 
     started = time.perf_counter()

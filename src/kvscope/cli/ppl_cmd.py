@@ -131,6 +131,11 @@ def _run(model: str | None, twin: str | None, shrink: bool, chunk: TextChunk, va
     from kvscope.ppl.evaluate import run_ppl
     from kvscope.ppl.models import load_model
 
+    # torchao logs its optional CUDA extensions that a CPU build cannot load, and torch a deprecation
+    # of torchao's enum registration, at import: noise for this command.
+    for noisy in ("torchao", "torch.utils._pytree"):
+        if logging.getLogger(noisy).level == logging.NOTSET:
+            logging.getLogger(noisy).setLevel(logging.ERROR)
     console = Console(stderr=True)
     console.print(f"text: {chunk.source}: {chunk.chars:,} characters, sha256 {chunk.sha256}",
                   highlight=False, soft_wrap=True)
