@@ -75,15 +75,17 @@ class HeadStatsCollector:
         self.errors: list[dict[str, Any]] = []
         # keep_raw (tests): per (gen, step, layer) the per-query entropy, per-key mass and validity
         self.raw: dict[tuple[int, int, int], dict[str, torch.Tensor]] | None = {} if keep_raw else None
-        self._pending: list[tuple[tuple[Any, ...], str, torch.Tensor, int]] = []
+        self._pending: list[tuple[tuple[Any, ...], str, torch.Tensor, Any]] = []  # tokens: int or 0-dim tensor
         self._model: torch.nn.Module | None = None
         self._original: str | None = None
         self._name: str | None = None
         self._hook: Any = None
-        self._padding: torch.Tensor | None = None  # the model call's 2D attention_mask [B, L], if any
+        self._padding: torch.Tensor | None = None  # the model call's 2D attention_mask [B, L] when it pads
+        self._context: int | None = None  # L: tokens in context in this forward pass, when the call says
         self._bias_cache: tuple[int, torch.Tensor] | None = None
         self._warned = False
-        self._eager: dict[type, Callable[..., Any]] = {}
+        self._sampling = False  # set once per forward pass by the pre-hook: the per-layer check is one read
+        self._functions: dict[type, Callable[..., Any]] = {}  # wrapped function per attention class
 
     # -- installation -------------------------------------------------------------------------------
 
@@ -148,14 +150,20 @@ class HeadStatsCollector:
         """Number the following forward passes from step 0 of generation `gen_id`."""
         self.gen_id = gen_id
         self.step = -1
+        self._sampling = False
 
     def _advance(self, _module: object, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
         self.step += 1
+        self._sampling = self.sampling()
         self._bias_cache = None
         mask = kwargs.get("attention_mask")
-        # The call's 2D mask gives the context length (a static cache's filled slots) and the padding.
-        self._padding = mask.bool() if self.sampling() and isinstance(mask, torch.Tensor) and mask.dim() == 2 \
-            else None
+        # The call's 2D mask gives the context length (a static cache's filled slots) and the padding;
+        # whether there is any padding is asked once per sampled pass (one device sync), not per layer.
+        self._padding, self._context = None, None
+        if self._sampling and isinstance(mask, torch.Tensor) and mask.dim() == 2:
+            self._context = int(mask.shape[1])
+            if not bool(mask.all()):
+                self._padding = mask.bool()
 
     def sampling(self) -> bool:
         return self.step >= 0 and self.step % self.every == 0
@@ -163,22 +171,26 @@ class HeadStatsCollector:
     # -- the wrapped attention -----------------------------------------------------------------------
 
     def _wrapped_function(self, module: torch.nn.Module) -> Callable[..., Any]:
+        """The implementation the model would call, resolved once per attention class."""
+        fn = self._functions.get(type(module))
+        if fn is not None:
+            return fn
         name = self._original or "eager"
         if name != "eager":
             functions, _ = _registry()
-            return functions[name]
-        fn = self._eager.get(type(module))
-        if fn is None:
+            fn = functions[name]
+        else:
             fn = getattr(sys.modules[type(module).__module__], "eager_attention_forward", None)
             if fn is None:
                 raise RuntimeError(f"{type(module).__name__}: no eager_attention_forward in {type(module).__module__}")
-            self._eager[type(module)] = fn
+        self._functions[type(module)] = fn
         return fn
 
     def _attention(self, module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                    attention_mask: torch.Tensor | None, *args: Any, **kwargs: Any) -> Any:
-        result = self._wrapped_function(module)(module, query, key, value, attention_mask, *args, **kwargs)
-        if self.sampling():
+        fn = self._functions.get(type(module)) or self._wrapped_function(module)
+        result = fn(module, query, key, value, attention_mask, *args, **kwargs)
+        if self._sampling:
             layer = getattr(module, "layer_idx", None)
             if isinstance(layer, int):
                 try:
@@ -200,7 +212,8 @@ class HeadStatsCollector:
             sinks = getattr(module, "sinks", None)
         mask = attention_mask if isinstance(attention_mask, torch.Tensor) and attention_mask.dim() == 4 else None
         self.observe(layer, query, key, value, scale=scale, window=window, softcap=softcap, mask=mask,
-                     padding=self._padding, sinks=sinks if isinstance(sinks, torch.Tensor) else None)
+                     padding=self._padding, context=self._context,
+                     sinks=sinks if isinstance(sinks, torch.Tensor) else None)
 
     def _record_error(self, layer: int, exc: BaseException) -> None:
         if len(self.errors) < _MAX_ERRORS:
@@ -214,20 +227,22 @@ class HeadStatsCollector:
     def observe(self, layer: int, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor | None, *,
                 scale: float | None = None, window: int | None = None, softcap: float | None = None,
                 mask: torch.Tensor | None = None, padding: torch.Tensor | None = None,
-                sinks: torch.Tensor | None = None) -> None:
+                context: int | None = None, sinks: torch.Tensor | None = None) -> None:
         """Statistics of one layer's q [B, Hq, Tq, D], k and v [B, Hkv, Tk, D] at the current step.
 
         `mask` is the 4D mask the model gave its attention (bool or additive), `padding` the 2D
-        attention_mask [B, L] of the model call (L tokens in context; queries are its last Tq),
-        `sinks` [Hq] learned sink logits.
+        attention_mask [B, L] of the model call when it pads (queries are its last Tq), `context`
+        L, the tokens in context, `sinks` [Hq] learned sink logits.
         """
         pos = (self.run_id, self.gen_id, self.step, layer)
         b, tq, tk = query.shape[0], query.shape[2], key.shape[2]
         if not tk or key.dim() != 4:
             return
-        if padding is not None and padding.shape[0] == b and padding.shape[1] < tk:
+        if context is None and padding is not None:
+            context = padding.shape[1]
+        if context is not None and context < tk:
             # a preallocated cache: only the first L slots hold tokens, queries are the last of them
-            tk = padding.shape[1]
+            tk = context
             key = key[:, :, :tk]
             value = value[:, :, :tk] if value is not None and value.dim() == 4 else value
             mask = mask[..., :tk] if mask is not None else None
@@ -240,9 +255,9 @@ class HeadStatsCollector:
                 keep = key_valid[:, None, :].expand_as(norms)
                 count = keep.sum(dim=(0, 2)).clamp(min=1)
                 self._pending.append((pos, f"{prefix}_norm_mean", (norms * keep).sum(dim=(0, 2)) / count,
-                                      int(keep[:, 0].sum())))
+                                      keep[:, 0].sum()))
                 masked = norms.masked_fill(~keep, float("-inf")).amax(dim=(0, 2))
-                self._pending.append((pos, f"{prefix}_norm_max", masked.clamp(min=0.0), int(keep[:, 0].sum())))
+                self._pending.append((pos, f"{prefix}_norm_max", masked.clamp(min=0.0), keep[:, 0].sum()))
             else:
                 per_head = norms.transpose(0, 1).reshape(x.shape[1], -1)
                 self._pending.append((pos, f"{prefix}_norm_mean", per_head.mean(dim=1), b * x.shape[2]))
@@ -330,10 +345,7 @@ def _padding_masks(padding: torch.Tensor | None, b: int, tq: int, tk: int,
     if padding is None or padding.shape[0] != b or padding.shape[1] < max(tk, tq):
         return None, None
     padding = padding.to(device)
-    keys, queries = padding[:, -tk:], padding[:, -tq:]
-    if bool(keys.all()) and bool(queries.all()):
-        return None, None  # no padding: nothing to mask beyond what the model masks
-    return keys, queries
+    return padding[:, -tk:], padding[:, -tq:]
 
 
 def _with_sinks(entropy: torch.Tensor, lse: torch.Tensor, sinks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -1,0 +1,79 @@
+"""The cost of online head statistics per sampled step, read from the traces' own step times.
+
+    PYTHONPATH=src python3 scripts/bench_head_stats_cost.py --runs 3 --out cost.json [--device cuda]
+
+Records the pythia-1.4b twin (bf16 on CUDA, 64-token prompt, 512 new tokens) alternately with and
+without `head_stats_every=64`. Each step's duration is the difference of consecutive `steps.t_ns`.
+Sampled steps (step % 64 == 0) also carry the recorder's 64-step flush, so the cost of the
+statistics is the difference of differences: (median sampled-step time − median other-step time)
+with statistics, minus the same without. Overhead in tokens/s = that extra time / (64 × the median
+decode step). Both estimates use medians over all runs' steps, so one slow round moves them little.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import tempfile
+from pathlib import Path
+
+import torch
+
+from kvscope.recorder.session import record
+from kvscope.trace.reader import open_trace
+from kvscope.twins.build import build_twin
+from kvscope.twins.spec import load_twin, shrink_config
+
+
+def step_times(path: Path, every: int) -> tuple[list[float], list[float]]:
+    rows = sorted((r["step"], r["t_ns"]) for r in open_trace(path).read("steps", ["step", "t_ns"]).to_pylist())
+    sampled, other = [], []
+    for (s0, t0), (s1, t1) in zip(rows, rows[1:], strict=False):
+        if s1 == s0 + 1 and s1 > 1:
+            (sampled if s1 % every == 0 else other).append((t1 - t0) / 1e6)
+    return sampled, other
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument("--new", type=int, default=512)
+    parser.add_argument("--device", default="cuda")
+    parser.add_argument("--out", type=Path, required=True)
+    args = parser.parse_args()
+    every = 64
+    spec = load_twin("pythia-1.4b")
+    if args.device == "cpu":
+        spec = shrink_config(spec)
+    model = build_twin(spec, dtype="bfloat16" if args.device == "cuda" else "float32", device=args.device)
+    vocab = model.config.get_text_config().vocab_size
+    ids = torch.randint(3, min(1000, vocab - 1), (1, 64), generator=torch.Generator().manual_seed(1)).to(args.device)
+    data: dict[str, dict[str, list[float]]] = {"with": {"sampled": [], "other": []},
+                                               "without": {"sampled": [], "other": []}}
+    with tempfile.TemporaryDirectory() as tmp, torch.no_grad():
+        model.generate(ids, max_new_tokens=8, min_new_tokens=8, do_sample=False)  # warm-up
+        with record(model, Path(tmp) / "warm", head_stats_every=every):
+            model.generate(ids, max_new_tokens=every + 2, min_new_tokens=every + 2, do_sample=False)
+        for r in range(args.runs * 2):
+            variant = "with" if r % 2 == 0 else "without"
+            path = Path(tmp) / f"{variant}-{r}"
+            with record(model, path, head_stats_every=every if variant == "with" else 0):
+                model.generate(ids, max_new_tokens=args.new, min_new_tokens=args.new, do_sample=False)
+            sampled, other = step_times(path, every)
+            data[variant]["sampled"] += sampled
+            data[variant]["other"] += other
+    med = {v: {k: statistics.median(x) for k, x in d.items()} for v, d in data.items()}
+    extra_ms = (med["with"]["sampled"] - med["with"]["other"]) - (med["without"]["sampled"] - med["without"]["other"])
+    step_ms = med["without"]["other"]
+    doc = {"device": torch.cuda.get_device_name(0) if args.device == "cuda" else "cpu", "runs_per_variant": args.runs,
+           "new_tokens": args.new, "median_ms": med, "extra_ms_per_sampled_step": round(extra_ms, 3),
+           "median_decode_step_ms": round(step_ms, 3),
+           "overhead_fraction_of_tokens_per_s": round(extra_ms / (every * step_ms), 5),
+           "sampled_steps": {v: len(d["sampled"]) for v, d in data.items()}}
+    args.out.write_text(json.dumps(doc, indent=1))
+    print(json.dumps(doc), flush=True)
+
+
+if __name__ == "__main__":
+    main()
