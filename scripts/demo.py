@@ -28,9 +28,9 @@ from pathlib import Path
 from kvscope.cli.main import cli
 from kvscope.cli.main import main as kvscope
 
-PROMPTS = 8  # the first 8 built-in prompts: 7 to 218 tokens
+PROMPTS = 6  # the first 6 built-in prompts: 7 to 92 SmolLM2 tokens
 NEW_TOKENS = 16
-PPL_CHARS = 2000  # about 650 SmolLM2 tokens: 5 windows of 256 with a stride of 128
+PPL_CHARS = 1200  # 225 SmolLM2 tokens: 3 windows of 128 with a stride of 64
 STAGES = 5
 
 
@@ -111,7 +111,7 @@ def run(out: Path) -> int:
 
     _stage(5, f"perplexity: native vs torchao int8 on the first {PPL_CHARS:,} characters of builtin:wiki", started)
     code = _timed(lambda: kvscope(["ppl", str(model_dir), "--text", "builtin:wiki", "--chars", str(PPL_CHARS),
-                                   "--window", "256", "--stride", "128", "--quantize", "none,int8",
+                                   "--window", "128", "--stride", "64", "--quantize", "none,int8",
                                    "--device", "cpu", "-o", str(ppl)]), "ppl")
     if code:
         return code

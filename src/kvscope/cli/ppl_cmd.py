@@ -176,7 +176,7 @@ def _print(r: PplResult, output: Path | None) -> None:
     from rich.table import Table
 
     console = stdout_console()
-    title = (f"{r.model} on {r.device} ({r.dtype}): {r.tokens:,} tokens, {r.windows} windows of {r.window} "
+    title = (f"{r.model} on {r.device} ({r.dtype}): {r.tokens:,} tokens, {r.windows} window{'s' if r.windows != 1 else ''} of {r.window} "
              f"(stride {r.stride}), {r.scored_tokens:,} scored")
     table = Table(title=title)
     for header in ("variant", "PPL", "vs native", "tokens/s", "weight bytes", "peak memory", "KV B/token/layer"):
