@@ -72,7 +72,7 @@ def test_folder_gives_one_line_per_run_then_the_worst(named_traces: dict[str, Pa
     assert any(line.startswith("  WARNING  fragmented: ") for line in lines)
     assert any(line.startswith("  ok       healthy: healthy") for line in lines)
     assert "worst run:" in lines and lines[lines.index("worst run:") + 1].startswith("llama-like, run leaking")
-    assert lines[-1] == "39 finding(s): 1 critical, 4 warning, 34 info"
+    assert lines[-1] == "39 finding(s): 1 critical, 2 warning, 36 info"
 
 
 def test_text_in_a_pipe_and_no_empty_table(named_traces: dict[str, Path], capsys: pytest.CaptureFixture[str]) -> None:
