@@ -2,7 +2,14 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
+
+# Triton decides between compiling and interpreting when a kernel module is first imported, and
+# tests of other folders (the CLI, the lab) may import the kernels before tests/kernels runs: set
+# the interpreter here, before any test module loads (GPU runs set KVSCOPE_GPU_TESTS=1 to compile).
+if os.environ.get("KVSCOPE_GPU_TESTS") != "1":
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import pytest
 

@@ -81,7 +81,8 @@ def attention_entropy(
     p = torch.exp(logp)
     plogp = torch.where(mask, p * torch.where(mask, logp, torch.zeros_like(logp)), torch.zeros_like(p))
     entropy = torch.clamp(-plogp.sum(dim=-1), min=0.0)
-    return torch.where(finite, entropy, torch.zeros_like(entropy)), lse
+    out = torch.where(finite, entropy, torch.zeros_like(entropy)), lse
+    return (out[0].float(), out[1].float()) if q.dtype != torch.float64 else out  # fp32 out, as the kernels
 
 
 def attention_mass(
@@ -116,7 +117,7 @@ def attention_mass(
         else:
             count = visible_pairs(q.shape[1], k.shape[1], tq, tk, causal=causal, window=window, bias=bias)
             mass = torch.where(count > 0, mass / count.clamp(min=1).to(mass.dtype), torch.zeros_like(mass))
-    return mass
+    return mass if q.dtype == torch.float64 else mass.float()
 
 
 def visible_pairs(hq: int, hkv: int, tq: int, tk: int, *, causal: bool, window: int | None,
