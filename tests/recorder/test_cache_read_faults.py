@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 import torch
-from recorder_helpers import prompt_ids, tiny_model
+from recorder_helpers import TF_VERSION, prompt_ids, tiny_model
 
 import kvscope
 from kvscope.recorder import cache_walk, steps
@@ -142,6 +142,8 @@ def test_a_failing_native_lane_falls_back_to_the_walk(tmp_path: Path) -> None:
     except Exception as exc:  # noqa: BLE001 - no compiler for the native fast path here
         pytest.skip(f"native fast path unavailable: {exc}")
     assert torch.equal(out, expected)
+    if not lane.raised and TF_VERSION.major < 5 and TF_VERSION.minor < 54:
+        pytest.skip("no native lane opens for legacy tuple caches (transformers < 4.54)")
     assert lane.raised >= 1  # the lane opened and its read raised: the step was read the long way
     with kvscope.record(model, tmp_path / "python", native=False) as rec:
         _generate(model)
