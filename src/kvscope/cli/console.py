@@ -7,6 +7,8 @@ import sys
 
 from rich.console import Console
 
+from kvscope.errors import UsageError
+
 # Rich falls back to 80 columns without a terminal, which squeezes the findings tables into
 # truncated cells; a file or a pipe gets a wide, uncoloured table instead (COLUMNS still wins).
 PIPE_WIDTH = 200
@@ -17,3 +19,25 @@ def stdout_console() -> Console:
     if sys.stdout.isatty() or os.environ.get("COLUMNS"):
         return Console()
     return Console(width=PIPE_WIDTH)
+
+
+def human_bytes(n: float | None) -> str:
+    """Bytes as B / KiB / MiB / GiB for result tables ("-" when unknown)."""
+    if n is None:
+        return "-"
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if abs(n) < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return str(n)
+
+
+def parse_labels(values: tuple[str, ...]) -> dict[str, str]:
+    """`--label key=value` options as a dict; a malformed one is a usage error."""
+    labels = {}
+    for item in values:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise UsageError(f"--label takes key=value, got {item!r}.")
+        labels[key] = value
+    return labels

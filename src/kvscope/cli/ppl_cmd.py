@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING
 
 import click
 
-from kvscope.cli.console import stdout_console
+from kvscope.cli.console import human_bytes, parse_labels, stdout_console
 from kvscope.errors import EXIT_OK, UsageError
 
 if TYPE_CHECKING:
@@ -17,24 +17,6 @@ if TYPE_CHECKING:
     from kvscope.ppl.text import TextChunk
 
 
-def _human(n: float | None) -> str:
-    if n is None:
-        return "-"
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if abs(n) < 1024 or unit == "GiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return str(n)
-
-
-def _labels(values: tuple[str, ...]) -> dict[str, str]:
-    labels = {}
-    for item in values:
-        key, sep, value = item.partition("=")
-        if not sep or not key:
-            raise UsageError(f"--label takes key=value, got {item!r}.")
-        labels[key] = value
-    return labels
 
 
 def _check_device(device: str) -> None:
@@ -106,7 +88,7 @@ def ppl_command(model: str | None, twin: str | None, shrink: bool, text_spec: st
     if dtype is not None and dtype.removeprefix("torch.") not in MODEL_DTYPES:
         raise UsageError(f"--dtype {dtype}: use one of bfloat16, float16, float32.")
     variants = parse_variants(quantize_spec)
-    run_labels = _labels(labels)
+    run_labels = parse_labels(labels)
     if output is not None:
         _check_output(output, [v.name for v in variants])
     import torch
@@ -183,8 +165,8 @@ def _print(r: PplResult, output: Path | None) -> None:
         table.add_column(header, justify="left" if header == "variant" else "right")
     for v in r.variants:
         delta = "-" if v.name == "none" or v.delta_pct is None else f"{v.delta_pct:+.2f}%"
-        table.add_row(v.name, f"{v.ppl:.3f}", delta, f"{v.tokens_per_s:,.0f}", _human(v.weight_bytes),
-                      _human(v.peak_bytes), f"{v.kv_bytes_per_token_layer:,.0f}" if v.kv_bytes_per_token_layer else "-")
+        table.add_row(v.name, f"{v.ppl:.3f}", delta, f"{v.tokens_per_s:,.0f}", human_bytes(v.weight_bytes),
+                      human_bytes(v.peak_bytes), f"{v.kv_bytes_per_token_layer:,.0f}" if v.kv_bytes_per_token_layer else "-")
     console.print(table)
     console.print(f"text: {r.text_source}, {r.text_chars:,} characters, sha256 {r.text_sha256}",
                   highlight=False, soft_wrap=True)

@@ -6,19 +6,8 @@ from pathlib import Path
 
 import click
 
-from kvscope.cli.console import stdout_console
+from kvscope.cli.console import human_bytes, parse_labels, stdout_console
 from kvscope.errors import EXIT_OK, UsageError
-
-
-def _human(n: float | None) -> str:
-    if n is None:
-        return "-"
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if abs(n) < 1024 or unit == "GiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return str(n)
-
 
 # Parameter dtypes a model can be recorded in (integer and float8 dtypes are storage formats, not
 # dtypes to run a model in).
@@ -110,15 +99,6 @@ def check_options(model: str | None, twin: str | None, dtype: str | None, device
                 raise UsageError(f"--device {device}: there are {torch.cuda.device_count()} CUDA device(s).")
 
 
-def _labels(values: tuple[str, ...]) -> dict[str, str]:
-    labels = {}
-    for item in values:
-        key, sep, value = item.partition("=")
-        if not sep or not key:
-            raise UsageError(f"--label takes key=value, got {item!r}.")
-        labels[key] = value
-    return labels
-
 
 @click.command("record")
 @click.argument("model", required=False)
@@ -167,7 +147,7 @@ def record_command(model: str | None, output: Path, twin: str | None, shrink: bo
                     device=device, cache_implementation=cache_implementation,
                     attn_implementation=attn_implementation, sample_kv_every=sample_kv_every,
                     head_stats_every=head_stats_every,
-                    labels=_labels(labels), native={"auto": "auto", "on": True, "off": False}[native_mode])
+                    labels=parse_labels(labels), native={"auto": "auto", "on": True, "off": False}[native_mode])
     import logging
 
     console = Console(stderr=True)
@@ -213,6 +193,6 @@ def _summary(console: object, result: object) -> None:
         per_token = (gen.last_kv_bytes / gen.final_seq_len / gen.layers_recorded
                      if gen.final_seq_len and gen.layers_recorded else None)
         table.add_row(str(gen.gen_id), gen.prompt_id, f"{gen.prompt_tokens}+{gen.new_tokens}", gen.cache_class,
-                      _human(gen.last_kv_bytes), _human(gen.peak[0]), _human(gen.peak[2]),
+                      human_bytes(gen.last_kv_bytes), human_bytes(gen.peak[0]), human_bytes(gen.peak[2]),
                       f"{per_token:,.0f}" if per_token is not None else "-")
     console.print(table)  # type: ignore[attr-defined]
