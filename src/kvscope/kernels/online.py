@@ -35,7 +35,7 @@ from typing import Any
 
 import torch
 
-from kvscope.kernels import api
+from kvscope.kernels import api, reference
 from kvscope.kernels.offline import DEFAULT_LOW_MASS, STAT_COLUMNS
 
 IMPLEMENTATION_PREFIX = "kvscope_stats_"  # + the wrapped name: "flash" checks in transformers still match
@@ -287,12 +287,11 @@ class HeadStatsCollector:
                                   bias=bias, softcap=softcap)  # [B, Hkv, Tk]
         group = query.shape[1] // key.shape[1]
         if bias is None:
-            seen = torch.ones_like(mass, dtype=torch.bool)
-            seen &= _seen_without_bias(tq, tk, causal, win, mass.device)[None, None, :]
+            seen = (reference.visible_queries(tq, tk, causal=causal, window=win, device=mass.device) > 0)
+            seen = seen[None, None, :].expand_as(mass)
         else:
-            from kvscope.kernels.reference import visible_pairs
-
-            seen = visible_pairs(query.shape[1], key.shape[1], tq, tk, causal=causal, window=win, bias=bias) > 0
+            seen = reference.visible_pairs(query.shape[1], key.shape[1], tq, tk, causal=causal, window=win,
+                                           bias=bias) > 0
         n_keys = seen.any(dim=1).sum(dim=1).clamp(min=1)  # per batch row: keys some query sees
         low = (mass < self.low_mass_threshold / n_keys[:, None, None]) & seen
         fraction = low.sum(dim=(0, 2)) / seen.sum(dim=(0, 2)).clamp(min=1)
@@ -360,8 +359,3 @@ def _with_sinks(entropy: torch.Tensor, lse: torch.Tensor, sinks: torch.Tensor) -
     finite = torch.isfinite(lse)
     return torch.where(finite, joint, entropy), torch.where(finite, lse_all, lse)
 
-
-def _seen_without_bias(tq: int, tk: int, causal: bool, window: int | None, device: torch.device) -> torch.Tensor:
-    from kvscope.kernels.reference import visible_queries
-
-    return visible_queries(tq, tk, causal=causal, window=window, device=device) > 0
