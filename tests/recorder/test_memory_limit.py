@@ -40,7 +40,8 @@ def test_a_cap_given_by_the_caller_lands_in_the_run_row(tmp_path) -> None:  # no
     from kvscope.recorder.session import Recording
     from kvscope.trace.reader import open_trace
 
-    model = build_model(LabSettings(device="cpu", layers=2))
+    # pythia (gpt_neox) builds on every supported transformers release; gpt-oss needs 4.55+
+    model = build_model(LabSettings(device="cpu", twin="pythia-1.4b", dtype="float32", layers=2))
     with Recording(model, tmp_path / "t", writer="thread", options={"memory_limit_bytes": 3 * GIB}) as rec:
         assert rec.metadata.memory_limit_bytes == 3 * GIB
     (row,) = open_trace(tmp_path / "t").read("run").to_pylist()
