@@ -9,6 +9,11 @@ TORCH_SPEC ?= torch==2.13.0
 # late 4.5x with cache layers); the main environment has the newest 5.x.
 COMPAT_TRANSFORMERS ?= 4.46.3 4.57.6
 DEMO_DIR ?= demo-trace
+# Test processes (pytest-xdist; a file's tests stay in one process, so module fixtures are built once).
+# One torch thread each: two processes of two threads on two cores only contend.
+TEST_WORKERS ?= 2
+XDIST := -n $(TEST_WORKERS) --dist loadfile
+TEST_ENV := OMP_NUM_THREADS=1 MKL_NUM_THREADS=1
 
 .PHONY: demo test lint unit compat browser-test docs clean
 
@@ -38,7 +43,7 @@ lint: $(VENV)/.installed
 	$(PY) -m ruff check src tests scripts
 
 unit: $(VENV)/.ppl-installed
-	$(PY) -m pytest -q -m "not browser"
+	$(TEST_ENV) $(PY) -m pytest -q $(XDIST) -m "not browser"
 
 # The HTML report opened in headless Chromium (Debian's `chromium`, installed here when missing):
 # every chart drawn, no console error, no network request; screenshot in build/artifacts/report.png.
@@ -58,7 +63,7 @@ compat: $(VENV)/.installed
 	    $$env/bin/python -m pip install -q -e ".[test]" && touch $$env/.installed || exit 1; \
 	  fi; \
 	  echo "== recorder tests with transformers $$v"; \
-	  $$env/bin/python -m pytest -q -m "not gpu" tests/recorder || exit 1; \
+	  $(TEST_ENV) $$env/bin/python -m pytest -q $(XDIST) -m "not gpu" tests/recorder || exit 1; \
 	done
 
 demo: $(VENV)/.ppl-installed

@@ -144,13 +144,26 @@ def gguf_to_dir(gguf_path: Path, out: Path) -> Path:
 
 def ensure_smollm2_dir(on_convert: Callable[[Path, Path], None] | None = None) -> Path:
     """The converted SmolLM2 directory, converting the installed wheel's GGUF the first time."""
+    import fcntl
+
     target = smollm2_dir()
-    if (target / "config.json").is_file() and (target / "model.safetensors").is_file():
+    if _converted(target):
         return target
     source = smollm2_gguf()
-    if on_convert is not None:
-        on_convert(source, target)
-    return gguf_to_dir(source, target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    # Two processes (two users' commands, parallel test workers) convert once: the second waits for
+    # the first's lock, then finds the directory made, instead of replacing it while it is read.
+    with open(target.parent / f".{target.name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if _converted(target):
+            return target
+        if on_convert is not None:
+            on_convert(source, target)
+        return gguf_to_dir(source, target)
+
+
+def _converted(target: Path) -> bool:
+    return (target / "config.json").is_file() and (target / "model.safetensors").is_file()
 
 
 def _tokenizer_encoder(tokenizer: Any) -> Callable[[str], list[int]]:
