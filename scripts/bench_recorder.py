@@ -55,14 +55,11 @@ VARIANTS = ("plain", "recorder", "recorder+samples64")
 # toggles hook and poller. "recorder-all-ab" toggles both too, and flushes every 60 recorded steps
 # instead of 64, so each flush falls inside a hook-on block (step 4 of the 8th block of 8) and the
 # writer process's work that follows it is booked to "on", not to the next "off" block.
-# "recorder-all-nolane-ab" is "recorder-all-ab" with every step read the long way (no native lane,
-# `steps.StepRecorder._open_lane`): the code before the lane, for comparison on the same machine.
 # "recorder-all5-ab" is "recorder-all-ab" with the NVML poller at 5 ms instead of 1 ms.
 OPTIONAL_VARIANTS = ("recorder-nvml-off", "recorder-no-midflush", "recorder-thread-writer", "recorder-ab",
                      "recorder-python", "recorder-python-ab", "poller-ab", "poller5-ab", "poller01-ab",
-                     "recorder-full-ab", "recorder-all-ab",
-                     "recorder-all-nolane-ab", "recorder-all5-ab")
-ALL_AB_VARIANTS = ("recorder-all-ab", "recorder-all-nolane-ab", "recorder-all5-ab")  # hook, poller and flushes
+                     "recorder-full-ab", "recorder-all-ab", "recorder-all5-ab")
+ALL_AB_VARIANTS = ("recorder-all-ab", "recorder-all5-ab")  # hook, poller and flushes
 AB_BLOCK = 32
 AB_RATIOS: dict[str, list[float]] = {}  # block ratios of every run of each "-ab" variant
 AB_PHASES: dict[str, list[int]] = {}  # per run of each "-ab" variant: 0 if its first block was "on", 1 if "off"
@@ -176,8 +173,6 @@ def run_once(model: torch.nn.Module, ids: torch.Tensor, new_tokens: int, variant
             rec.steps.flush_every = 1 << 30
         if variant in ALL_AB_VARIANTS:
             rec.steps.flush_every = 60
-        if "nolane" in variant:
-            rec.steps.lane_enabled = False
         if variant.endswith("-ab"):
             clock.toggle = rec.steps
         if variant.startswith("poller"):

@@ -61,8 +61,7 @@ def test_a_failing_cache_read_leaves_generation_unchanged(native: bool, tmp_path
     monkeypatch.setattr(steps, "measure_cache", flaky)
     try:
         native_mode: Any = True if native else False
-        with kvscope.record(model, tmp_path / "trace", native=native_mode) as rec:
-            rec.steps.lane_enabled = False  # every step through the walk, so each failure is injected
+        with kvscope.record(model, tmp_path / "trace", native=native_mode):
             with pytest.warns(RuntimeWarning, match="could not read the cache at step 2"):
                 out = _generate(model)
     except Exception as exc:  # the native build may be unavailable here
@@ -114,37 +113,37 @@ def test_a_failing_walk_inside_an_encoder_decoder_cache(tmp_path: Path, monkeypa
     assert [e["source"] for e in events] == ["cache_walk"] and events[0]["first_step"] == 1
 
 
-class _RaisingLane:
-    """The native module with a lane read that raises (a C++ failure on some unusual cache)."""
+class _RaisingCapture:
+    """The native module with a capture that raises (a C++ failure on some unusual cache)."""
 
     def __init__(self, inner: Any) -> None:
         self.inner = inner
         self.raised = 0
 
-    def step(self, *args: Any) -> Any:
+    def capture(self, *args: Any) -> Any:
         self.raised += 1
-        raise RuntimeError("injected: the lane read failed")
+        raise RuntimeError("injected: the native capture failed")
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self.inner, name)
 
 
-def test_a_failing_native_lane_falls_back_to_the_walk(tmp_path: Path) -> None:
+def test_a_failing_native_capture_falls_back_to_python(tmp_path: Path) -> None:
     from recorder_helpers import assert_same_recording
 
     model = tiny_model("gpt_neox")
     expected = _generate(model)
     try:
         with kvscope.record(model, tmp_path / "native", native=True) as rec:
-            lane = rec.steps.native = _RaisingLane(rec.steps.native)
+            capture = rec.steps.native = _RaisingCapture(rec.steps.native)
             out = _generate(model)
             rec.settle()
     except Exception as exc:  # noqa: BLE001 - no compiler for the native fast path here
         pytest.skip(f"native fast path unavailable: {exc}")
     assert torch.equal(out, expected)
-    if not lane.raised and TF_VERSION.major < 5 and TF_VERSION.minor < 54:
-        pytest.skip("no native lane opens for legacy tuple caches (transformers < 4.54)")
-    assert lane.raised >= 1  # the lane opened and its read raised: the step was read the long way
+    if not capture.raised and TF_VERSION.major < 5 and TF_VERSION.minor < 54:
+        pytest.skip("legacy tuple caches are walked in Python (transformers < 4.54)")
+    assert capture.raised >= 1  # the native capture raised: the step was read in Python
     with kvscope.record(model, tmp_path / "python", native=False) as rec:
         _generate(model)
         rec.settle()

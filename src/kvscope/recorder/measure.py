@@ -169,7 +169,12 @@ def _capture_fast(container: Any, layers: list, layout: ModelLayout,
     plan = _plan(container, layers, layout)
     if plan is None:
         return None
-    captured = native.capture(layers) if native is not None else None
+    captured = None
+    if native is not None:
+        try:
+            captured = native.capture(layers)
+        except Exception:  # noqa: BLE001 - the fast path gives up on this step; Python reads the same facts
+            captured = None
     step = FastStep(plan, captured) if captured is not None else FastStep(plan, _python_facts(layers))
     if sample_layers is not None:
         step.sample_tensors = []

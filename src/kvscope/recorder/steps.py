@@ -11,20 +11,18 @@ from __future__ import annotations
 
 import time
 import warnings
-import weakref
 from collections.abc import Container
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 
-from kvscope.recorder.cache_walk import MODULE_STATE_MODELS, ModuleState, unwrap_container
-from kvscope.recorder.facts import FastStep
+from kvscope.recorder.cache_walk import MODULE_STATE_MODELS, ModuleState
 from kvscope.recorder.flusher import BackgroundWriter
 from kvscope.recorder.hooks import AttentionDiscovery, batch_and_tokens, cache_from_kwargs, cache_from_output
 from kvscope.recorder.measure import measure_cache
 from kvscope.recorder.model_layout import ModelLayout
-from kvscope.recorder.telemetry import AllocatorProbe, AllocatorReading, NvmlProbe, NvmlSource
+from kvscope.recorder.telemetry import AllocatorProbe, NvmlProbe, NvmlSource
 
 STEP_FIELDS = (
     "run_id", "gen_id", "step", "t_ns", "seq_len", "batch_size", "kv_bytes", "allocated_bytes",
@@ -67,16 +65,6 @@ def _in_flight(cache: Any, tensors: list[tuple[int, str, torch.Tensor]]) -> bool
     return any(t.is_cuda for _, _, t in tensors) and not all(t.is_cuda for _, _, t in tensors)
 
 
-LANE_MISSES = 3  # a generation whose lane keeps failing stops opening one (each miss costs a call)
-
-
-def _as_reading(values: Any) -> AllocatorReading | None:
-    """An allocator reading, from the plain tuple the native lane returns (converted only when read)."""
-    if values is None or isinstance(values, AllocatorReading):
-        return values
-    return AllocatorReading(*values)
-
-
 class _AllLayers:
     def __contains__(self, layer: object) -> bool:
         return True
@@ -109,7 +97,6 @@ class StepRecorder:
         self.samples = samples
         self.origin_ns = origin_ns
         self.active = False
-        self.lane_enabled = native is not None  # off: every step is read the long way (a benchmark's baseline)
         self._step_rows: list[tuple] = []
         self._layer_rows: list[tuple] = []
         self._sample_ready: Any = None
@@ -130,11 +117,6 @@ class StepRecorder:
         self._last_reading: Any = None
         self._carry_ns = 0
         self._cache_attr: str | None = None  # the output attribute that carries the cache
-        # The native one-call read of later steps (`_open_lane`): (attr, weakref to the cache, id of
-        # its layers list, the list's length, device or -1), with the plan of those layers.
-        self._lane: tuple | None = None
-        self._lane_plan: Any = None
-        self._lane_misses = 0
         self.events: list[dict[str, Any]] = []
         self.cache_seen = False  # a cache (or recurrent state) was found at some step of this generation
         self.failed_steps = 0  # steps whose cache could not be read (`_cache_read_failed`)
@@ -164,17 +146,6 @@ class StepRecorder:
         if not self.active:
             return
         start = time.perf_counter_ns()
-        lane = self._lane
-        if lane is not None and (self.samples.every <= 0 or self.samples.layers_at(self.step) is None):
-            try:
-                got = self.native.step(output, kwargs, lane)
-            except Exception:  # noqa: BLE001 - the lane gives up; the long way below reports a real failure
-                got = None
-            if got is not None:
-                self._lane_step(start, got)
-                return
-            self._lane = None  # something changed: measure the long way (which may open a new lane)
-            self._lane_misses += 1
         batch, tokens = batch_and_tokens(args, kwargs)
         step = self.step
         if step == 0:
@@ -211,9 +182,6 @@ class StepRecorder:
                     torch.cuda.synchronize()  # offloading moves layers on side streams: wait before copying
                 self._copy_samples(measured.sample_tensors, step)
                 measured.sample_tensors = None  # never keep a cache tensor past the hook
-            if self._lane is None and type(measured) is FastStep and type(measured.facts) is bytes \
-                    and measured.sample_tensors is None:
-                self._open_lane(cache, kwargs, measured)
         except Exception as exc:  # noqa: BLE001 - reported as an error event, the step's rows skipped
             del cache
             self.discovery.cache = None
@@ -235,7 +203,6 @@ class StepRecorder:
         generation goes on."""
         self.step = step + 1
         self._last_measured = None
-        self._lane = None
         self.failed_steps += 1
         if self._failure is None:
             self._failure = {"source": "cache_walk", "exception": type(exc).__name__, "message": str(exc)[:2000],
@@ -249,12 +216,12 @@ class StepRecorder:
             self._failure["failed_steps"] += 1
 
     def _end_step(self, start: int, step: int, batch: int, measured: Any, reading: Any) -> None:
-        """Buffer the step's row and hand a full batch to the writer (the end of both paths)."""
+        """Buffer the step's row and hand a full batch to the writer."""
         self._last_measured = measured
         t_ns = start - self.origin_ns
         self._last_t_ns, self._last_reading = t_ns, reading
         self.step = step + 1
-        # The reading's first six fields (an AllocatorReading, or the lane's plain tuple), in row order.
+        # The reading's first six fields, in row order.
         telemetry: tuple = (None,) * 6 if reading is None else reading[:6]
         # The hand-over below is timed into the next step's recorder_ns (this row is already built).
         # kv_bytes, nvml_used_bytes and kv_logical_bytes (None here) are filled in by the writer.
@@ -270,40 +237,6 @@ class StepRecorder:
             self.writer.flush()
             self._carry_ns = time.perf_counter_ns() - handover_start
 
-    def _open_lane(self, cache: Any, kwargs: dict[str, Any], measured: FastStep) -> None:
-        """Let later steps read everything in one native call (`native.step`) when this step's cache
-        came from the model's output, its layers were captured natively, and the reading needs no
-        Python: one device (or none), no attention hooks, no per-step NVML requests. The lane holds
-        a weak reference to the cache, never the cache."""
-        if not self.lane_enabled or self._cache_attr is None or self.discovery.installed or self._nvml_request \
-                is not None or self._lane_misses >= LANE_MISSES or len(self.allocator.devices) > 1:
-            return
-        if self.allocator.devices and not self.allocator.reads_natively:
-            return
-        if unwrap_container(cache) is not cache:
-            return  # the layers measured were the inner cache's (EncoderDecoderCache): the lane reads the outer
-        layers = getattr(cache, "layers", None)
-        ids = kwargs.get("input_ids")
-        if not isinstance(layers, list) or not isinstance(ids, torch.Tensor) or ids.dim() < 2 \
-                or kwargs.get("decoder_input_ids") is not None or "" in measured.plan.k_dtypes:
-            return  # an encoder-decoder cache, inputs as embeddings, or layers not all filled yet
-        try:
-            ref = weakref.ref(cache)
-        except TypeError:
-            return
-        device = self.allocator.devices[0] if self.allocator.devices else -1
-        self._lane = (self._cache_attr, ref, id(layers), len(layers), device)
-        self._lane_plan = measured.plan
-
-    def _lane_step(self, start: int, got: tuple) -> None:
-        """The rest of `on_forward` for a step read along the lane: the same rows, less Python."""
-        batch, tokens, facts, reading = got
-        step = self.step
-        self.seq_len += tokens
-        measured = FastStep(self._lane_plan, facts)
-        self._layer_rows.append((self.run_id, self.gen_id, step, self.seq_len, measured))
-        self._end_step(start, step, batch, measured, reading)
-
     @property
     def last(self) -> dict[str, Any]:
         """The last recorded step's readings (for OOM events and the generation summary), built on
@@ -312,7 +245,7 @@ class StepRecorder:
             return {}
         measured = self._last_measured
         return {"step": self.step - 1, "t_ns": self._last_t_ns, "seq_len": self.seq_len,
-                "allocator": _as_reading(self._last_reading), "layers": measured.layer_count if measured is not None else 0,
+                "allocator": self._last_reading, "layers": measured.layer_count if measured is not None else 0,
                 "kv_bytes": self.last_kv_bytes(), "nvml_used_bytes": self.nvml_latest}
 
     @property

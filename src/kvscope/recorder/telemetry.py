@@ -53,11 +53,6 @@ class AllocatorProbe:
     def enabled(self) -> bool:
         return bool(self.devices)
 
-    @property
-    def reads_natively(self) -> bool:
-        """Whether readings come from the C++ fast path (the recorder's native lane needs it)."""
-        return self._native_read is not None
-
     def read(self) -> AllocatorReading | None:
         if not self.devices:
             return None

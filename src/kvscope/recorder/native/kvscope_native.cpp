@@ -23,9 +23,6 @@ constexpr int64_t kContiguous = 1;  // facts.CONTIGUOUS
 
 PyObject* g_keys = nullptr;
 PyObject* g_values = nullptr;
-PyObject* g_layers = nullptr;
-PyObject* g_input_ids = nullptr;
-PyObject* g_decoder_input_ids = nullptr;
 
 // An owned reference, released on every way out (returns and C++ exceptions alike).
 struct Owned {
@@ -186,122 +183,6 @@ PyObject* reading_tuple(const long long* v) {
   return Py_BuildValue("(LLLLLLLL)", v[0], v[1], v[2], v[3], v[4], v[5], v[6], v[7]);
 }
 
-// The object a weak reference points to (a new reference), or nullptr when it is dead.
-PyObject* referent(PyObject* ref) {
-#if PY_VERSION_HEX >= 0x030D0000
-  PyObject* object = nullptr;
-  if (PyWeakref_GetRef(ref, &object) < 0) {
-    PyErr_Clear();
-    return nullptr;
-  }
-  return object;
-#else
-  PyObject* object = PyWeakref_GetObject(ref);
-  if (object == nullptr) {
-    PyErr_Clear();
-    return nullptr;
-  }
-  if (object == Py_None) {
-    return nullptr;
-  }
-  Py_INCREF(object);
-  return object;
-#endif
-}
-
-// step(output, kwargs, lane) -> (batch, tokens, facts, reading | None) | None
-//
-// The whole per-step read of a decode step in one call, for the steps after the first of a
-// generation whose cache is known (steps.StepRecorder sets up `lane` from a step measured the long
-// way): lane = (attribute of the model output that carries the cache, weak reference to that cache,
-// id of its `layers` list, that list's length, CUDA device or -1). It checks that the output carries
-// the same cache with the same list, reads (batch, tokens) from `kwargs["input_ids"]`, the layers'
-// facts (`capture_into`) and the allocator counters. None whenever anything differs from what the
-// lane says or needs the Python path: the caller then measures that step the long way.
-PyObject* step(PyObject* /*self*/, PyObject* const* args, Py_ssize_t nargs) {
-  if (nargs != 3 || !PyTuple_Check(args[2]) || PyTuple_GET_SIZE(args[2]) != 5) {
-    PyErr_SetString(PyExc_TypeError, "step() takes (output, kwargs, lane)");
-    return nullptr;
-  }
-  PyObject* output = args[0];
-  PyObject* kwargs = args[1];
-  PyObject* lane = args[2];
-  PyObject* attr = PyTuple_GET_ITEM(lane, 0);
-  PyObject* cache_ref = PyTuple_GET_ITEM(lane, 1);
-  const long long layers_id = PyLong_AsLongLong(PyTuple_GET_ITEM(lane, 2));
-  const Py_ssize_t layer_count = PyLong_AsSsize_t(PyTuple_GET_ITEM(lane, 3));
-  const long device = PyLong_AsLong(PyTuple_GET_ITEM(lane, 4));
-  if (PyErr_Occurred() || !PyWeakref_Check(cache_ref) || !PyDict_Check(kwargs)) {
-    PyErr_Clear();
-    Py_RETURN_NONE;
-  }
-  Owned cache(PyObject_GetAttr(output, attr));
-  if (cache.object == nullptr) {
-    PyErr_Clear();
-    Py_RETURN_NONE;
-  }
-  {
-    Owned expected(referent(cache_ref));
-    if (expected.object != cache.object) {
-      Py_RETURN_NONE;
-    }
-  }
-  Owned layers(PyObject_GetAttr(cache.object, g_layers));
-  if (layers.object == nullptr) {
-    PyErr_Clear();
-    Py_RETURN_NONE;
-  }
-  if (!PyList_Check(layers.object) || PyList_GET_SIZE(layers.object) != layer_count ||
-      static_cast<long long>(reinterpret_cast<intptr_t>(layers.object)) != layers_id) {
-    Py_RETURN_NONE;
-  }
-  PyObject* decoder_ids = PyDict_GetItemWithError(kwargs, g_decoder_input_ids);  // borrowed
-  const bool no_decoder_ids = decoder_ids == nullptr || decoder_ids == Py_None;
-  PyObject* ids = no_decoder_ids && !PyErr_Occurred() ? PyDict_GetItemWithError(kwargs, g_input_ids) : nullptr;
-  if (PyErr_Occurred()) {
-    PyErr_Clear();
-    Py_RETURN_NONE;
-  }
-  if (ids == nullptr || !THPVariable_Check(ids)) {  // encoder-decoder or embeddings: the long way
-    Py_RETURN_NONE;
-  }
-  long long batch = 0;
-  long long tokens = 0;
-  try {
-    const at::Tensor& t = THPVariable_Unpack(ids);
-    if (!t.defined() || t.unsafeGetTensorImpl()->has_symbolic_sizes_strides() || t.dim() < 2) {
-      Py_RETURN_NONE;
-    }
-    batch = t.size(0);
-    tokens = t.size(1);
-  } catch (const std::exception&) {
-    PyErr_Clear();
-    Py_RETURN_NONE;
-  }
-  std::vector<int64_t> out;
-  if (!capture_into(layers.object, out)) {
-    Py_RETURN_NONE;
-  }
-  Owned facts(facts_bytes(out));
-  if (facts.object == nullptr) {
-    return nullptr;
-  }
-  if (device < 0) {
-    return Py_BuildValue("(LLOO)", batch, tokens, facts.object, Py_None);
-  }
-  long long values[kReadingFields];
-  std::string error;
-  const int status = read_allocator(device, values, error);
-  if (status != 0) {  // no native allocator API (or an error): the long way reads the counters
-    Py_RETURN_NONE;
-  }
-  Owned reading(reading_tuple(values));
-  if (reading.object == nullptr) {
-    return nullptr;
-  }
-  return Py_BuildValue("(LLOO)", batch, tokens, facts.object, reading.object);
-}
-
 // allocator_stats(device: int) -> tuple of 8 ints, or None where this torch has no device allocator API.
 // The order of telemetry.AllocatorReading: allocated, reserved, active, inactive_split (bytes, current),
 // alloc_retries, num_ooms, peak allocated, peak reserved.
@@ -326,8 +207,6 @@ PyObject* allocator_stats(PyObject* /*self*/, PyObject* arg) {
 PyMethodDef methods[] = {
     {"capture", capture, METH_O, "Facts of every cache layer as native int64 records, or None."},
     {"allocator_stats", allocator_stats, METH_O, "Allocator counters of one CUDA device, or None."},
-    {"step", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)(void)>(step)), METH_FASTCALL,
-     "One decode step's (batch, tokens, facts, allocator reading) along a known lane, or None."},
     {nullptr, nullptr, 0, nullptr},
 };
 
@@ -347,8 +226,5 @@ PyMODINIT_FUNC KVSCOPE_INIT(TORCH_EXTENSION_NAME)(void) {
   static PyModuleDef module = {PyModuleDef_HEAD_INIT, KVSCOPE_STR(TORCH_EXTENSION_NAME), nullptr, -1, methods};
   g_keys = PyUnicode_InternFromString("keys");
   g_values = PyUnicode_InternFromString("values");
-  g_layers = PyUnicode_InternFromString("layers");
-  g_input_ids = PyUnicode_InternFromString("input_ids");
-  g_decoder_input_ids = PyUnicode_InternFromString("decoder_input_ids");
   return PyModule_Create(&module);
 }
