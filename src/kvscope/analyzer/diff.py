@@ -6,9 +6,8 @@ from __future__ import annotations
 from typing import Any
 
 from kvscope.analyzer.analyze import analyze
-from kvscope.analyzer.detectors.post_eos import _scores_sql
 from kvscope.analyzer.load import LoadedTraces
-from kvscope.analyzer.summaries import layer_summary
+from kvscope.analyzer.summaries import generation_scores, layer_summary
 
 _FINDING_KEY = ("detector", "severity", "metric", "layer")
 
@@ -25,7 +24,7 @@ def profile(t: LoadedTraces, min_severity: str = "warning") -> dict[str, Any]:
                avg(CASE WHEN reserved_bytes > 0 THEN (reserved_bytes - allocated_bytes)::DOUBLE / reserved_bytes END)
         FROM steps
     """)[0]
-    retention = t.sql(f"SELECT avg(live), max(live), avg(outside) FROM ({_scores_sql()})")[0]
+    retention = t.sql(f"SELECT avg(live), max(live), avg(outside) FROM {generation_scores(t)}")[0]
     runs = [r[0] for r in t.sql("SELECT run_id FROM run ORDER BY run_id")]
     findings = [f for f in analyze(t) if f.at_least(min_severity)]
     return {

@@ -56,6 +56,9 @@ class LoadedTraces:
     scratch: Scratch | None = None
     skipped: list[tuple[Path, str]] = field(default_factory=list)
     memory_limit: str = "1GB"
+    # The engine's name and every query it ran (see kvscope.analyzer.engine.Engine).
+    name: str = "duckdb"
+    queries: list[str] = field(default_factory=list)
 
     @property
     def paths(self) -> list[Path]:
@@ -84,6 +87,7 @@ class LoadedTraces:
 
     def sql(self, query: str, params: Sequence[Any] | None = None) -> list[tuple[Any, ...]]:
         """Run a query and fetch every row (a DuckDB 2.x execute() must be fetched to the end)."""
+        self.queries.append(query)
         try:
             return self.con.execute(query, params or []).fetchall()
         except duckdb.Error as exc:
@@ -102,6 +106,7 @@ class LoadedTraces:
 
     def records(self, query: str) -> list[dict[str, Any]]:
         """Run a query and return its rows as dictionaries (for small, aggregated results)."""
+        self.queries.append(query)
         try:
             rel = self.con.sql(query)
             names = rel.columns
@@ -114,6 +119,7 @@ class LoadedTraces:
     def cached_table(self, name: str, query: str) -> str:
         """Materialise `query` once as temporary table `name` and return the name."""
         if name not in self._cache:
+            self.queries.append(query)
             try:
                 self.con.execute(f"CREATE OR REPLACE TEMP TABLE {quote_ident(name)} AS {query}").fetchall()
             except duckdb.Error as exc:
@@ -122,6 +128,24 @@ class LoadedTraces:
                 raise self.data_error(exc) from exc
             self._cache[name] = query
         return name
+
+    def register_rows(self, name: str, table: pa.Table) -> str:
+        """Make a small Arrow table (computed in Python) queryable as `name`: values travel as data,
+        never as SQL text, so no quoting of trace strings is needed."""
+        self.con.register(name, table)
+        return name
+
+    def run_traces(self) -> dict[str, str]:
+        """The trace directory that holds each run_id (read from each trace's run table)."""
+        out: dict[str, str] = {}
+        for tr in self.traces:
+            try:
+                ids = tr.read("run", ["run_id"]).column("run_id").to_pylist()
+            except Exception:  # a trace without a run table still has steps
+                ids = []
+            for run_id in ids:
+                out.setdefault(str(run_id), str(tr.path))
+        return out
 
     def lazy(self, table: str) -> Any:
         """A Polars LazyFrame over one table's parts (nothing read until collected)."""

@@ -1,8 +1,13 @@
 """The detector registry: built-in modules and the `kvscope.detectors` entry-point group.
 
-A detector is one module that defines ``DETECTOR = Detector(name, Config, detect, summary)``:
-``Config`` is a frozen dataclass of thresholds and ``detect(tables, config)`` a pure function
-returning findings. Every module in ``kvscope.analyzer.detectors`` is registered by being there;
+A detector is one module that defines ``DETECTOR = Detector(name, Config, summary=...,
+measure=measure, judge=judge)``: ``Config`` is a frozen dataclass of thresholds,
+``measure(engine)`` runs the detector's SQL (no threshold in it) and returns the measured rows,
+and ``judge(measured, config)`` is a pure Python function of those rows and the config returning
+findings. Measuring once and judging many times is what ``kvscope tune`` does; the SQL half runs
+on any engine (``kvscope.analyzer.engine``). A detector may instead give one
+``detect(tables, config)`` function (``Detector(name, Config, detect, summary)``): it runs on
+DuckDB only and is re-run whole for every value tune tries. Every module in ``kvscope.analyzer.detectors`` is registered by being there;
 a user package registers its own by naming the module (or the Detector object) in its
 ``[project.entry-points."kvscope.detectors"]`` table.
 """
@@ -28,18 +33,46 @@ BUILTIN_PACKAGE = "kvscope.analyzer.detectors"
 
 @dataclass(frozen=True)
 class Detector:
-    """A named detector: its config class (frozen dataclass of thresholds) and its function."""
+    """A named detector: its config class (frozen dataclass of thresholds) and its two halves.
+
+    `measure(engine)` returns measured rows (any value: typically a frozen dataclass of row lists),
+    `judge(measured, config)` the findings. A detector with only `detect(tables, config)` is
+    measured by keeping the tables and judged by running `detect`.
+    """
 
     name: str
     config: type
-    detect: Callable[[Any, Any], list[Finding]]
-    summary: str
+    detect: Callable[[Any, Any], list[Finding]] | None = None
+    summary: str = ""
+    measure: Callable[[Any], Any] | None = None
+    judge: Callable[[Any, Any], list[Finding]] | None = None
+
+    def __post_init__(self) -> None:
+        if (self.measure is None) != (self.judge is None) or (self.detect is None and self.measure is None):
+            raise TypeError(f"detector {self.name!r}: give measure and judge, or detect.")
+
+    @property
+    def split(self) -> bool:
+        """Whether the detector has a threshold-free measure half (re-judged without re-measuring)."""
+        return self.measure is not None
 
     def default_config(self) -> Any:
         return self.config()
 
+    def measured(self, tables: Any) -> Any:
+        """The detector's measured rows (a one-function detector: the tables themselves)."""
+        return self.measure(tables) if self.measure is not None else tables
+
+    def judged(self, measured: Any, config: Any | None = None) -> list[Finding]:
+        """Findings from measured rows and a config (defaults when None)."""
+        cfg = config if config is not None else self.config()
+        if self.judge is not None:
+            return list(self.judge(measured, cfg))
+        assert self.detect is not None
+        return list(self.detect(measured, cfg))
+
     def run(self, tables: Any, config: Any | None = None) -> list[Finding]:
-        return list(self.detect(tables, config if config is not None else self.config()))
+        return self.judged(self.measured(tables), config)
 
 
 def _as_detector(obj: Any, origin: str) -> Detector:

@@ -10,11 +10,12 @@ rows is scanned once however many detectors run.
 
 from __future__ import annotations
 
-from kvscope.analyzer.load import LoadedTraces
+from kvscope.analyzer.engine import Engine
 
 STEP_RANGES = "_kvscope_step_ranges"
 LAYER_SUMMARY = "_kvscope_layer_summary"
 STEP_FITS = "_kvscope_step_fits"
+GENERATION_SCORES = "_kvscope_generation_scores"
 
 
 def fit_aggregates(x: str, y: str, quarter_of: tuple[str, str] | None) -> str:
@@ -50,7 +51,7 @@ R2_QUAD = """
 """
 
 
-def step_ranges(t: LoadedTraces) -> str:
+def step_ranges(t: Engine) -> str:
     """Per (run, generation): first and last step, context at the last step, batch size."""
     return t.cached_table(STEP_RANGES, """
         SELECT run_id, gen_id, min(step) AS lo, max(step) AS hi,
@@ -81,7 +82,7 @@ def _quarter_slope(k: int) -> str:
             f"THEN (n{k} * sxy{k} - sx{k} * sy{k}) / (n{k} * sxx{k} - sx{k} * sx{k}) END")
 
 
-def layer_summary(t: LoadedTraces) -> str:
+def layer_summary(t: Engine) -> str:
     """One row per (run, generation, layer): growth fit over the steps, values at the last step.
 
     One scan of `layers`, grouped by (run, generation, layer, quarter of the generation): raw
@@ -96,7 +97,7 @@ def layer_summary(t: LoadedTraces) -> str:
     quarters = ", ".join(f"sum({n}) FILTER (WHERE qt = {k}) AS {n}{k}" for k in (1, 2)
                          for n in ("n", "sx", "sxx", "sy", "sxy"))
     return t.cached_table(LAYER_SUMMARY, f"""
-        WITH rows AS (
+        WITH lrows AS (
           SELECT l.run_id, l.gen_id, l.layer, l.step, l.kv_bytes, l.stored_tokens, l.layer_type, l.k_dtype,
             l.capacity_tokens, l.aliased,
             CAST(l.step - coalesce(r.lo, 0) AS DOUBLE) AS x, CAST(l.kv_bytes AS DOUBLE) AS y,
@@ -110,7 +111,7 @@ def layer_summary(t: LoadedTraces) -> str:
             arg_max({{'kv_bytes': kv_bytes, 'stored_tokens': stored_tokens, 'capacity_tokens': capacity_tokens,
                      'aliased': aliased}}, step) AS last,
             any_value(layer_type) AS layer_type, any_value(k_dtype) AS k_dtype
-          FROM rows GROUP BY run_id, gen_id, layer, qt
+          FROM lrows GROUP BY run_id, gen_id, layer, qt
         ), g AS (
           SELECT run_id, gen_id, layer, sum(n) AS n, {combined}, {quarters},
             min(x_lo) AS x_lo, max(x_hi) AS x_hi, max(last_step) AS last_step,
@@ -137,7 +138,7 @@ def layer_summary(t: LoadedTraces) -> str:
     """)
 
 
-def step_fits(t: LoadedTraces) -> str:
+def step_fits(t: Engine) -> str:
     """One row per (run, generation): growth fit of the step totals (kv_bytes) on seq_len."""
     x, y = "CAST(s.seq_len AS DOUBLE)", "CAST(s.kv_bytes AS DOUBLE)"
     return t.cached_table(STEP_FITS, f"""
@@ -152,4 +153,43 @@ def step_fits(t: LoadedTraces) -> str:
           GROUP BY s.run_id, s.gen_id
         ), fit AS (SELECT agg.*, {FIT_DERIVED} FROM agg)
         SELECT fit.*, {R2_QUAD} AS r2_quad FROM fit
+    """)
+
+
+_MEMORY = """
+    SELECT run_id, gen_id,
+      peak_allocated_bytes - baseline_allocated_bytes AS alloc_growth,
+      post_empty_cache_allocated_bytes - baseline_allocated_bytes AS live_bytes,
+      (post_empty_cache_reserved_bytes - post_empty_cache_allocated_bytes)
+        - (baseline_reserved_bytes - baseline_allocated_bytes) AS pool_bytes,
+      (post_empty_cache_nvml_used_bytes - post_empty_cache_reserved_bytes)
+        - (baseline_nvml_used_bytes - baseline_reserved_bytes) AS outside_bytes,
+      greatest(peak_reserved_bytes - baseline_reserved_bytes, 0) AS reserved_growth,
+      greatest(peak_nvml_used_bytes - baseline_nvml_used_bytes, 0) AS nvml_growth,
+      post_empty_cache_nvml_used_bytes - baseline_nvml_used_bytes AS nvml_bytes,
+      post_empty_cache_allocated_bytes AS post_alloc, baseline_allocated_bytes AS base_alloc,
+      row_number() OVER (PARTITION BY run_id ORDER BY gen_id) - 1 AS ordinal,
+      count(*) OVER (PARTITION BY run_id) AS gens
+    FROM generations
+"""
+
+
+def generation_scores(t: Engine) -> str:
+    """One row per (run, generation): memory left above the baseline after the generation, per cause.
+
+    live tensors (allocated), allocator pools (reserved − allocated) and memory outside the
+    allocator (NVML used − reserved), in bytes and as a fraction of what the generation added at
+    its peak (`live`, `pools`, `outside`, `nvml_score`); `post_live_rises`: allocated after this
+    generation above the previous one's. post_eos judges these rows; diff and fleet quote them.
+    """
+    def frac(num: str, den: str) -> str:
+        return f"CASE WHEN {den} > 0 THEN CAST({num} AS DOUBLE) / {den} END"
+
+    return t.cached_table(GENERATION_SCORES, f"""
+        SELECT *, {frac('live_bytes', 'alloc_growth')} AS live,
+          {frac('pool_bytes', 'coalesce(nullif(reserved_growth, 0), alloc_growth)')} AS pools,
+          {frac('outside_bytes', 'coalesce(nullif(nvml_growth, 0), reserved_growth)')} AS outside,
+          {frac('nvml_bytes', 'nvml_growth')} AS nvml_score
+        FROM (SELECT *, post_alloc > coalesce(lag(post_alloc) OVER (PARTITION BY run_id ORDER BY gen_id), base_alloc)
+                        AS post_live_rises FROM ({_MEMORY}) m) g
     """)

@@ -18,8 +18,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from kvscope.analyzer.engine import Engine
 from kvscope.analyzer.findings import Finding
-from kvscope.analyzer.load import LoadedTraces
 from kvscope.analyzer.registry import Detector, field_types, with_value
 from kvscope.errors import UsageError
 
@@ -114,19 +114,24 @@ def predicted(findings: list[Finding], label: Label, min_severity: str) -> bool:
                and (label.gen_id is None or f.gen_id is None or f.gen_id == label.gen_id) for f in findings)
 
 
-def sweep(tables: LoadedTraces, detector: Detector, base_config: Any, param: str, values: list[float],
+def sweep(tables: Engine, detector: Detector, base_config: Any, param: str, values: list[float],
           labels: list[Label], min_severity: str = "warning",
           on_value: Callable[[float], None] | None = None) -> list[TuneRow]:
-    """Run the detector at each value of `param` and score it against the labels."""
-    known = {row[0] for row in tables.sql("SELECT DISTINCT run_id FROM run")}
+    """Measure the detector once, judge it at each value of `param` and score it against the labels.
+
+    A detector with measure and judge halves runs its SQL once whatever the number of values; one
+    with a single detect function (a plugin) is re-run for each value.
+    """
+    known = {row["run_id"] for row in tables.records("SELECT DISTINCT run_id FROM run")}
     unknown = sorted({lab.run_id for lab in labels} - known)
     if unknown:
         raise UsageError(f"labels name run(s) not in the traces: {', '.join(unknown[:5])}.")
     kind = field_types(type(base_config)).get(param)
+    measured = detector.measured(tables)
     rows = []
     for value in values:
         config = with_value(base_config, param, int(value) if kind is int else value, f"--param {param}")
-        findings = [f for f in detector.run(tables, config) if f.detector == detector.name]
+        findings = [f for f in detector.judged(measured, config) if f.detector == detector.name]
         tp = fp = fn = tn = 0
         for label in labels:
             hit = predicted(findings, label, min_severity)

@@ -19,8 +19,8 @@ from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from kvscope.analyzer.engine import Engine
 from kvscope.analyzer.findings import SEVERITY_RANK, Finding, human_bytes, sort_findings
-from kvscope.analyzer.load import LoadedTraces
 from kvscope.analyzer.summaries import layer_summary, step_fits
 
 # Status of one aspect, least to most serious: "n/a" (not measurable in this trace), "ok", "note"
@@ -266,19 +266,7 @@ def _status_of(findings: Sequence[Finding]) -> str:
 
 # --- facts -------------------------------------------------------------------------------------
 
-def _trace_of_run(t: LoadedTraces) -> dict[str, str]:
-    out: dict[str, str] = {}
-    for tr in t.traces:
-        try:
-            ids = tr.read("run", ["run_id"]).column("run_id").to_pylist()
-        except Exception:  # a trace without a run table still has steps
-            ids = []
-        for run_id in ids:
-            out.setdefault(str(run_id), str(tr.path))
-    return out
-
-
-def run_facts(t: LoadedTraces) -> list[RunFacts]:
+def run_facts(t: Engine) -> list[RunFacts]:
     """The numbers of every run in the loaded traces that a verdict quotes (a few small queries)."""
     runs = {r["run_id"]: r for r in t.records("""
         SELECT run_id, any_value(model_name) AS model_name, any_value(device) AS device,
@@ -288,7 +276,7 @@ def run_facts(t: LoadedTraces) -> list[RunFacts]:
     steps = {r["run_id"]: r for r in t.records("""
         SELECT run_id, count(DISTINCT gen_id) AS generations, count(*) AS steps, max(seq_len) AS max_context,
           max(batch_size) AS batch_size, max(kv_bytes) AS peak_kv,
-          avg(CASE WHEN reserved_bytes > 0 THEN (reserved_bytes - allocated_bytes)::DOUBLE / reserved_bytes END)
+          avg(CASE WHEN reserved_bytes > 0 THEN CAST(reserved_bytes - allocated_bytes AS DOUBLE) / reserved_bytes END)
             AS mean_frag,
           max(reserved_bytes - allocated_bytes) AS max_unused, max(inactive_split_bytes) AS max_split,
           max(alloc_retries) - min(alloc_retries) AS retries,
@@ -311,7 +299,7 @@ def run_facts(t: LoadedTraces) -> list[RunFacts]:
     types: dict[str, list[LayerTypeFacts]] = {}
     for r in t.records(f"""
         SELECT run_id, layer_type, count(DISTINCT layer) AS layers,
-          median(kv_bytes::DOUBLE / (greatest(batch_size, 1) * nullif(coalesce(capacity_tokens, stored_tokens), 0)))
+          median(CAST(kv_bytes AS DOUBLE) / (greatest(batch_size, 1) * nullif(coalesce(capacity_tokens, stored_tokens), 0)))
             AS bpt,
           max(stored_tokens) AS max_stored, max(kv_bytes) AS max_kv, bool_or(capacity_tokens IS NOT NULL) AS prealloc
         FROM {summary} GROUP BY run_id, layer_type ORDER BY run_id, layer_type"""):
@@ -330,7 +318,7 @@ def run_facts(t: LoadedTraces) -> list[RunFacts]:
                                                                       r["outside"]))
     ooms = {r["run_id"]: int(r["n"]) for r in t.records(
         "SELECT run_id, count(*) AS n FROM events WHERE kind = 'oom' GROUP BY run_id")}
-    traces = _trace_of_run(t)
+    traces = t.run_traces()
     out = []
     for run_id in sorted(set(runs) | set(steps)):
         run, st, fit = runs.get(run_id, {}), steps.get(run_id, {}), fits.get(run_id, {})
@@ -618,6 +606,6 @@ def build_verdict(findings: Sequence[Finding], facts: Sequence[RunFacts]) -> Ver
     return Verdict(tuple(runs))
 
 
-def verdict_of(tables: LoadedTraces, findings: Sequence[Finding]) -> Verdict:
+def verdict_of(tables: Engine, findings: Sequence[Finding]) -> Verdict:
     """The verdict of loaded traces and their findings."""
     return build_verdict(findings, run_facts(tables))

@@ -12,10 +12,13 @@ storage or a decompressed MLA cache (above), or aliased/quantised storage (below
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
+import pyarrow as pa
+
+from kvscope.analyzer.engine import Engine, arrow_table
 from kvscope.analyzer.findings import Finding, human_bytes
 from kvscope.analyzer.geometry import dtype_bytes_sql, geometry
-from kvscope.analyzer.load import LoadedTraces
 from kvscope.analyzer.registry import Detector
 from kvscope.analyzer.summaries import layer_summary
 from kvscope.schema.layer_types import constant_types_sql
@@ -32,43 +35,62 @@ class Config:
     high: float = 1.05
 
 
-def _geometry_sql(t: LoadedTraces) -> tuple[str, dict[str, str]]:
-    values, sources = [], {}
-    for run_id, config, model_type in t.sql("SELECT run_id, model_config, model_type FROM run"):  # one per run
-        geo = geometry(config, model_type)
-        sources[run_id] = geo.source
-        values.append("('{}', {}, {}, {})".format(
-            run_id.replace("'", "''"),
-            geo.elements_per_token if geo.elements_per_token is not None else "NULL",
-            geo.dtype_bytes if geo.dtype_bytes is not None else "NULL",
-            "true" if geo.latent else "false"))
-    if not values:
-        return ("SELECT NULL::VARCHAR AS run_id, NULL::BIGINT AS elems, NULL::DOUBLE AS cfg_bytes, "
-                "NULL::BOOLEAN AS latent WHERE false"), sources
-    return f"SELECT * FROM (VALUES {', '.join(values)}) v(run_id, elems, cfg_bytes, latent)", sources
+GEOMETRY = "_kvscope_geometry"
 
 
-def detect(t: LoadedTraces, cfg: Config) -> list[Finding]:
+@dataclass(frozen=True)
+class Measured:
+    """Per (run, generation) with layers and a known geometry, ordered: median measured and expected
+    bytes per token per layer and their ratio, layers, dtypes (sorted), aliased layers; and how each
+    run's expectation was derived."""
+
+    generations: list[dict[str, Any]]
+    sources: dict[str, str]
+
+
+def geometry_table(t: Engine) -> tuple[str, dict[str, str]]:
+    """Register each run's expected elements and config dtype bytes per token per layer (Python,
+    from run.model_config) as a table; return its name and how each expectation was derived."""
+    runs, elems, sizes, latent, sources = [], [], [], [], {}
+    for r in t.records("SELECT run_id, model_config, model_type FROM run ORDER BY run_id"):  # one per run
+        geo = geometry(r["model_config"], r["model_type"])
+        sources[r["run_id"]] = geo.source
+        runs.append(r["run_id"])
+        elems.append(geo.elements_per_token)
+        sizes.append(None if geo.dtype_bytes is None else float(geo.dtype_bytes))
+        latent.append(bool(geo.latent))
+    table = arrow_table({"run_id": (pa.string(), runs), "elems": (pa.int64(), elems),
+                         "cfg_bytes": (pa.float64(), sizes), "latent": (pa.bool_(), latent)})
+    return t.register_rows(GEOMETRY, table), sources
+
+
+def measure(t: Engine) -> Measured:
     summary = layer_summary(t)
-    geo_sql, sources = _geometry_sql(t)
+    geo, sources = geometry_table(t)
     rows = t.records(f"""
-        WITH g AS ({geo_sql}),
-        x AS (
+        WITH x AS (
           SELECT s.run_id, s.gen_id, s.layer, s.layer_type, s.k_dtype, s.aliased,
-            s.kv_bytes::DOUBLE / s.batch_size / greatest(coalesce(s.capacity_tokens, s.stored_tokens), 1) AS measured,
+            CAST(s.kv_bytes AS DOUBLE) / s.batch_size / greatest(coalesce(s.capacity_tokens, s.stored_tokens), 1)
+              AS measured,
             CAST(g.elems * coalesce(g.cfg_bytes, {dtype_bytes_sql('s.k_dtype')}) AS DOUBLE) AS expected, g.latent,
             g.cfg_bytes IS NULL AS dtype_from_trace
-          FROM {summary} s JOIN g USING (run_id)
+          FROM {summary} s JOIN {geo} g ON s.run_id = g.run_id
           WHERE greatest(coalesce(s.capacity_tokens, s.stored_tokens), 0) > 0
             AND s.layer_type NOT IN {constant_types_sql()}
         )
         SELECT run_id, gen_id, median(measured) AS measured, median(expected) AS expected,
           median(measured / expected) AS ratio, count(*) AS layers,
-          list(DISTINCT k_dtype) AS dtypes, bool_or(latent) AS latent, count(*) FILTER (WHERE aliased) AS aliased, bool_or(dtype_from_trace) AS dtype_from_trace
+          list(DISTINCT k_dtype) AS dtypes, bool_or(latent) AS latent, count(*) FILTER (WHERE aliased) AS aliased,
+          bool_or(dtype_from_trace) AS dtype_from_trace
         FROM x WHERE expected > 0 GROUP BY run_id, gen_id ORDER BY run_id, gen_id
     """)
+    return Measured([{**r, "dtypes": sorted(r["dtypes"])} for r in rows], sources)
+
+
+def judge(m: Measured, cfg: Config) -> list[Finding]:
+    sources = m.sources
     findings = []
-    for r in rows:
+    for r in m.generations:
         ok = cfg.low <= r["ratio"] <= cfg.high
         kind = "latent" if r["latent"] else "K+V"
         if ok:
@@ -92,4 +114,5 @@ def detect(t: LoadedTraces, cfg: Config) -> list[Finding]:
     return findings
 
 
-DETECTOR = Detector(NAME, Config, detect, "bytes per token per layer against the geometry's expectation")
+DETECTOR = Detector(NAME, Config, summary="bytes per token per layer against the geometry's expectation",
+                    measure=measure, judge=judge)

@@ -13,8 +13,8 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
+from kvscope.analyzer.engine import Engine
 from kvscope.analyzer.findings import Finding
-from kvscope.analyzer.load import LoadedTraces
 from kvscope.analyzer.registry import Detector
 
 NAME = "cache_seen"
@@ -34,11 +34,26 @@ def _json(raw: Any) -> dict[str, Any]:
     return value if isinstance(value, dict) else {}
 
 
-def detect(t: LoadedTraces, cfg: Config) -> list[Finding]:
+@dataclass(frozen=True)
+class Measured:
+    """`no_cache` and `error` events (ordered by run, generation, time) and the runs whose options
+    say cache_seen false."""
+
+    events: list[dict[str, Any]]
+    unseen_runs: list[dict[str, Any]]
+
+
+def measure(t: Engine) -> Measured:
+    return Measured(
+        t.records("SELECT run_id, gen_id, kind, detail FROM events "
+                  "WHERE kind IN ('no_cache', 'error') ORDER BY run_id, gen_id, t_ns"),
+        t.records("SELECT run_id, options FROM run WHERE options LIKE '%\"cache_seen\": false%' ORDER BY run_id"))
+
+
+def judge(m: Measured, cfg: Config) -> list[Finding]:
     findings: list[Finding] = []
     seen: set[tuple[str, int | None]] = set()
-    for e in t.records("SELECT run_id, gen_id, kind, detail FROM events "
-                       "WHERE kind IN ('no_cache', 'error') ORDER BY run_id, gen_id, t_ns"):
+    for e in m.events:
         detail = _json(e["detail"])
         if e["kind"] == "no_cache":
             seen.add((e["run_id"], e["gen_id"]))
@@ -58,7 +73,7 @@ def detect(t: LoadedTraces, cfg: Config) -> list[Finding]:
                 "have no rows, so curves skip them.",
                 {k: detail.get(k) for k in ("first_step", "last_step", "failed_steps", "exception", "message")},
             ))
-    for r in t.records("SELECT run_id, options FROM run WHERE options LIKE '%\"cache_seen\": false%'"):
+    for r in m.unseen_runs:
         gens = _json(r["options"]).get("cache_not_seen_generations") or [None]
         for gen in gens:
             if (r["run_id"], gen) not in seen and isinstance(gen, int | None):
@@ -69,4 +84,5 @@ def detect(t: LoadedTraces, cfg: Config) -> list[Finding]:
     return findings
 
 
-DETECTOR = Detector(NAME, Config, detect, "generations whose cache the recorder did not see or could not read")
+DETECTOR = Detector(NAME, Config, summary="generations whose cache the recorder did not see or could not read",
+                    measure=measure, judge=judge)

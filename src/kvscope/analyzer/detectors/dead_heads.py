@@ -10,9 +10,10 @@ either contributes nothing to the output. Its share of the layer's cache is wast
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
+from kvscope.analyzer.engine import Engine
 from kvscope.analyzer.findings import Finding, human_bytes
-from kvscope.analyzer.load import LoadedTraces
 from kvscope.analyzer.registry import Detector
 
 NAME = "dead_heads"
@@ -57,11 +58,21 @@ def _near_zero(value: float, median: float | None, cfg: Config) -> bool:
     return median is not None and median > 0 and value <= cfg.relative_threshold * median
 
 
-def detect(t: LoadedTraces, cfg: Config) -> list[Finding]:
-    if not t.num_rows("head_stats"):
-        return []
+@dataclass(frozen=True)
+class Measured:
+    """Per (run, layer, kv head) with norms, ordered: largest and mean key/value norms, the layer's
+    median head and its cache bytes (empty without head_stats)."""
+
+    heads: list[dict[str, Any]]
+
+
+def measure(t: Engine) -> Measured:
+    return Measured(t.records(_QUERY) if t.num_rows("head_stats") else [])
+
+
+def judge(m: Measured, cfg: Config) -> list[Finding]:
     dead: dict[tuple[str, int], list[dict]] = {}
-    for r in t.records(_QUERY):
+    for r in m.heads:
         if _near_zero(r["k_max"], r["k_med"], cfg) and _near_zero(r["v_max"], r["v_med"], cfg):
             dead.setdefault((r["run_id"], r["layer"]), []).append(r)
     findings = []
@@ -86,4 +97,5 @@ def detect(t: LoadedTraces, cfg: Config) -> list[Finding]:
     return findings
 
 
-DETECTOR = Detector(NAME, Config, detect, "kv heads whose key and value norms stay near zero (head_stats)")
+DETECTOR = Detector(NAME, Config, summary="kv heads whose key and value norms stay near zero (head_stats)",
+                    measure=measure, judge=judge)

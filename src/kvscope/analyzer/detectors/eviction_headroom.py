@@ -10,9 +10,10 @@ weighted into bytes by the layer's cache at its last step. An opportunity, not a
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
+from kvscope.analyzer.engine import Engine
 from kvscope.analyzer.findings import Finding, human_bytes
-from kvscope.analyzer.load import LoadedTraces
 from kvscope.analyzer.registry import Detector
 
 NAME = "eviction_headroom"
@@ -39,11 +40,21 @@ _QUERY = """
 """
 
 
-def detect(t: LoadedTraces, cfg: Config) -> list[Finding]:
-    if not t.num_rows("head_stats"):
-        return []
+@dataclass(frozen=True)
+class Measured:
+    """Per (run, generation, layer), ordered: mean low-mass fraction over heads and the layer's
+    cache bytes at its last step (empty without head_stats)."""
+
+    layers: list[dict[str, Any]]
+
+
+def measure(t: Engine) -> Measured:
+    return Measured(t.records(_QUERY) if t.num_rows("head_stats") else [])
+
+
+def judge(m: Measured, cfg: Config) -> list[Finding]:
     per_gen: dict[tuple[str, int], list[dict]] = {}
-    for r in t.records(_QUERY):
+    for r in m.layers:
         per_gen.setdefault((r["run_id"], r["gen_id"]), []).append(r)
     findings = []
     for (run_id, gen_id), rows in per_gen.items():
@@ -71,4 +82,5 @@ def detect(t: LoadedTraces, cfg: Config) -> list[Finding]:
     return findings
 
 
-DETECTOR = Detector(NAME, Config, detect, "fraction of cached tokens whose attention mass stays low (head_stats)")
+DETECTOR = Detector(NAME, Config, summary="fraction of cached tokens whose attention mass stays low (head_stats)",
+                    measure=measure, judge=judge)

@@ -16,9 +16,10 @@ grows step after step (interleaved growing allocations: 5 MiB to 7 GiB over 128 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
+from kvscope.analyzer.engine import Engine
 from kvscope.analyzer.findings import Finding, human_bytes
-from kvscope.analyzer.load import LoadedTraces
 from kvscope.analyzer.registry import Detector
 
 NAME = "fragmentation"
@@ -132,9 +133,20 @@ def _mean_finding(r: dict, cfg: Config, evidence: dict) -> Finding:
 
 
 
-def detect(t: LoadedTraces, cfg: Config) -> list[Finding]:
+@dataclass(frozen=True)
+class Measured:
+    """Per generation with allocator readings, ordered by run and generation: the _PER_GEN rows."""
+
+    generations: list[dict[str, Any]]
+
+
+def measure(t: Engine) -> Measured:
+    return Measured(t.records(_PER_GEN))
+
+
+def judge(m: Measured, cfg: Config) -> list[Finding]:
     findings: list[Finding] = []
-    for r in t.records(_PER_GEN):
+    for r in m.generations:
         evidence = {"mean_fraction": r["mean_f"], "max_fraction": r["max_f"],
                     "mean_inactive_split_fraction": r["mean_split"], "max_inactive_split_bytes": r["max_split_bytes"],
                     "alloc_retries": r["retries"], "peak_reserved_bytes": r["peak_reserved"],
@@ -155,4 +167,5 @@ def detect(t: LoadedTraces, cfg: Config) -> list[Finding]:
     return findings
 
 
-DETECTOR = Detector(NAME, Config, detect, "reserved-but-unused memory per step and allocator retries")
+DETECTOR = Detector(NAME, Config, summary="reserved-but-unused memory per step and allocator retries",
+                    measure=measure, judge=judge)

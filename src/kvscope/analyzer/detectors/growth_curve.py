@@ -16,10 +16,12 @@ keeps copies of keys, per-step outputs kept in a list. A one-off workspace is a 
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
+from typing import Any
 
+from kvscope.analyzer.engine import Engine
 from kvscope.analyzer.findings import Finding, human_bytes, layer_list
-from kvscope.analyzer.load import LoadedTraces
 from kvscope.analyzer.registry import Detector
 from kvscope.analyzer.summaries import FIT_DERIVED, R2_QUAD, fit_aggregates, layer_summary
 from kvscope.schema.layer_types import constant_types_sql
@@ -67,26 +69,54 @@ class Config:
     min_rising_fraction: float = 0.5
 
 
-def _classify_sql(source: str, keys: str, cfg: Config) -> str:
-    """Rows of `source` with their verdict: superlinear, saturated or nothing."""
-    return f"""
-        WITH c AS (
-          SELECT {keys}, n, slope, r2_lin, r2_quad, quad_b2, slope_first, slope_last,
-            greatest(coalesce(r2_quad, 0) - coalesce(r2_lin, 0), 0) AS gain,
-            CASE WHEN slope_first > 0 THEN slope_last / slope_first END AS ratio,
-            CASE WHEN vyy > 0 THEN quad_b2 * (x_hi - x_lo) * (x_hi - x_lo) / (sqrt(vyy) * 3.4641016) END AS curvature
-          FROM {source} WHERE n >= {int(cfg.min_points)} AND vyy > 0
-        )
-        SELECT *,
-          CASE
-            WHEN curvature > {cfg.min_curvature} AND (gain > {cfg.gain_threshold} OR ratio > {cfg.ratio_threshold})
-              THEN 'superlinear'
-            WHEN curvature < -{cfg.min_curvature} AND slope_first > 0
-                 AND coalesce(slope_last, 0) <= {cfg.saturation_ratio} * slope_first
-              THEN 'saturated'
-          END AS verdict
-        FROM c
-    """
+_FIT_COLUMNS = "n, slope, r2_lin, r2_quad, quad_b2, slope_first, slope_last, vyy, x_lo, x_hi"
+
+
+@dataclass(frozen=True)
+class Measured:
+    """The least-squares fits, each ordered by run and generation (and layer): per layer (kv_bytes on
+    the step, summaries.layer_summary), of the step totals on seq_len over decode steps, and of the
+    allocator's bytes outside the cache on seq_len over decode steps (with the bytes at either end,
+    the share of rising steps and the device's memory)."""
+
+    layers: list[dict[str, Any]]
+    totals: list[dict[str, Any]]
+    outside: list[dict[str, Any]]
+
+
+def measure(t: Engine) -> Measured:
+    summary = layer_summary(t)
+    layers = t.records(f"""
+        SELECT run_id, gen_id, layer, {_FIT_COLUMNS}, layer_type, stored_tokens FROM {summary}
+        WHERE layer_type NOT IN {constant_types_sql()} ORDER BY run_id, gen_id, layer
+    """)
+    totals = t.records(f"SELECT run_id, gen_id, {_FIT_COLUMNS}, last_kv_bytes FROM {decode_step_fits(t)} "
+                       "ORDER BY run_id, gen_id")
+    outside = t.records(f"""
+        SELECT run_id, gen_id, {_FIT_COLUMNS}, y_first, y_last, kv_first, kv_last, rising_fraction, device_bytes
+        FROM {outside_fits(t)} ORDER BY run_id, gen_id
+    """)
+    return Measured(layers, totals, outside)
+
+
+def classify(row: dict[str, Any], cfg: Config) -> dict[str, Any] | None:
+    """The row with its R² gain, marginal-rate ratio, curvature and verdict (superlinear, saturated
+    or None); None for a curve too short or flat to judge."""
+    if row["n"] < cfg.min_points or not (row["vyy"] is not None and row["vyy"] > 0):
+        return None
+    gain = max((row["r2_quad"] or 0) - (row["r2_lin"] or 0), 0)
+    first, last = row["slope_first"], row["slope_last"]
+    ratio = last / first if first is not None and first > 0 and last is not None else None
+    curvature = (row["quad_b2"] * (row["x_hi"] - row["x_lo"]) * (row["x_hi"] - row["x_lo"])
+                 / (math.sqrt(row["vyy"]) * 3.4641016) if row["quad_b2"] is not None else None)
+    verdict = None
+    if curvature is not None and curvature > cfg.min_curvature and (
+            gain > cfg.gain_threshold or (ratio is not None and ratio > cfg.ratio_threshold)):
+        verdict = "superlinear"
+    elif (curvature is not None and curvature < -cfg.min_curvature and first is not None and first > 0
+          and (last or 0) <= cfg.saturation_ratio * first):
+        verdict = "saturated"
+    return {**row, "gain": gain, "ratio": ratio, "curvature": curvature, "verdict": verdict}
 
 
 def _superlinear(row: dict, cfg: Config, what: str) -> Finding:
@@ -105,14 +135,14 @@ def _superlinear(row: dict, cfg: Config, what: str) -> Finding:
     )
 
 
-def detect(t: LoadedTraces, cfg: Config) -> list[Finding]:
+def _judged(rows: list[dict[str, Any]], cfg: Config) -> list[dict[str, Any]]:
+    """The rows that classify as superlinear or saturated."""
+    return [c for c in (classify(r, cfg) for r in rows) if c is not None and c["verdict"] is not None]
+
+
+def judge(m: Measured, cfg: Config) -> list[Finding]:
     findings: list[Finding] = []
-    summary = layer_summary(t)
-    rows = t.records(f"""
-        SELECT v.*, s.layer_type, s.stored_tokens FROM ({_classify_sql(summary, 'run_id, gen_id, layer', cfg)}) v
-        JOIN {summary} s USING (run_id, gen_id, layer)
-        WHERE verdict IS NOT NULL AND s.layer_type NOT IN {constant_types_sql()} ORDER BY run_id, gen_id, layer
-    """)
+    rows = _judged(m.layers, cfg)
     saturated: dict[tuple[str, int, int], list[dict]] = {}
     for row in rows:
         if row["verdict"] == "superlinear":
@@ -131,19 +161,15 @@ def detect(t: LoadedTraces, cfg: Config) -> list[Finding]:
              "slopes_last_quarter": [r["slope_last"] for r in group]},
         ))
     if cfg.check_totals:
-        fits = decode_step_fits(t)
-        for row in t.records(f"""
-            SELECT * FROM ({_classify_sql(fits, 'run_id, gen_id', cfg)})
-            WHERE verdict = 'superlinear' ORDER BY run_id, gen_id
-        """):
-            row["layer"] = None
-            findings.append(_superlinear(row, cfg, "the cache's step total (steps.kv_bytes)"))
+        for row in _judged(m.totals, cfg):
+            if row["verdict"] == "superlinear":
+                findings.append(_superlinear({**row, "layer": None}, cfg, "the cache's step total (steps.kv_bytes)"))
     if cfg.check_outside:
-        findings.extend(_outside(t, cfg))
+        findings.extend(_outside(m, cfg))
     return findings
 
 
-def decode_step_fits(t: LoadedTraces) -> str:
+def decode_step_fits(t: Engine) -> str:
     """One row per (run, generation): fit of the step totals (kv_bytes) on seq_len, decode steps only.
 
     At step 0 a dynamic sliding layer's cache is a view of the freshly concatenated prefill, so its
@@ -166,7 +192,7 @@ def decode_step_fits(t: LoadedTraces) -> str:
     """)
 
 
-def outside_fits(t: LoadedTraces) -> str:
+def outside_fits(t: Engine) -> str:
     """One row per (run, generation): fit of the allocator's bytes outside the cache on seq_len.
 
     Decode steps only (step ≥ 1): the prefill runs in another regime (a sliding layer's prefill
@@ -210,18 +236,16 @@ def _cache_growth(cache: dict | None) -> tuple[str, str]:
     return "linear", f"the cache grows linearly ({human_bytes(cache['slope'])} per token)"
 
 
-def _outside(t: LoadedTraces, cfg: Config) -> list[Finding]:
-    fits = outside_fits(t)
-    # the cache's own verdict (classify_sql leaves out flat and too-short curves: LEFT JOIN)
-    cache_rows = {(r["run_id"], r["gen_id"]): r for r in t.records(f"""
-        SELECT f.run_id, f.gen_id, f.slope, f.vyy, f.last_kv_bytes, v.verdict FROM {decode_step_fits(t)} f
-        LEFT JOIN ({_classify_sql(decode_step_fits(t), 'run_id, gen_id', cfg)}) v USING (run_id, gen_id)""")}
+def _outside(m: Measured, cfg: Config) -> list[Finding]:
+    # the cache's own verdict (classify leaves out flat and too-short curves: verdict None)
+    cache_rows = {}
+    for r in m.totals:
+        judged = classify(r, cfg)
+        cache_rows[(r["run_id"], r["gen_id"])] = {**r, "verdict": judged["verdict"] if judged else None}
     findings = []
-    for r in t.records(f"""
-        SELECT v.*, o.y_first, o.y_last, o.kv_first, o.kv_last, o.rising_fraction, o.device_bytes, o.x_lo, o.x_hi
-        FROM ({_classify_sql(fits, 'run_id, gen_id', cfg)}) v JOIN {fits} o USING (run_id, gen_id)
-        WHERE v.verdict = 'superlinear' ORDER BY run_id, gen_id
-    """):
+    for r in _judged(m.outside, cfg):
+        if r["verdict"] != "superlinear":
+            continue
         grown = r["y_last"] - r["y_first"]
         relative = cfg.min_outside_cache_fraction * max(r["kv_last"] or 0, 0)
         if r["device_bytes"]:
@@ -256,4 +280,5 @@ def _outside(t: LoadedTraces, cfg: Config) -> list[Finding]:
     return findings
 
 
-DETECTOR = Detector(NAME, Config, detect, "superlinear KV growth (R² gain and marginal-rate ratio); saturation")
+DETECTOR = Detector(NAME, Config, summary="superlinear KV growth (R² gain and marginal-rate ratio); saturation",
+                    measure=measure, judge=judge)

@@ -9,9 +9,10 @@ falls back to `min_relative_scale` of the median, so a 2x layer scores 100, not 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
+from kvscope.analyzer.engine import Engine
 from kvscope.analyzer.findings import Finding, human_bytes
-from kvscope.analyzer.load import LoadedTraces
 from kvscope.analyzer.registry import Detector
 from kvscope.analyzer.summaries import layer_summary
 from kvscope.schema.layer_types import constant_types_sql
@@ -29,29 +30,43 @@ class Config:
     min_relative_scale: float = 0.01
 
 
-def detect(t: LoadedTraces, cfg: Config) -> list[Finding]:
+@dataclass(frozen=True)
+class Measured:
+    """Per (run, generation, layer) holding tokens, ordered: bytes per stored token (`bpt`) and its
+    layer type's median (`med`), median absolute deviation (`mad`) and number of layers (`peers`)."""
+
+    layers: list[dict[str, Any]]
+
+
+def measure(t: Engine) -> Measured:
     summary = layer_summary(t)
-    rows = t.records(f"""
+    return Measured(t.records(f"""
         WITH x AS (
           SELECT run_id, gen_id, layer, layer_type, k_dtype, kv_bytes, stored_tokens,
-                 kv_bytes::DOUBLE / stored_tokens / batch_size AS bpt
+                 CAST(kv_bytes AS DOUBLE) / stored_tokens / batch_size AS bpt
           FROM {summary} WHERE stored_tokens > 0
             AND layer_type NOT IN {constant_types_sql()}
         ), m AS (
-          SELECT run_id, gen_id, layer_type, median(bpt) AS med, count(*) AS peers FROM x GROUP BY ALL
+          SELECT run_id, gen_id, layer_type, median(bpt) AS med, count(*) AS peers FROM x
+          GROUP BY run_id, gen_id, layer_type
         ), d AS (
           SELECT x.*, m.med, m.peers, abs(x.bpt - m.med) AS dev
           FROM x JOIN m USING (run_id, gen_id, layer_type)
         ), mad AS (
-          SELECT run_id, gen_id, layer_type, median(dev) AS mad FROM d GROUP BY ALL
-        ), z AS (
-          SELECT d.*, mad.mad,
-            (d.bpt - d.med) / greatest(1.4826 * mad.mad, {cfg.min_relative_scale} * d.med, 1e-12) AS z
-          FROM d JOIN mad USING (run_id, gen_id, layer_type)
-          WHERE d.peers >= {int(cfg.min_layers)}
+          SELECT run_id, gen_id, layer_type, median(dev) AS mad FROM d GROUP BY run_id, gen_id, layer_type
         )
-        SELECT * FROM z WHERE abs(z) > {cfg.z_threshold} ORDER BY run_id, gen_id, layer
-    """)
+        SELECT d.*, mad.mad FROM d JOIN mad USING (run_id, gen_id, layer_type) ORDER BY run_id, gen_id, layer
+    """))
+
+
+def robust_z(r: dict[str, Any], cfg: Config) -> float:
+    """(x − median) / (1.4826 · MAD), the scale floored at min_relative_scale of the median."""
+    return (r["bpt"] - r["med"]) / max(1.4826 * r["mad"], cfg.min_relative_scale * r["med"], 1e-12)
+
+
+def judge(m: Measured, cfg: Config) -> list[Finding]:
+    rows = [{**r, "z": robust_z(r, cfg)} for r in m.layers if r["peers"] >= cfg.min_layers]
+    rows = [r for r in rows if abs(r["z"]) > cfg.z_threshold]
     return [Finding(
         NAME, "warning", r["run_id"], r["gen_id"], r["layer"], "robust_z", r["z"], cfg.z_threshold,
         f"layer {r['layer']} ({r['layer_type']}, {r['k_dtype']}) holds {human_bytes(r['bpt'])} per token, "
@@ -62,4 +77,5 @@ def detect(t: LoadedTraces, cfg: Config) -> list[Finding]:
     ) for r in rows]
 
 
-DETECTOR = Detector(NAME, Config, detect, "a layer whose bytes per token differ from its peers' (robust z)")
+DETECTOR = Detector(NAME, Config, summary="a layer whose bytes per token differ from its peers' (robust z)",
+                    measure=measure, judge=judge)

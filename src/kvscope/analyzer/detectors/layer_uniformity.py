@@ -11,14 +11,15 @@ message says how many of the model's layers hold a cache and how many are KV-sha
 
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import dataclass
 from functools import reduce
+from statistics import fmean, median, pstdev
+from typing import Any
 
+from kvscope.analyzer.engine import Engine
 from kvscope.analyzer.findings import Finding, bytes_in_unit_of, layer_list
 from kvscope.analyzer.geometry import parse_config
-from kvscope.analyzer.load import LoadedTraces
 from kvscope.analyzer.registry import Detector
 from kvscope.analyzer.summaries import layer_summary
 from kvscope.schema.layer_types import constant_types_sql
@@ -38,59 +39,86 @@ class Config:
     window_slack_tokens: int = 1
 
 
-def _windows(t: LoadedTraces) -> str:
-    """A VALUES list of (run_id, sliding_window, declared layer_types JSON, model layers, KV-shared
-    layers) from the run table."""
-    rows = t.sql("SELECT run_id, model_config, layer_types, num_layers FROM run")
-    values = []
-    for run_id, config, declared, num_layers in rows:  # one row per run
-        parsed = parse_config(config)
+@dataclass(frozen=True)
+class Measured:
+    """The layers at each generation's last step (ordered by run, generation, layer: kv_bytes,
+    stored_tokens, the generation's context, the layer's declared type) and, per run, the sliding
+    window, the model's layer count and its KV-shared layers from run.model_config."""
+
+    layers: list[dict[str, Any]]
+    runs: dict[str, dict[str, Any]]
+
+
+def _run_geometry(t: Engine) -> dict[str, dict[str, Any]]:
+    """Per run: sliding window, declared layer_types, model layers and KV-shared layers."""
+    out = {}
+    for r in t.records("SELECT run_id, model_config, layer_types, num_layers FROM run ORDER BY run_id"):
+        parsed = parse_config(r["model_config"])
         window = parsed.get("sliding_window")
         window = int(window) if isinstance(window, (int, float)) and not isinstance(window, bool) else None
         shared = parsed.get("num_kv_shared_layers")
         shared = int(shared) if isinstance(shared, int) and not isinstance(shared, bool) and shared > 0 else None
-        values.append(f"('{run_id.replace(chr(39), chr(39) * 2)}', {window if window else 'NULL'}, "
-                      f"'{json.dumps(list(declared or [])).replace(chr(39), chr(39) * 2)}', "
-                      f"{int(num_layers) if num_layers else 'NULL'}, {shared or 'NULL'})")
-    if not values:
-        return ("SELECT NULL::VARCHAR AS run_id, NULL::BIGINT AS sliding_window, NULL::VARCHAR AS declared, "
-                "NULL::BIGINT AS model_layers, NULL::BIGINT AS kv_shared WHERE false")
-    return (f"SELECT * FROM (VALUES {', '.join(values)}) "
-            "v(run_id, sliding_window, declared, model_layers, kv_shared)")
+        out.setdefault(r["run_id"], {"sliding_window": window or None, "declared": list(r["layer_types"] or []),
+                                     "model_layers": int(r["num_layers"]) if r["num_layers"] else None,
+                                     "kv_shared": shared})
+    return out
 
 
-def detect(t: LoadedTraces, cfg: Config) -> list[Finding]:
+def measure(t: Engine) -> Measured:
     summary = layer_summary(t)
+    runs = _run_geometry(t)
     rows = t.records(f"""
-        WITH w AS ({_windows(t)}),
-        x AS (
-          SELECT s.run_id, s.gen_id, s.layer, s.kv_bytes, s.stored_tokens, s.last_seq_len, w.sliding_window,
-            w.model_layers, w.kv_shared,
-            coalesce(json_extract_string(w.declared, '$[' || s.layer || ']'), s.layer_type) AS declared_type
-          FROM {summary} s LEFT JOIN w USING (run_id)
-          WHERE s.layer_type NOT IN {constant_types_sql()}
-        ), o AS (
-          SELECT *, CASE WHEN kv_bytes > {cfg.mode_gap} * lag(kv_bytes) OVER g THEN 1 ELSE 0 END AS jump
-          FROM x WINDOW g AS (PARTITION BY run_id, gen_id ORDER BY kv_bytes, layer)
-        ), m AS (
-          SELECT *, sum(jump) OVER (PARTITION BY run_id, gen_id ORDER BY kv_bytes, layer) AS mode FROM o
-        ), modes AS (
-          SELECT run_id, gen_id, mode, count(*) AS n, median(kv_bytes) AS bytes, list(layer ORDER BY layer) AS layers,
-            list(DISTINCT declared_type ORDER BY declared_type) AS types
-          FROM m GROUP BY ALL
-        ), stats AS (
-          SELECT run_id, gen_id, count(*) AS layers, stddev_pop(kv_bytes) / nullif(avg(kv_bytes), 0) AS cv,
-            max(last_seq_len) AS context, any_value(sliding_window) AS sliding_window,
-            any_value(model_layers) AS model_layers, any_value(kv_shared) AS kv_shared,
-            list(layer ORDER BY layer) FILTER (WHERE declared_type LIKE '%sliding%' AND sliding_window IS NOT NULL
-              AND greatest(coalesce(last_seq_len, 0), stored_tokens) > sliding_window + {int(cfg.window_slack_tokens)}
-              AND stored_tokens > sliding_window + {int(cfg.window_slack_tokens)}) AS unsaturated
-          FROM m GROUP BY ALL
-        )
-        SELECT stats.*, list({{'n': modes.n, 'bytes': modes.bytes, 'layers': modes.layers, 'types': modes.types}}
-                             ORDER BY modes.bytes) AS modes
-        FROM stats JOIN modes USING (run_id, gen_id) GROUP BY ALL ORDER BY run_id, gen_id
+        SELECT run_id, gen_id, layer, layer_type, kv_bytes, stored_tokens, last_seq_len FROM {summary}
+        WHERE layer_type NOT IN {constant_types_sql()} ORDER BY run_id, gen_id, layer
     """)
+    for r in rows:
+        declared = runs.get(r["run_id"], {}).get("declared") or []
+        named = declared[r["layer"]] if 0 <= r["layer"] < len(declared) else None
+        r["declared_type"] = named if named is not None else r["layer_type"]
+    return Measured(rows, runs)
+
+
+def _modes(layers: list[dict[str, Any]], cfg: Config) -> list[dict[str, Any]]:
+    """Layers sorted by bytes, a new mode wherever one holds more than mode_gap times the previous."""
+    modes: list[list[dict[str, Any]]] = []
+    previous = None
+    for r in sorted(layers, key=lambda r: (r["kv_bytes"], r["layer"])):
+        if previous is None or r["kv_bytes"] > cfg.mode_gap * previous:
+            modes.append([])
+        modes[-1].append(r)
+        previous = r["kv_bytes"]
+    return [{"n": len(m), "bytes": float(median([r["kv_bytes"] for r in m])),
+             "layers": sorted(r["layer"] for r in m), "types": sorted({r["declared_type"] for r in m})}
+            for m in modes]
+
+
+def _generations(m: Measured, cfg: Config) -> list[dict[str, Any]]:
+    """Per (run, generation): layers, CV of their bytes, context, modes and unsaturated sliding layers."""
+    by_gen: dict[tuple[str, int], list[dict[str, Any]]] = {}
+    for r in m.layers:
+        by_gen.setdefault((r["run_id"], r["gen_id"]), []).append(r)
+    out = []
+    for (run_id, gen_id), layers in by_gen.items():
+        run = m.runs.get(run_id, {})
+        window = run.get("sliding_window")
+        sizes = [r["kv_bytes"] for r in layers]
+        mean = fmean(sizes)
+        slack = window + cfg.window_slack_tokens if window is not None else None
+        contexts = [r["last_seq_len"] for r in layers if r["last_seq_len"] is not None]
+        out.append({
+            "run_id": run_id, "gen_id": gen_id, "layers": len(layers),
+            "cv": pstdev(sizes) / mean if mean else None, "context": max(contexts, default=None),
+            "sliding_window": window, "model_layers": run.get("model_layers"), "kv_shared": run.get("kv_shared"),
+            "unsaturated": sorted(r["layer"] for r in layers if slack is not None and "sliding" in r["declared_type"]
+                                  and max(r["last_seq_len"] or 0, r["stored_tokens"]) > slack
+                                  and r["stored_tokens"] > slack),
+            "modes": _modes(layers, cfg),
+        })
+    return out
+
+
+def judge(m: Measured, cfg: Config) -> list[Finding]:
+    rows = _generations(m, cfg)
     findings: list[Finding] = []
     for r in rows:
         modes = [m for m in r["modes"] if m["n"] >= cfg.min_mode_layers]
@@ -130,4 +158,5 @@ def detect(t: LoadedTraces, cfg: Config) -> list[Finding]:
     return findings
 
 
-DETECTOR = Detector(NAME, Config, detect, "per-layer KV bytes CV and modes; declared sliding layers that never saturate")
+DETECTOR = Detector(NAME, Config, summary="per-layer KV bytes CV and modes; declared sliding layers that never saturate",
+                    measure=measure, judge=judge)

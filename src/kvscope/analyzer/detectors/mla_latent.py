@@ -13,10 +13,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from statistics import median
+from typing import Any
 
+from kvscope.analyzer.engine import Engine
 from kvscope.analyzer.findings import Finding
 from kvscope.analyzer.geometry import dtype_bytes, parse_config
-from kvscope.analyzer.load import LoadedTraces
 from kvscope.analyzer.registry import Detector
 from kvscope.kernels.mla import is_mla_config, mla_compression_ratio
 
@@ -34,7 +35,7 @@ class Config:
 _BYTES = """
     SELECT run_id, layer, arg_max(kv_bytes, step) AS kv_bytes, arg_max(stored_tokens, step) AS tokens,
       arg_max(k_shape[1], step) AS batch, arg_max(k_dtype, step) AS k_dtype
-    FROM layers GROUP BY run_id, layer
+    FROM layers GROUP BY run_id, layer ORDER BY run_id, layer
 """
 
 _RANK = """
@@ -50,17 +51,33 @@ def _per_head_elements(config: dict) -> int:
     return heads * (int(config["qk_nope_head_dim"]) + int(config["qk_rope_head_dim"]) + int(config["v_head_dim"]))
 
 
-def detect(t: LoadedTraces, cfg: Config) -> list[Finding]:
+@dataclass(frozen=True)
+class Measured:
+    """The MLA runs' configs (parsed), per (run, layer) bytes and tokens at the last step, and the
+    latent's effective rank per layer (empty without head_stats); all empty for non-MLA traces."""
+
+    configs: dict[str, dict[str, Any]]
+    layers: list[dict[str, Any]]
+    ranks: list[dict[str, Any]]
+
+
+def measure(t: Engine) -> Measured:
     configs = {}
-    for run_id, raw in t.sql("SELECT run_id, model_config FROM run"):
-        config = parse_config(raw)
+    for r in t.records("SELECT run_id, model_config FROM run ORDER BY run_id"):
+        config = parse_config(r["model_config"])
         if is_mla_config(config):
-            configs[run_id] = config
+            configs[r["run_id"]] = config
     if not configs:
-        return []
+        return Measured({}, [], [])
+    return Measured(configs, t.records(_BYTES), t.records(_RANK) if t.num_rows("head_stats") else [])
+
+
+def judge(m: Measured, cfg: Config) -> list[Finding]:
+    configs = m.configs
     findings = []
     layer_bytes: dict[str, list[float]] = {}
-    for run_id, _layer, kv_bytes, tokens, batch, k_dtype in t.sql(_BYTES):
+    for r in m.layers:
+        run_id, kv_bytes, tokens, batch, k_dtype = r["run_id"], r["kv_bytes"], r["tokens"], r["batch"], r["k_dtype"]
         if run_id in configs and kv_bytes and tokens:
             size = dtype_bytes(configs[run_id].get("torch_dtype") or configs[run_id].get("dtype")) or dtype_bytes(k_dtype)
             if size:
@@ -82,7 +99,7 @@ def detect(t: LoadedTraces, cfg: Config) -> list[Finding]:
             {"expected": expected, "achieved_per_layer": layer_bytes[run_id],
              "kv_lora_rank": config["kv_lora_rank"], "qk_rope_head_dim": config["qk_rope_head_dim"]},
         ))
-    for r in t.records(_RANK) if t.num_rows("head_stats") else []:
+    for r in m.ranks:
         if r["run_id"] not in configs or not r["erank"] or not r["width"]:
             continue
         fraction = r["erank"] / r["width"]
@@ -96,4 +113,5 @@ def detect(t: LoadedTraces, cfg: Config) -> list[Finding]:
     return findings
 
 
-DETECTOR = Detector(NAME, Config, detect, "MLA compression achieved and effective rank of the latent")
+DETECTOR = Detector(NAME, Config, summary="MLA compression achieved and effective rank of the latent",
+                    measure=measure, judge=judge)

@@ -17,8 +17,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from kvscope.analyzer.detectors.oom_forecast import limit_name
+from kvscope.analyzer.engine import Engine
 from kvscope.analyzer.findings import Finding, human_bytes
-from kvscope.analyzer.load import LoadedTraces
 from kvscope.analyzer.registry import Detector
 
 NAME = "oom_event"
@@ -83,17 +83,24 @@ def _oom(e: dict, cfg: Config) -> Finding:
     )
 
 
-def detect(t: LoadedTraces, cfg: Config) -> list[Finding]:
+@dataclass(frozen=True)
+class Measured:
+    """`oom` events with the run's cap and device totals, and generations cut off (steps without a
+    generations row, with their last error or oom event), each ordered."""
+
+    ooms: list[dict[str, Any]]
+    interrupted: list[dict[str, Any]]
+
+
+def measure(t: Engine) -> Measured:
     run = """(SELECT run_id, any_value(memory_limit_bytes) AS cap, any_value(nvml_total_bytes) AS nvml_total,
                      any_value(options) AS options FROM run GROUP BY run_id)"""
-    findings = [_oom(e, cfg) for e in t.records(f"""
+    ooms = t.records(f"""
         SELECT e.run_id, e.gen_id, e.step, e.detail, r.cap, r.nvml_total, r.options,
           (SELECT max(s.nvml_total_bytes) FROM steps s WHERE s.run_id = e.run_id) AS steps_total
         FROM events e LEFT JOIN {run} r ON e.run_id = r.run_id
-        WHERE e.kind = 'oom' ORDER BY e.run_id, e.t_ns""")]
-    if not cfg.report_interrupted:
-        return findings
-    for g in t.records("""
+        WHERE e.kind = 'oom' ORDER BY e.run_id, e.t_ns""")
+    interrupted = t.records("""
         WITH cut AS (
           SELECT s.run_id, s.gen_id, count(*) AS steps, max(s.step) AS last_step, arg_max(s.seq_len, s.step) AS seq_len
           FROM steps s ANTI JOIN generations g ON s.run_id = g.run_id AND s.gen_id = g.gen_id
@@ -108,7 +115,15 @@ def detect(t: LoadedTraces, cfg: Config) -> list[Finding]:
           AND (EXISTS (SELECT 1 FROM generations g WHERE g.run_id = cut.run_id)
                OR EXISTS (SELECT 1 FROM run r WHERE r.run_id = cut.run_id AND r.options IS NOT NULL)
                OR ev.kind IS NOT NULL)
-        ORDER BY cut.run_id, cut.gen_id"""):
+        ORDER BY cut.run_id, cut.gen_id""")
+    return Measured(ooms, interrupted)
+
+
+def judge(m: Measured, cfg: Config) -> list[Finding]:
+    findings = [_oom(e, cfg) for e in m.ooms]
+    if not cfg.report_interrupted:
+        return findings
+    for g in m.interrupted:
         detail = _json(g["detail"])
         why = (f"by {detail.get('exception', 'an exception')}: {str(detail.get('message', ''))[:120]}"
                if g["kind"] == "error" else "with no event: the process was killed (OOM killer, kill -9) or the "
@@ -122,4 +137,5 @@ def detect(t: LoadedTraces, cfg: Config) -> list[Finding]:
     return findings
 
 
-DETECTOR = Detector(NAME, Config, detect, "out-of-memory events (critical) and generations cut off (info)")
+DETECTOR = Detector(NAME, Config, summary="out-of-memory events (critical) and generations cut off (info)",
+                    measure=measure, judge=judge)

@@ -15,8 +15,8 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
+from kvscope.analyzer.engine import Engine
 from kvscope.analyzer.findings import Finding, human_bytes
-from kvscope.analyzer.load import LoadedTraces
 from kvscope.analyzer.registry import Detector
 from kvscope.analyzer.summaries import step_fits
 
@@ -50,9 +50,17 @@ def limit_name(options: str | None, limit: float) -> str:
     return f"the {human_bytes(limit)} memory limit"
 
 
-def detect(t: LoadedTraces, cfg: Config) -> list[Finding]:
+@dataclass(frozen=True)
+class Measured:
+    """Per generation with a device total, ordered by run and generation: context, cache bytes at the
+    last step, peak memory in use, the device's total (or cap), batch, growth rate and OOMs seen."""
+
+    generations: list[dict[str, Any]]
+
+
+def measure(t: Engine) -> Measured:
     fits = step_fits(t)
-    rows = t.records(f"""
+    return Measured(t.records(f"""
         WITH r AS (
           SELECT run_id, any_value(nvml_total_bytes) AS nvml_total_bytes, any_value(memory_limit_bytes) AS cap,
                  any_value(options) AS options FROM run GROUP BY run_id
@@ -73,9 +81,12 @@ def detect(t: LoadedTraces, cfg: Config) -> list[Finding]:
           coalesce(m.new_ooms, 0) + coalesce(ev.oom_events, 0) AS ooms
         FROM {fits} f JOIN mem m USING (run_id, gen_id) LEFT JOIN ev USING (run_id, gen_id)
         WHERE m.total > 0 AND m.peak_used IS NOT NULL ORDER BY f.run_id, f.gen_id
-    """)
+    """))
+
+
+def judge(m: Measured, cfg: Config) -> list[Finding]:
     findings = []
-    for r in rows:
+    for r in m.generations:
         headroom = max(r["total"] - r["peak_used"], 0)  # NVML never reads above the total
         per_seq = r["kv_bytes"] / r["batch"] if r["kv_bytes"] else 0.0
         tokens = r["context"] + headroom / r["rate"] if r["rate"] > 0 else None
@@ -107,4 +118,5 @@ def detect(t: LoadedTraces, cfg: Config) -> list[Finding]:
     return findings
 
 
-DETECTOR = Detector(NAME, Config, detect, "tokens and batch size at which the device would run out of memory")
+DETECTOR = Detector(NAME, Config, summary="tokens and batch size at which the device would run out of memory",
+                    measure=measure, judge=judge)

@@ -12,10 +12,12 @@ become a warning only when they keep growing over many generations without level
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
+from kvscope.analyzer.engine import Engine
 from kvscope.analyzer.findings import Finding, human_bytes
-from kvscope.analyzer.load import LoadedTraces
 from kvscope.analyzer.registry import Detector
+from kvscope.analyzer.summaries import generation_scores
 
 NAME = "post_eos"
 
@@ -45,38 +47,15 @@ class Config:
     level_off_ratio: float = 0.5
 
 
-_SCORES = """
-    SELECT run_id, gen_id,
-      peak_allocated_bytes - baseline_allocated_bytes AS alloc_growth,
-      post_empty_cache_allocated_bytes - baseline_allocated_bytes AS live_bytes,
-      (post_empty_cache_reserved_bytes - post_empty_cache_allocated_bytes)
-        - (baseline_reserved_bytes - baseline_allocated_bytes) AS pool_bytes,
-      (post_empty_cache_nvml_used_bytes - post_empty_cache_reserved_bytes)
-        - (baseline_nvml_used_bytes - baseline_reserved_bytes) AS outside_bytes,
-      greatest(peak_reserved_bytes - baseline_reserved_bytes, 0) AS reserved_growth,
-      greatest(peak_nvml_used_bytes - baseline_nvml_used_bytes, 0) AS nvml_growth,
-      post_empty_cache_nvml_used_bytes - baseline_nvml_used_bytes AS nvml_bytes,
-      post_empty_cache_allocated_bytes AS post_alloc, baseline_allocated_bytes AS base_alloc,
-      row_number() OVER (PARTITION BY run_id ORDER BY gen_id) - 1 AS ordinal,
-      count(*) OVER (PARTITION BY run_id) AS gens
-    FROM generations
-"""
+@dataclass(frozen=True)
+class Measured:
+    """Per generation, ordered by run and generation: the rows of summaries.generation_scores."""
+
+    generations: list[dict[str, Any]]
 
 
-def _scores_sql() -> str:
-    def frac(num: str, den: str) -> str:
-        return f"CASE WHEN {den} > 0 THEN {num}::DOUBLE / {den} END"
-
-    return f"""
-        SELECT *, {frac('live_bytes', 'alloc_growth')} AS live,
-          {frac('pool_bytes', 'coalesce(nullif(reserved_growth, 0), alloc_growth)')} AS pools,
-          {frac('outside_bytes', 'coalesce(nullif(nvml_growth, 0), reserved_growth)')} AS outside,
-          {frac('nvml_bytes', 'nvml_growth')} AS nvml_score,
-          post_live_rises
-        FROM (SELECT *, post_alloc > coalesce(lag(post_alloc) OVER (PARTITION BY run_id ORDER BY gen_id), base_alloc)
-                        AS post_live_rises FROM ({_SCORES}))
-        ORDER BY run_id, gen_id
-    """
+def measure(t: Engine) -> Measured:
+    return Measured(t.records(f"SELECT * FROM {generation_scores(t)} ORDER BY run_id, gen_id"))
 
 
 def _live_findings(rows: list[dict], cfg: Config) -> list[Finding]:
@@ -150,10 +129,10 @@ def _cause_findings(rows: list[dict], cause: str, cfg: Config) -> list[Finding]:
     ) for r in scored if r[cause] > cfg.info_threshold]
 
 
-def detect(t: LoadedTraces, cfg: Config) -> list[Finding]:
+def judge(m: Measured, cfg: Config) -> list[Finding]:
     findings: list[Finding] = []
     by_run: dict[str, list[dict]] = {}
-    for row in t.records(_scores_sql()):
+    for row in m.generations:
         by_run.setdefault(row["run_id"], []).append(row)
     for rows in by_run.values():
         findings.extend(_live_findings(rows, cfg))
@@ -162,4 +141,5 @@ def detect(t: LoadedTraces, cfg: Config) -> list[Finding]:
     return findings
 
 
-DETECTOR = Detector(NAME, Config, detect, "memory retained after a generation: live tensors, pools, outside the allocator")
+DETECTOR = Detector(NAME, Config, summary="memory retained after a generation: live tensors, pools, outside the allocator",
+                    measure=measure, judge=judge)

@@ -8,9 +8,10 @@ that hold no token (kv_bytes × (1 − stored / capacity)).
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
+from kvscope.analyzer.engine import Engine
 from kvscope.analyzer.findings import Finding, human_bytes
-from kvscope.analyzer.load import LoadedTraces
 from kvscope.analyzer.registry import Detector
 from kvscope.analyzer.summaries import layer_summary
 
@@ -27,19 +28,28 @@ class Config:
     min_waste_bytes: int = 1 * MIB
 
 
-def detect(t: LoadedTraces, cfg: Config) -> list[Finding]:
+@dataclass(frozen=True)
+class Measured:
+    """Per (run, generation) with preallocated layers, ordered: layers, capacity and stored tokens
+    summed over them, their ratio, the bytes that hold no token, and the largest capacity."""
+
+    generations: list[dict[str, Any]]
+
+
+def measure(t: Engine) -> Measured:
     summary = layer_summary(t)
-    rows = t.records(f"""
+    return Measured(t.records(f"""
         SELECT run_id, gen_id, count(*) AS layers, sum(capacity_tokens) AS capacity, sum(stored_tokens) AS stored,
-          sum(capacity_tokens)::DOUBLE / greatest(sum(stored_tokens), 1) AS ratio,
-          sum(kv_bytes * (1 - least(stored_tokens, capacity_tokens)::DOUBLE / capacity_tokens)) AS wasted,
+          CAST(sum(capacity_tokens) AS DOUBLE) / greatest(sum(stored_tokens), 1) AS ratio,
+          sum(kv_bytes * (1 - CAST(least(stored_tokens, capacity_tokens) AS DOUBLE) / capacity_tokens)) AS wasted,
           sum(kv_bytes) AS kv_bytes, max(capacity_tokens) AS max_capacity, max(stored_tokens) AS max_stored
         FROM {summary} WHERE capacity_tokens > 0
-        GROUP BY run_id, gen_id
-        HAVING sum(capacity_tokens)::DOUBLE / greatest(sum(stored_tokens), 1) > {cfg.max_ratio}
-           AND sum(kv_bytes * (1 - least(stored_tokens, capacity_tokens)::DOUBLE / capacity_tokens)) >= {cfg.min_waste_bytes}
-        ORDER BY run_id, gen_id
-    """)
+        GROUP BY run_id, gen_id ORDER BY run_id, gen_id
+    """))
+
+
+def judge(m: Measured, cfg: Config) -> list[Finding]:
+    rows = [r for r in m.generations if r["ratio"] > cfg.max_ratio and r["wasted"] >= cfg.min_waste_bytes]
     return [Finding(
         NAME, "warning", r["run_id"], r["gen_id"], None, "capacity_ratio", r["ratio"], cfg.max_ratio,
         f"{r['layers']} preallocated layers hold capacity for {r['ratio']:.1f}x the tokens they store "
@@ -50,4 +60,5 @@ def detect(t: LoadedTraces, cfg: Config) -> list[Finding]:
     ) for r in rows]
 
 
-DETECTOR = Detector(NAME, Config, detect, "preallocated capacity far above the tokens stored")
+DETECTOR = Detector(NAME, Config, summary="preallocated capacity far above the tokens stored",
+                    measure=measure, judge=judge)
