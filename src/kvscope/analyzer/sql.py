@@ -80,18 +80,50 @@ def _write_parquet(tables: LoadedTraces, query: str, output: str) -> None:
         raise UsageError(f"{output}: cannot write the result ({exc.strerror or exc}).") from exc
 
 
-def run_query(paths: Sequence[str], query: str, fmt: str, output: str | None, limit: int = 1000, *,
-              unsafe: bool = False, validate: bool = True) -> str | None:
-    """Run `query` over the traces; print a table, or return CSV/JSON text, or write Parquet."""
-    with load_traces(paths, validate=validate) as tables:
+def _spark_rows(paths: Sequence[str], query: str, *, unsafe: bool, validate: bool,
+                master: str | None) -> tuple[list[str], list[tuple[Any, ...]]]:
+    """Column names and rows of a user's query on Spark (translated from DuckDB SQL)."""
+    from kvscope.analyzer.spark import load_spark
+
+    with load_spark(paths, master=master, validate=validate) as tables:
         if not unsafe:
-            tables.lock_down()
-            one_read_only_statement(tables.con, query)
+            tables.lock_down(query)
+        try:
+            return tables.columns_and_rows(query)
+        except tables.query_errors() as exc:
+            raise UsageError(f"the query failed on Spark: {first_line(exc)}") from exc
+        except Exception as exc:  # sqlglot cannot translate it
+            if type(exc).__module__.startswith("sqlglot"):
+                raise UsageError(f"the query cannot be translated to Spark SQL: {first_line(exc)}") from exc
+            raise
+
+
+def run_query(paths: Sequence[str], query: str, fmt: str, output: str | None, limit: int = 1000, *,
+              unsafe: bool = False, validate: bool = True, engine: str = "duckdb",
+              master: str | None = None) -> str | None:
+    """Run `query` over the traces; print a table, or return CSV/JSON text, or write Parquet."""
+    if engine == "spark":
+        columns, rows = _spark_rows(paths, query, unsafe=unsafe, validate=validate, master=master)
         if fmt == "parquet":
+            import pyarrow as pa
+            import pyarrow.parquet as pq
+
             assert output is not None
-            _write_parquet(tables, query, output)
+            pq.write_table(pa.Table.from_pylist([dict(zip(columns, r, strict=True)) for r in rows]), output,
+                           compression="zstd")
             return None
-        columns, rows = query_rows(tables, query)
+    elif master is not None:
+        raise UsageError("--master is for --engine spark only.")
+    else:
+        with load_traces(paths, validate=validate) as tables:
+            if not unsafe:
+                tables.lock_down()
+                one_read_only_statement(tables.con, query)
+            if fmt == "parquet":
+                assert output is not None
+                _write_parquet(tables, query, output)
+                return None
+            columns, rows = query_rows(tables, query)
     if fmt == "csv":
         buffer = io.StringIO()
         writer = csv.writer(buffer, lineterminator="\n")

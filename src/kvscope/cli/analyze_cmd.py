@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from kvscope.cli.console import stdout_console
+from kvscope.cli.console import engine_options, stdout_console
 from kvscope.errors import EXIT_BAD_INPUT, EXIT_FINDINGS, EXIT_OK, UsageError
 
 
@@ -45,15 +45,17 @@ def _list_detectors() -> None:
 @click.option("--no-validate", is_flag=True, help="Skip the checks of `kvscope inspect` (faster on big traces).")
 @click.option("--skip-bad", is_flag=True,
               help="Report a trace that is invalid and go on with the others (exit 2 at the end).")
+@engine_options
 def analyze_command(traces: tuple[str, ...], detectors: tuple[str, ...], overrides: tuple[str, ...], fmt: str,
                     fail_on: str | None, min_severity: str, threads: int | None, list_only: bool,
-                    no_validate: bool = False, skip_bad: bool = False) -> int:
+                    no_validate: bool = False, skip_bad: bool = False, engine: str = "duckdb",
+                    master: str | None = None) -> int:
     """Run the detectors over one trace, several, or folders of traces, and give a verdict per run.
 
     Exits 0 normally, 1 when --fail-on matched a finding, 2 for bad input.
     """
     from kvscope.analyzer.analyze import analyze
-    from kvscope.analyzer.load import load_traces
+    from kvscope.analyzer.engine import open_engine
     from kvscope.analyzer.registry import parse_overrides, select
     from kvscope.analyzer.report import print_verdict, to_json, to_json_verdict, to_markdown
     from kvscope.analyzer.verdict import verdict_of
@@ -65,8 +67,10 @@ def analyze_command(traces: tuple[str, ...], detectors: tuple[str, ...], overrid
         raise UsageError("give at least one trace (or a folder of traces) to analyse.")
     chosen = select(detectors)
     configs = parse_overrides(overrides, chosen)
-    with load_traces(traces, threads=threads, progress=fmt == "text", validate=not no_validate,
-                     skip_bad=skip_bad) as tables:
+    if threads is not None and engine != "duckdb":
+        raise UsageError("--threads is for --engine duckdb (Spark's parallelism is its master's).")
+    with open_engine(traces, engine=engine, master=master, threads=threads, progress=fmt == "text",
+                     validate=not no_validate, skip_bad=skip_bad) as tables:
         findings = analyze(tables, chosen, configs)
         verdict = verdict_of(tables, findings) if fmt in ("text", "json-verdict") else None
         skipped = tables.skipped

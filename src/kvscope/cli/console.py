@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import os
 import sys
+from typing import Any
 
+import click
 from rich.console import Console
 
 from kvscope.errors import UsageError
@@ -41,3 +43,12 @@ def parse_labels(values: tuple[str, ...]) -> dict[str, str]:
             raise UsageError(f"--label takes key=value, got {item!r}.")
         labels[key] = value
     return labels
+
+
+def engine_options(command: Any) -> Any:
+    """`--engine duckdb|spark` and `--master URL`, shared by analyze, sql, tune and fleet."""
+    command = click.option("--master", default=None, metavar="URL",
+                           help="Spark master for --engine spark (default local[*]; e.g. spark://host:7077).")(command)
+    return click.option("--engine", type=click.Choice(["duckdb", "spark"]), default="duckdb", show_default=True,
+                        help="Where the measure SQL runs: DuckDB in this process, or Spark SQL "
+                             "(pip install 'kvscope[spark]'); the findings are the same.")(command)

@@ -23,6 +23,7 @@ COMMANDS = (
     ("kvscope.cli.analyze_cmd", "analyze_command"),
     ("kvscope.cli.sql_cmd", "sql_command"),
     ("kvscope.cli.tune_cmd", "tune_command"),
+    ("kvscope.cli.fleet_cmd", "fleet_command"),
     ("kvscope.cli.diff_cmd", "diff_command"),
     ("kvscope.cli.kernels_cmd", "kernels_command"),
     ("kvscope.cli.compact_cmd", "compact_command"),

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import click
 
+from kvscope.cli.console import engine_options
 from kvscope.errors import EXIT_OK, UsageError
 
 
@@ -20,12 +21,14 @@ from kvscope.errors import EXIT_OK, UsageError
               help="Plain DuckDB: any statement, any file, extensions, settings. Only for your own traces on "
                    "your own machine; by default one read-only query that reads only the traces given.")
 @click.option("--no-validate", is_flag=True, help="Skip the checks of `kvscope inspect` (faster on big traces).")
+@engine_options
 def sql_command(traces: tuple[str, ...], query: str, fmt: str, output: str | None, limit: int, unsafe: bool,
-                no_validate: bool) -> int:
+                no_validate: bool, engine: str = "duckdb", master: str | None = None) -> int:
     """Run one SQL query over the views run, generations, steps, layers, events, kv_samples, head_stats.
 
     The query is one read-only statement that can read only the traces given (no other file, no
-    network, no extension, no setting); --unsafe lifts this.
+    network, no extension, no setting); --unsafe lifts this. The query is DuckDB SQL; with
+    --engine spark it is translated to Spark SQL (sqlglot) and may read only the trace views.
     """
     from kvscope.analyzer.sql import run_query
 
@@ -33,7 +36,8 @@ def sql_command(traces: tuple[str, ...], query: str, fmt: str, output: str | Non
         raise UsageError("give at least one trace before the query.")
     if fmt == "parquet" and output is None:
         raise UsageError("--format parquet needs -o FILE.")
-    text = run_query(list(traces), query, fmt, output, limit, unsafe=unsafe, validate=not no_validate)
+    text = run_query(list(traces), query, fmt, output, limit, unsafe=unsafe, validate=not no_validate,
+                     engine=engine, master=master)
     if text is not None:
         if output is not None:
             with open(output, "w", encoding="utf-8") as handle:

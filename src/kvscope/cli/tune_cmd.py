@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING
 
 import click
 
-from kvscope.cli.console import stdout_console
+from kvscope.cli.console import engine_options, stdout_console
 from kvscope.errors import EXIT_OK, UsageError
 
 if TYPE_CHECKING:  # the analyser (duckdb) is imported inside the command only
@@ -27,10 +27,12 @@ if TYPE_CHECKING:  # the analyser (duckdb) is imported inside the command only
               show_default=True, help="Findings at or above this count as the detector saying 'present'.")
 @click.option("--format", "fmt", type=click.Choice(["text", "json"]), default="text", show_default=True)
 @click.option("--no-validate", is_flag=True, help="Skip the checks of `kvscope inspect` (faster on big traces).")
+@engine_options
 def tune_command(traces: tuple[str, ...], labels_path: str, detector_name: str, param: str, value_range: str,
-                 overrides: tuple[str, ...], min_severity: str, fmt: str, no_validate: bool) -> int:
+                 overrides: tuple[str, ...], min_severity: str, fmt: str, no_validate: bool, engine: str = "duckdb",
+                 master: str | None = None) -> int:
     """Sweep one threshold over labelled traces; print precision, recall and F1 per value, the best marked."""
-    from kvscope.analyzer.load import load_traces
+    from kvscope.analyzer.engine import open_engine
     from kvscope.analyzer.registry import field_types, get_detector, parse_overrides
     from kvscope.analyzer.tune import parse_range, read_labels, sweep
 
@@ -43,7 +45,8 @@ def tune_command(traces: tuple[str, ...], labels_path: str, detector_name: str, 
         raise UsageError(f"--param {param!r} is not numeric ({kinds[param]}), so it cannot be swept.")
     values = parse_range(value_range, kinds[param])
     labels = read_labels(labels_path, detector.name)
-    with load_traces(traces, progress=fmt == "text", validate=not no_validate) as tables:
+    with open_engine(traces, engine=engine, master=master, progress=fmt == "text",
+                     validate=not no_validate) as tables:
         if fmt == "text":
             from rich.console import Console
             from rich.progress import Progress

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from datetime import datetime
 from pathlib import Path
 
 import numpy as np
@@ -63,6 +64,10 @@ class SynthSpec:
     model_type: str = "synthetic"
     labels: dict[str, str] = field(default_factory=dict)
     run_id: str | None = None
+    # Run metadata a fleet groups by (None: this machine's host name, no transformers version, now).
+    host: str | None = None
+    transformers_version: str | None = None
+    started_at: datetime | None = None
     # Planted conditions (all off: a healthy trace).
     retention: float = 0.0  # fraction of each generation's peak growth left allocated afterwards
     fragmentation: bool = False
@@ -153,6 +158,9 @@ def build_synthetic_trace(path: str | Path, spec: SynthSpec = SynthSpec()) -> Pa
         options={"synthetic": True},
         nvml_total_bytes=spec.total_memory_bytes if on_gpu else None,
         **({"run_id": spec.run_id} if spec.run_id else {}),
+        **({"host": spec.host} if spec.host else {}),
+        **({"started_at": spec.started_at} if spec.started_at else {}),
+        transformers_version=spec.transformers_version,
     )
     writer = TraceWriter(path)
     writer.append("run", meta.to_row())
