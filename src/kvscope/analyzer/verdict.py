@@ -35,7 +35,7 @@ ASPECT_TITLES = {"kv_cache": "KV cache", "retention": "retention", "fragmentatio
 _DETECTOR_ASPECT = {
     "growth_curve": "kv_cache", "cache_density": "kv_cache", "layer_anomaly": "kv_cache",
     "layer_uniformity": "kv_cache", "preallocation_waste": "kv_cache", "mla_latent": "kv_cache",
-    "dead_heads": "kv_cache", "eviction_headroom": "kv_cache",
+    "dead_heads": "kv_cache", "eviction_headroom": "kv_cache", "cache_seen": "kv_cache",
     "post_eos": "retention", "fragmentation": "fragmentation",
     "oom_forecast": "oom", "oom_event": "oom",
 }
@@ -379,6 +379,14 @@ def _kv_aspect(facts: RunFacts, fs: list[Finding]) -> Aspect:
                       facts.layer_types)
     peak = f"{human_bytes(facts.peak_kv_bytes)} at most" if facts.peak_kv_bytes is not None else ""
     prealloc = any(lt.preallocated for lt in facts.layer_types)
+    unseen = [f for f in fs if f.detector == "cache_seen" and f.metric == "no_cache_steps"]
+    if unseen and len({f.gen_id for f in unseen}) >= max(facts.generations, 1):
+        # Nothing was found to count: a "0 B" cache would read as healthy (or static) here.
+        gens = span_text([f.gen_id for f in unseen if f.gen_id is not None])
+        return Aspect("kv_cache", _worst([status, "warning"]), "no cache seen",
+                      f"no cache seen: the recorder found no KV cache or recurrent state in "
+                      f"{'generation' if len(unseen) == 1 else 'generations'} {gens}, so its 0 B of KV say nothing "
+                      "about this model's memory")
     if superlinear:
         worst = max(superlinear, key=lambda f: f.value)
         where = "the step totals" if worst.layer is None else f"layer {worst.layer}"
