@@ -16,8 +16,10 @@ from kvscope.analyzer.verdict import build_verdict, run_facts
 from kvscope.trace.synth_fleet import planted
 
 BY = ("host", "variant")
-# The detector (and least severity) each planted condition must raise on its run.
-EXPECTED = {"leak": ("post_eos", "critical"), "fragmentation": ("fragmentation", "warning"),
+# The detector (and least severity) each planted condition must raise on its run. Fragmentation
+# planted in 16 steps warns only when the allocator also retried (random, 5% a step): without a
+# retry, unused memory that is flat from the prefill on is reported as a cached workspace (info).
+EXPECTED = {"leak": ("post_eos", "critical"), "fragmentation": ("fragmentation", "info"),
             "superlinear": ("growth_curve", "warning"), "odd_layer": ("layer_anomaly", "warning"),
             "preallocated": ("preallocation_waste", "warning")}
 
@@ -57,10 +59,13 @@ def test_the_planted_conditions_are_found_and_only_there(both: dict[str, dict[st
         run_id = f"run-{i:05d}"
         conditions = planted(i)
         for condition in conditions:
-            detector, _severity = EXPECTED[condition]
-            assert (run_id, detector) in flagged, (run_id, condition)
+            detector, severity = EXPECTED[condition]
+            assert any(f.run_id == run_id and f.detector == detector and f.at_least(severity)
+                       and f.metric != "interrupted_steps" for f in findings), (run_id, condition)
         if not conditions:
             assert not [d for r, d in flagged if r == run_id], run_id
+    warned = {f.run_id for f in findings if f.detector == "fragmentation" and f.at_least("warning")}
+    assert len(warned) >= 15  # of the 20 planted
     leaks = {f.run_id for f in findings if f.detector == "post_eos" and f.severity == "critical"}
     assert leaks == {f"run-{i:05d}" for i in range(FLEET_SIZE) if "leak" in planted(i)}
 

@@ -13,6 +13,7 @@ driver, where the detectors' judges run. Needs `pip install kvscope[spark]` and 
 from __future__ import annotations
 
 import functools
+import logging
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -43,6 +44,8 @@ def spark_session(master: str | None = None, app_name: str = "kvscope") -> Any:
     """The active Spark session, or a new one at `master` (default local[*]) set up for analysis:
     no UI, DuckDB's NULL-on-error arithmetic (ANSI off), UTC, and no SQL on raw files."""
     sql = _import_pyspark()
+    # pyspark logs every failed query on stderr; kvscope reports it once, as one line
+    logging.getLogger("SQLQueryContextLogger").setLevel(logging.CRITICAL)
     active = sql.SparkSession.getActiveSession()
     if active is not None:
         return active

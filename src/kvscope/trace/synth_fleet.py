@@ -9,7 +9,9 @@ are planted by index, so the set is known without reading the traces back:
 - `fragmentation` (reserved far above allocated, retries) when i % 10 == 7;
 - `superlinear` (step totals grow quadratically: growth_curve) when i % 20 == 5;
 - `odd_layer` (layer 1 at twice the bytes per token: layer_anomaly) when i % 25 == 11;
-- `preallocated` (capacity four times the tokens: preallocation_waste) when i % 50 == 1.
+- `preallocated` (capacity four times the tokens: preallocation_waste) when i % 50 == 1; these
+  traces have 16 KV heads of 64 (4 KiB per token per layer, not 512 B), so that the unused capacity
+  passes preallocation_waste's 1 MiB floor even in a tiny fleet.
 """
 
 from __future__ import annotations
@@ -55,7 +57,7 @@ def spec(i: int, size: FleetSize = FleetSize()) -> SynthSpec:
     found = planted(i)
     return SynthSpec(
         num_layers=size.layers, generations=size.generations, steps=size.steps, prompt_tokens=16,
-        num_kv_heads=4, head_dim=32, run_id=f"run-{i:05d}", host=f"gpu-{i % size.hosts:02d}",
+        num_kv_heads=16 if "preallocated" in found else 4, head_dim=64 if "preallocated" in found else 32, run_id=f"run-{i:05d}", host=f"gpu-{i % size.hosts:02d}",
         model_name=MODELS[i % 3], transformers_version=VERSIONS[(i // 3) % 3],
         labels={"variant": "bf16" if i % 2 == 0 else "int8"}, started_at=START + timedelta(hours=i),
         retention=0.3 if "leak" in found else 0.0, fragmentation="fragmentation" in found,
