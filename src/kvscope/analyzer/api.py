@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from typing import Any, Literal, Union
 
 from kvscope.analyzer.analyze import analyze as _run_detectors
+from kvscope.analyzer.engine import open_engine
 from kvscope.analyzer.findings import SEVERITY_RANK, Finding
 from kvscope.analyzer.load import load_traces
 from kvscope.analyzer.registry import Detector, get_detector, select, with_value
@@ -72,7 +73,7 @@ def build_configs(detectors: Sequence[Detector], config: Mapping[str, Any] | Non
 
 def analyze(paths: PathLike | Sequence[PathLike], detectors: Iterable[str | Detector] | None = None,
             config: Mapping[str, Mapping[str, Any] | Any] | None = None, *,
-            threads: int | None = None) -> Analysis:
+            threads: int | None = None, engine: str = "duckdb", master: str | None = None) -> Analysis:
     """Run detectors over one trace, several, or folders of traces, and give the verdict per run.
 
     Args:
@@ -81,6 +82,8 @@ def analyze(paths: PathLike | Sequence[PathLike], detectors: Iterable[str | Dete
         config: thresholds per detector, e.g. ``{"post_eos": {"live_threshold": 0.6}}``; a value
             may also be the detector's config object.
         threads: DuckDB threads (default: all cores).
+        engine: "duckdb" (default) or "spark": where the detectors' measure SQL runs (docs/fleet.md).
+        master: the Spark master for engine="spark" (default local[*]; an active session is reused).
 
     Raises:
         kvscope.errors.UsageError: an unknown detector or threshold, or a value of the wrong type.
@@ -95,7 +98,7 @@ def analyze(paths: PathLike | Sequence[PathLike], detectors: Iterable[str | Dete
     if not wanted:
         chosen = select([])
     configs = build_configs(chosen, config)
-    with load_traces(given, threads=threads) as tables:
+    with open_engine(given, engine=engine, master=master, threads=threads) as tables:
         findings = _run_detectors(tables, chosen, configs)
         verdict = verdict_of(tables, findings)
     return Analysis(findings, verdict)
