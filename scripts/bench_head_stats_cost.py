@@ -37,6 +37,18 @@ def step_times(path: Path, every: int) -> tuple[list[float], list[float]]:
     return sampled, other
 
 
+def phase_medians(path: Path, every: int, buckets: tuple[int, ...] = (0, 1, 2, 4, 8, 16, 32, 63)) -> list[float]:
+    """Median step time (ms) per offset bucket after a sampled step: [0], [1], [2, 4), ... [32, 64)."""
+    rows = sorted((r["step"], r["t_ns"]) for r in open_trace(path).read("steps", ["step", "t_ns"]).to_pylist())
+    groups: list[list[float]] = [[] for _ in buckets]
+    for (s0, t0), (s1, t1) in zip(rows, rows[1:], strict=False):
+        if s1 == s0 + 1 and s1 > 1:
+            offset = s1 % every
+            index = max(i for i, b in enumerate(buckets) if offset >= b)
+            groups[index].append((t1 - t0) / 1e6)
+    return [round(statistics.median(g), 3) if g else float("nan") for g in groups]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--runs", type=int, default=3)
@@ -54,6 +66,7 @@ def main() -> None:
     data: dict[str, dict[str, list[float]]] = {"with": {"sampled": [], "other": []},
                                                "without": {"sampled": [], "other": []},
                                                "installed": {"sampled": [], "other": []}}
+    phases: dict[str, list[list[float]]] = {}
     with tempfile.TemporaryDirectory() as tmp, torch.no_grad():
         model.generate(ids, max_new_tokens=8, min_new_tokens=8, do_sample=False)  # warm-up
         with record(model, Path(tmp) / "warm", head_stats_every=every):
@@ -67,6 +80,8 @@ def main() -> None:
             with record(model, path, head_stats_every=variants[variant]):
                 model.generate(ids, max_new_tokens=args.new, min_new_tokens=args.new, do_sample=False)
             sampled, other = step_times(path, every)
+            by_phase = phase_medians(path, every)
+            phases.setdefault(variant, []).append(by_phase)
             data[variant]["sampled"] += sampled
             data[variant]["other"] += other
     med = {v: {k: statistics.median(x) for k, x in d.items()} for v, d in data.items()}
@@ -82,7 +97,11 @@ def main() -> None:
            # the sampled step's own cost only; the next line also counts slower unsampled steps
            "sampled_step_overhead_fraction": round(extra_ms / (every * step_ms), 5),
            "overhead_fraction_of_tokens_per_s": round(cycle_ms("with") / cycle_ms("without") - 1, 5),
-           "sampled_steps": {v: len(d["sampled"]) for v, d in data.items()}}
+           "sampled_steps": {v: len(d["sampled"]) for v, d in data.items()},
+           # per run, the median step time at each offset after a sampled step (0 = the sampled step):
+           # slow steps right after a sampled one point at queued GPU work, uniformly slow ones at a
+           # per-step cost of being installed
+           "median_ms_by_offset": phases}
     args.out.write_text(json.dumps(doc, indent=1))
     print(json.dumps(doc), flush=True)
 
