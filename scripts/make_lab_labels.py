@@ -30,7 +30,7 @@ def main(argv: list[str] | None = None) -> int:
     root = Path((argv or sys.argv[1:] or ["traces/lab"])[0])
     paths = [root, root / "twins"] if (root / "twins").is_dir() else [root]
     with load_traces(paths) as tables:
-        runs = tables.sql("SELECT run_id, labels FROM run ORDER BY run_id")
+        runs = tables.rows("SELECT run_id, labels FROM run ORDER BY run_id")
     rows = []
     for run_id, raw in runs:
         labels = json.loads(raw or "{}")

@@ -29,11 +29,11 @@ def _minimal(path: Path, run_id: str = "hand", version: str = "1.0", extra: bool
 def test_every_table_is_a_view_with_the_schema_columns(tmp_path: Path) -> None:
     with load_traces([_minimal(tmp_path)]) as t:
         for name, table in TABLES.items():
-            columns = [row[0] for row in t.sql(f"DESCRIBE {name}")]
+            columns = [row[0] for row in t.rows(f"DESCRIBE {name}")]
             assert columns[: len(table.column_names)] == table.column_names
-        assert t.sql("SELECT count(*) FROM head_stats") == [(0,)]  # missing table: empty view
-        assert t.sql("SELECT count(*), count(kv_logical_bytes) FROM steps") == [(3, 0)]  # optional: NULL
-        assert t.sql("SELECT count(*) FROM generations") == [(0,)]
+        assert t.rows("SELECT count(*) FROM head_stats") == [(0,)]  # missing table: empty view
+        assert t.rows("SELECT count(*), count(kv_logical_bytes) FROM steps") == [(3, 0)]  # optional: NULL
+        assert t.rows("SELECT count(*) FROM generations") == [(0,)]
 
 
 def test_traces_of_other_minor_versions_and_writers_load_together(tmp_path: Path, synth) -> None:  # noqa: ANN001
@@ -41,9 +41,9 @@ def test_traces_of_other_minor_versions_and_writers_load_together(tmp_path: Path
     b = _minimal(tmp_path / "b", "new", "1.9", extra=True)
     c = synth(run_id="synth")
     with load_traces([a, b, c]) as t:
-        rows = t.sql("SELECT run_id, count(*), count(future_column) FROM layers GROUP BY ALL ORDER BY 1")
+        rows = t.rows("SELECT run_id, count(*), count(future_column) FROM layers GROUP BY ALL ORDER BY 1")
         assert rows == [("new", 6, 6), ("old", 6, 0), ("synth", 4 * 128, 0)]
-        assert t.sql("SELECT count(DISTINCT run_id) FROM run") == [(3,)]
+        assert t.rows("SELECT count(DISTINCT run_id) FROM run") == [(3,)]
         findings = analyze(t)
     assert {f.run_id for f in findings} >= {"synth"}
 
@@ -53,10 +53,10 @@ def test_a_folder_of_traces_loads_as_one_set(tmp_path: Path, synth) -> None:  # 
     for i in range(3):
         shutil.copytree(synth(run_id=f"run{i}"), folder / f"t{i}")
     with load_traces([folder]) as t:
-        assert t.sql("SELECT count(DISTINCT run_id) FROM layers") == [(3,)]
+        assert t.rows("SELECT count(DISTINCT run_id) FROM layers") == [(3,)]
         assert len(t.traces) == 3
     with load_traces([folder, folder / "t1"]) as t:  # a trace named twice is read once
-        assert t.sql("SELECT count(*) FROM run") == [(3,)]
+        assert t.rows("SELECT count(*) FROM run") == [(3,)]
 
 
 def test_leftover_parts_refused_until_compacted_and_temporary_files_left_out(tmp_path: Path) -> None:
@@ -80,10 +80,10 @@ def test_leftover_parts_refused_until_compacted_and_temporary_files_left_out(tmp
     with pytest.raises(TraceError, match="read twice"):
         load_traces([trace])
     with load_traces([trace], validate=False) as t:
-        assert t.sql("SELECT count(*), sum(kv_bytes) FROM steps") == [(4, 600)]
+        assert t.rows("SELECT count(*), sum(kv_bytes) FROM steps") == [(4, 600)]
     compact_trace(trace)
     with load_traces([trace]) as t:
-        assert t.sql("SELECT count(*), sum(kv_bytes) FROM steps") == [(2, 300)]
+        assert t.rows("SELECT count(*), sum(kv_bytes) FROM steps") == [(2, 300)]
 
 
 def test_polars_lazy_frames(tmp_path: Path, synth) -> None:  # noqa: ANN001

@@ -85,9 +85,9 @@ def test_a_package_adds_a_detector_through_the_entry_point_group(monkeypatch: py
         limit: int = 0  # layers rows above which the detector speaks
 
     def detect(tables, cfg):  # noqa: ANN001, ANN202
-        (count,) = tables.sql("SELECT count(*) FROM layers")[0]
+        (count,) = tables.rows("SELECT count(*) FROM layers")[0]
         return [Finding("row_count", "info", run, None, None, "rows", count, cfg.limit, "rows counted.")
-                for (run,) in tables.sql("SELECT run_id FROM run") if count > cfg.limit]
+                for (run,) in tables.rows("SELECT run_id FROM run") if count > cfg.limit]
 
     module = types.ModuleType("user_detectors")
     module.DETECTOR = Detector("row_count", Config, detect, "counts layers rows")  # type: ignore[attr-defined]

@@ -26,7 +26,7 @@ HUNGRY = "SELECT string_agg(repeat('x', 1000) || i::VARCHAR, ',') FROM range(200
 def test_duckdb_out_of_memory_is_a_trace_error(trace: Path) -> None:
     with load_module.load_traces([trace], memory_limit="16MB", threads=1) as t:
         with pytest.raises(TraceError, match="out of memory"):
-            t.sql(HUNGRY)
+            t.rows(HUNGRY)
 
 
 def test_sql_out_of_memory_exits_2(trace: Path, cli: Cli, monkeypatch: pytest.MonkeyPatch) -> None:

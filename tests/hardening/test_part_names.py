@@ -23,7 +23,7 @@ def test_glob_characters_in_part_names(trace: Path, cli: Cli, name: str) -> None
     # the trace's other layers part (part-<hex>.parquet) is what the name would match as a glob
     with load_traces([trace]) as t:
         assert t.num_rows("layers") == 64
-        assert t.sql("SELECT count(*) FROM layers") == [(64,)]
+        assert t.rows("SELECT count(*) FROM layers") == [(64,)]
         assert t.lazy("layers").collect().height == 64
     code, out, err = cli("sql", trace, "SELECT count(*) AS n FROM layers", "--format", "json")
     assert code == 0 and json.loads(out) == [{"n": 64}], err

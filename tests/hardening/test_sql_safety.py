@@ -30,8 +30,8 @@ def test_column_name_cannot_inject_sql(trace: Path, tmp_path: Path, cli: Cli) ->
     name = f'a" FROM (SELECT 1 AS "a"); COPY (SELECT 42) TO \'{target}\' (FORMAT csv); SELECT "a'
     _add_column(trace, "layers", name)
     with load_traces([trace]) as t:
-        assert t.sql("SELECT count(*) FROM layers") == [(64,)]
-        assert name in [r[0] for r in t.sql("SELECT column_name FROM (DESCRIBE layers)")]
+        assert t.rows("SELECT count(*) FROM layers") == [(64,)]
+        assert name in [r[0] for r in t.rows("SELECT column_name FROM (DESCRIBE layers)")]
     for args in (("sql", trace, "SELECT 1", "--format", "json"), ("analyze", trace, "--format", "json"),
                  ("diff", trace, trace, "--format", "json")):
         code, _out, err = cli(*args)
@@ -44,7 +44,7 @@ def test_column_name_cannot_inject_sql(trace: Path, tmp_path: Path, cli: Cli) ->
 def test_extra_column_with_quotes_reads_back(trace: Path) -> None:
     _add_column(trace, "steps", 'we"ird')
     with load_traces([trace]) as t:
-        assert t.sql('SELECT sum("we""ird") FROM steps') == [(16,)]  # one of the two steps parts has it
+        assert t.rows('SELECT sum("we""ird") FROM steps') == [(16,)]  # one of the two steps parts has it
 
 
 @pytest.mark.parametrize(("query", "why"), [

@@ -90,7 +90,7 @@ def test_glm_4_7_flash_caches_the_1152_byte_latent(tmp_path: Path) -> None:
 
     trace = _record("glm-4.7-flash", tmp_path / "glm", new=16)
     with load_traces([trace]) as tables:
-        per_token = tables.sql("""SELECT DISTINCT kv_bytes / stored_tokens, layer_type FROM layers
+        per_token = tables.rows("""SELECT DISTINCT kv_bytes / stored_tokens, layer_type FROM layers
                                   WHERE step = (SELECT max(step) FROM layers)""")
         findings = analyze(tables)
     major, minor = (int(p) for p in transformers.__version__.split(".")[:2])

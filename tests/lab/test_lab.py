@@ -30,7 +30,7 @@ def lab(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def _warnings(trace: Path) -> dict[str, set[str]]:
     with load_traces([trace]) as tables:
-        lab_of = {r: json.loads(labels)["lab"] for r, labels in tables.sql("SELECT run_id, labels FROM run")}
+        lab_of = {r: json.loads(labels)["lab"] for r, labels in tables.rows("SELECT run_id, labels FROM run")}
         found: dict[str, set[str]] = {name: set() for name in lab_of.values()}
         for f in analyze(tables):
             if f.severity != "info":
@@ -110,5 +110,5 @@ def test_the_cuda_conditions_on_a_gpu(tmp_path: Path) -> None:
     assert "growth_curve" in found["kept_attentions"]
     assert found["healthy_fraction"] == set()
     with load_traces([out]) as tables:
-        limits = dict(tables.sql("SELECT json_extract_string(labels, '$.lab'), memory_limit_bytes FROM run"))
+        limits = dict(tables.rows("SELECT json_extract_string(labels, '$.lab'), memory_limit_bytes FROM run"))
     assert limits["oom_fraction"] > 0 and limits["healthy_fraction"] > limits["oom_fraction"]

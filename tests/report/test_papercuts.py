@@ -1,5 +1,5 @@
 """Small things a user trips over: diff as a CI gate, tune on a threshold that changes nothing, sql tables,
-t.sql() with column names."""
+t.sql() and kvscope.sql() with column names."""
 
 from __future__ import annotations
 
@@ -82,3 +82,20 @@ def test_sql_from_python_has_column_names(pair: dict[str, Path]) -> None:
         kvscope.sql(pair["r0"], "SELECT nope FROM steps")
     with pytest.raises(UsageError, match="to must be"):
         kvscope.sql(pair["r0"], query, to="pandas")  # type: ignore[arg-type]
+
+
+def test_loaded_traces_sql_has_column_names(pair: dict[str, Path]) -> None:
+    import pyarrow as pa
+
+    from kvscope.analyzer.load import load_traces
+    from kvscope.errors import UsageError
+
+    query = "SELECT run_id, count(*) AS n FROM steps GROUP BY run_id ORDER BY run_id"
+    with load_traces([pair["r0"], pair["odd"]]) as t:
+        table = t.sql(query)
+        assert isinstance(table, pa.Table) and table.to_pylist() == [{"run_id": "odd", "n": 128},
+                                                                    {"run_id": "r0", "n": 128}]
+        assert t.sql(query, to="polars").columns == ["run_id", "n"]
+        assert t.rows(query) == [("odd", 128), ("r0", 128)]  # tuples, for code that unpacks
+        with pytest.raises(UsageError, match="to must be"):
+            t.sql(query, to="pandas")

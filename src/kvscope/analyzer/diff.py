@@ -15,17 +15,17 @@ _FINDING_KEY = ("detector", "severity", "metric", "layer")
 def profile(t: LoadedTraces, min_severity: str = "warning") -> dict[str, Any]:
     """The numbers `diff` compares, for one set of traces."""
     summary = layer_summary(t)
-    per_layer = {int(layer): {"layer_type": kind, "bytes_per_token": bpt} for layer, kind, bpt in t.sql(f"""
+    per_layer = {int(layer): {"layer_type": kind, "bytes_per_token": bpt} for layer, kind, bpt in t.rows(f"""
         SELECT layer, any_value(layer_type), median(kv_bytes::DOUBLE / batch_size / stored_tokens)
         FROM {summary} WHERE stored_tokens > 0 GROUP BY layer ORDER BY layer
     """)}
-    peak_kv, peak_alloc, peak_reserved, mean_f = t.sql("""
+    peak_kv, peak_alloc, peak_reserved, mean_f = t.rows("""
         SELECT max(kv_bytes), max(allocated_bytes), max(reserved_bytes),
                avg(CASE WHEN reserved_bytes > 0 THEN (reserved_bytes - allocated_bytes)::DOUBLE / reserved_bytes END)
         FROM steps
     """)[0]
-    retention = t.sql(f"SELECT avg(live), max(live), avg(outside) FROM {generation_scores(t)}")[0]
-    runs = [r[0] for r in t.sql("SELECT run_id FROM run ORDER BY run_id")]
+    retention = t.rows(f"SELECT avg(live), max(live), avg(outside) FROM {generation_scores(t)}")[0]
+    runs = [r[0] for r in t.rows("SELECT run_id FROM run ORDER BY run_id")]
     findings = [f for f in analyze(t) if f.at_least(min_severity)]
     return {
         "runs": runs,

@@ -85,8 +85,19 @@ class LoadedTraces:
                               f"{self.memory_limit}): {first_line(exc)}")
         return TraceError(f"{where}: the trace's data cannot be read: {first_line(exc)}")
 
-    def sql(self, query: str, params: Sequence[Any] | None = None) -> list[tuple[Any, ...]]:
-        """Run a query and fetch every row (a DuckDB 2.x execute() must be fetched to the end)."""
+    def sql(self, query: str, *, to: str = "arrow") -> Any:
+        """Run a query; its result with column names: an Arrow table, or a Polars frame (`to="polars"`)."""
+        if to not in ("arrow", "polars"):
+            raise UsageError(f"to must be 'arrow' or 'polars', not {to!r}")
+        table = self.arrow(query)
+        if to == "polars":
+            import polars as pl
+
+            return pl.from_arrow(table)
+        return table
+
+    def rows(self, query: str, params: Sequence[Any] | None = None) -> list[tuple[Any, ...]]:
+        """Run a query and fetch every row as a tuple (a DuckDB 2.x execute() must be fetched to the end)."""
         self.queries.append(query)
         try:
             return self.con.execute(query, params or []).fetchall()
@@ -97,6 +108,7 @@ class LoadedTraces:
 
     def arrow(self, query: str) -> pa.Table:
         """Run a query and return its result as an Arrow table."""
+        self.queries.append(query)
         try:
             return self.con.sql(query).to_arrow_table()
         except duckdb.Error as exc:
