@@ -13,7 +13,10 @@ every variant, so its ~1 µs cost is common to all); and the recorder's own per-
 
 `--variants plain recorder` runs only those; `--cpus 2-7` pins the process (and the threads and
 processes it starts) to those cores; `--max-minutes` stops starting rounds after that long. The
-JSON is rewritten after every round, so a run cut short still leaves its results.
+JSON is rewritten after every round, so a run cut short still leaves its results. `--smoke` runs
+one short round of a few variants on the CPU with a shrunk twin (what `make test` runs, so a change
+that breaks this script fails there). It uses the recorder's supported seams only: `rec.pause()` /
+`rec.resume()` and `rec.helper_pids`.
 """
 
 from __future__ import annotations
@@ -35,35 +38,34 @@ import pyarrow.parquet as pq
 import torch
 
 import kvscope
-from kvscope.twins import load_twin
+from kvscope.twins import load_twin, shrink_config
 from kvscope.twins.build import build_twin
 
 VARIANTS = ("plain", "recorder", "recorder+samples64")
-# Attribution: the recorder without NVML readings; without the writer's mid-generation flushes
-# (everything is written when generate returns: a diagnostic only, the trace is then not crash-safe).
-# And the writer on a thread of this process instead of its own process (the fallback).
+# Attribution: the recorder without NVML readings, and the writer on a thread of this process
+# instead of its own process (the fallback).
 # "recorder-ab" switches the hook on and off in alternate blocks of AB_BLOCK decode steps within one
 # generation: adjacent blocks are a fraction of a second apart, so host noise that drifts over
 # seconds (it does on the lent H100 hosts) cancels in the per-step overhead, which pairs of whole
 # runs cannot resolve. Its trace has gaps: a measurement only.
 # "-python" variants measure in Python instead of the C++ fast path (`native=False`); the others
 # use the fast path, built before the first round.
-# "poller-ab" keeps the hook off and stops/continues the NVML polling process (SIGSTOP/SIGCONT) in
-# alternate blocks: the poller's own cost to the decode loop, which "recorder-ab" (poller always on)
-# cannot see. "poller5-ab" polls every 5 ms instead of 1; "poller01-ab" every 0.1 ms, i.e. as fast as NVML
+# "poller-ab" keeps the hook off and stops/continues the writer process, whose thread polls NVML
+# (SIGSTOP/SIGCONT), in alternate blocks: the poller's own cost to the decode loop, which
+# "recorder-ab" (poller always on) cannot see. "poller5-ab" polls every 5 ms instead of 1; "poller01-ab" every 0.1 ms, i.e. as fast as NVML
 # answers: an amplifier (a cost too small to see at 1 kHz grows with the rate). "recorder-full-ab"
 # toggles hook and poller. "recorder-all-ab" toggles both too, and flushes every 60 recorded steps
 # instead of 64, so each flush falls inside a hook-on block (step 4 of the 8th block of 8) and the
 # writer process's work that follows it is booked to "on", not to the next "off" block.
 # "recorder-all5-ab" is "recorder-all-ab" with the NVML poller at 5 ms instead of 1 ms.
-OPTIONAL_VARIANTS = ("recorder-nvml-off", "recorder-no-midflush", "recorder-thread-writer", "recorder-ab",
+OPTIONAL_VARIANTS = ("recorder-nvml-off", "recorder-thread-writer", "recorder-ab",
                      "recorder-python", "recorder-python-ab", "poller-ab", "poller5-ab", "poller01-ab",
                      "recorder-full-ab", "recorder-all-ab", "recorder-all5-ab")
 ALL_AB_VARIANTS = ("recorder-all-ab", "recorder-all5-ab")  # hook, poller and flushes
 AB_BLOCK = 32
 AB_RATIOS: dict[str, list[float]] = {}  # block ratios of every run of each "-ab" variant
 AB_PHASES: dict[str, list[int]] = {}  # per run of each "-ab" variant: 0 if its first block was "on", 1 if "off"
-POLL_RATES: dict[str, list[float]] = {}  # NVML readings per second of generate, per run of each variant
+USE_NATIVE = True  # False with --smoke: no C++ build
 CHILD_CPUS: set[int] | None = None  # --children-cpus: where the writer and NVML processes may run
 
 
@@ -75,7 +77,7 @@ class StepClock:
         self.phase = phase  # 0: the first block is "on"; 1: it is "off" (--ab-alternate)
         self.calls = calls  # calls in the generation: the poller is continued at the last one
         self.stamps: list[int] = []
-        self.toggle: Any = None  # a StepRecorder switched on/off per block ("recorder-ab")
+        self.toggle: Any = None  # a Recording paused and resumed per block ("recorder-ab")
         self.hook_off = False  # keep the hook off in every block ("poller-ab")
         self.pause_pid: int | None = None  # a process stopped in off blocks, continued in on blocks
         self.active: list[bool] = []  # per interval: whether the hook ran in that step
@@ -84,10 +86,12 @@ class StepClock:
         self.stamps.append(time.perf_counter_ns())
         if self.toggle is not None:
             on = ((len(self.stamps) - 1) // self.block + self.phase) % 2 == 0
-            self.toggle.active = on and not self.hook_off  # for the next forward pass (the interval starting now)
+            if on and not self.hook_off:  # for the next forward pass (the interval starting now)
+                self.toggle.resume()
+            else:
+                self.toggle.pause()
             if self.pause_pid is not None and len(self.stamps) == self.calls:
-                # generate ends after this call and reads the generation's NVML peak, which waits
-                # (up to 0.25 s) for a reading newer than the end: the poller must run by then
+                # generate ends after this call and hands its last rows to the writer: let it run
                 os.kill(self.pause_pid, signal.SIGCONT)
             elif self.pause_pid is not None and (not self.active or self.active[-1] != on):
                 os.kill(self.pause_pid, signal.SIGCONT if on else signal.SIGSTOP)
@@ -125,19 +129,11 @@ def poll_interval_ms(variant: str) -> float:
     return 5.0 if "poller5" in variant or "all5" in variant else 0.1 if "poller01" in variant else 1.0
 
 
-def _poll_count(rec: Any) -> int | None:
-    """Readings the NVML polling process has written so far (None without one)."""
-    ring = getattr(rec.nvml_sampler, "_ring", None)
-    return int(ring[0]) if ring is not None and len(ring) else None
-
-
 def pin_children(rec: Any, cpus: set[int]) -> None:
-    """Move the recording's writer and NVML polling processes onto `cpus` (e.g. away from the core
-    that runs generate and its hyperthread sibling)."""
-    for owner in (rec.steps.writer, rec.nvml_sampler):
-        process = getattr(owner, "_process", None)
-        if process is not None and process.poll() is None:
-            os.sched_setaffinity(process.pid, cpus)
+    """Move the recording's writer process (and its NVML polling thread) onto `cpus` (e.g. away from
+    the core that runs generate and its hyperthread sibling)."""
+    for pid in rec.helper_pids:
+        os.sched_setaffinity(pid, cpus)
 
 
 def cpu_siblings() -> dict[int, str]:
@@ -167,28 +163,24 @@ def run_once(model: torch.nn.Module, ids: torch.Tensor, new_tokens: int, variant
     with kvscope.record(model, trace, sample_kv_every=64 if "samples" in variant else 0,
                         nvml=False if "nvml-off" in variant else "auto",
                         writer="thread" if "thread-writer" in variant else "auto",
-                        native="python" not in variant,
-                        nvml_interval_ms=poll_interval_ms(variant)) as rec:
-        if "no-midflush" in variant:
-            rec.steps.flush_every = 1 << 30
-        if variant in ALL_AB_VARIANTS:
-            rec.steps.flush_every = 60
+                        native="python" not in variant and USE_NATIVE,
+                        nvml_interval_ms=poll_interval_ms(variant),
+                        flush_every=60 if variant in ALL_AB_VARIANTS else 64) as rec:
+        rec.wait_ready(120)  # steady state: the writer process is running (a block never waits for it)
         if variant.endswith("-ab"):
-            clock.toggle = rec.steps
+            clock.toggle = rec
         if variant.startswith("poller"):
             clock.hook_off = True
-        if variant.startswith("poller") or variant == "recorder-full-ab" or variant in ALL_AB_VARIANTS:
-            clock.pause_pid = rec.nvml_sampler._process.pid
+        if (variant.startswith("poller") or variant == "recorder-full-ab" or variant in ALL_AB_VARIANTS) \
+                and rec.helper_pids:
+            clock.pause_pid = rec.helper_pids[0]
         if CHILD_CPUS is not None:
             pin_children(rec, CHILD_CPUS)
-        readings_before = _poll_count(rec)
         _sync()
         start = time.perf_counter()
         out = model.generate(ids, **kwargs)
         _sync()
         elapsed = time.perf_counter() - start
-        if readings_before is not None:
-            POLL_RATES.setdefault(variant, []).append((_poll_count(rec) - readings_before) / elapsed)
         if clock.pause_pid is not None:
             os.kill(clock.pause_pid, signal.SIGCONT)  # the poller must answer when the recording stops
         del out
@@ -224,7 +216,8 @@ def component_costs(model: torch.nn.Module, ids: torch.Tensor, new_tokens: int, 
     from kvscope.recorder.expand import expand_steps
     from kvscope.recorder.measure import measure_cache
     from kvscope.recorder.model_layout import model_layout
-    from kvscope.recorder.telemetry import AllocatorProbe, NvmlProbe
+    from kvscope.recorder.nvml import NvmlProbe
+    from kvscope.recorder.telemetry import AllocatorProbe
 
     out = model.generate(ids, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
                          attention_mask=torch.ones_like(ids), return_dict_in_generate=True)
@@ -305,7 +298,7 @@ def summarise(args: argparse.Namespace, variants: tuple[str, ...], costs: dict, 
 
 
 def main() -> None:
-    global AB_BLOCK, CHILD_CPUS
+    global AB_BLOCK, CHILD_CPUS, USE_NATIVE
     parser = argparse.ArgumentParser()
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--new-tokens", type=int, default=512)
@@ -327,7 +320,12 @@ def main() -> None:
                         help="start '-ab' runs of odd rounds with an 'off' block: step times drift within a "
                              "generation (the first steps are slower), which a fixed order books to 'on'")
     parser.add_argument("--skip-components", action="store_true", help="skip timing the hook's parts alone")
+    parser.add_argument("--smoke", action="store_true", help="one short CPU round: checks that the script runs")
     args = parser.parse_args()
+    if args.smoke:
+        args.rounds, args.new_tokens, args.prompt_tokens, args.device = 1, 40, 8, "cpu"
+        args.variants, args.skip_components, args.ab_block = ["recorder", "recorder-ab", "poller-ab"], True, 8
+        args.out, USE_NATIVE = Path(tempfile.mkdtemp()) / "smoke.json", False
     began = time.perf_counter()
     AB_BLOCK = args.ab_block
     print(f"hyperthread siblings per core: {cpu_siblings()}", flush=True)
@@ -340,11 +338,12 @@ def main() -> None:
     else:
         variants = VARIANTS + tuple(args.extra)
     print(f"cores: {sorted(os.sched_getaffinity(0))}; load average {os.getloadavg()}", flush=True)
-    model = build_twin(load_twin(args.twin), dtype="bfloat16", device=args.device)
+    spec = shrink_config(load_twin(args.twin)) if args.smoke else load_twin(args.twin)
+    model = build_twin(spec, dtype="float32" if args.smoke else "bfloat16", device=args.device)
     generator = torch.Generator().manual_seed(0)
     ids = torch.randint(3, 50000, (1, args.prompt_tokens), generator=generator).to(args.device)
     workdir = Path(tempfile.mkdtemp())
-    if any(v != "plain" and "python" not in v for v in variants):
+    if any(v != "plain" and "python" not in v for v in variants) and not args.smoke:
         from kvscope.recorder import native
 
         started = time.perf_counter()
@@ -355,7 +354,6 @@ def main() -> None:
         run_once(model, ids, args.new_tokens, variant, workdir)
     AB_RATIOS.clear()
     AB_PHASES.clear()
-    POLL_RATES.clear()
     costs = {} if args.skip_components else component_costs(model, ids, args.new_tokens)
     print("component costs (median µs):", json.dumps(costs), flush=True)
     results: dict[str, list[float]] = {v: [] for v in variants}
@@ -389,8 +387,6 @@ def main() -> None:
             summary["ab_phases"] = AB_PHASES
             summary["ab_block_overhead_median"] = {v: statistics.median(r) for v, r in AB_RATIOS.items()}
             summary["ab_block_overhead_ci95"] = {v: bootstrap_interval(r) for v, r in AB_RATIOS.items()}
-        if POLL_RATES:
-            summary["nvml_readings_per_s"] = POLL_RATES
         summary["step_intervals_ms"] = {v: [round(x, 4) for x in values] for v, values in step_ms.items()}
         args.out.write_text(json.dumps(summary, indent=2))
     if not summary:
@@ -400,9 +396,6 @@ def main() -> None:
         print(f"{variant}: hook on/off in alternate blocks of {AB_BLOCK} steps: {len(ratios)} block pairs, "
               f"median step {summary['ab_block_overhead_median'][variant] * 100:+.2f}% "
               f"[{low * 100:+.2f}, {high * 100:+.2f}]%")
-    for variant, rates in POLL_RATES.items():
-        print(f"{variant}: NVML readings per second of generate, median {statistics.median(rates):.0f} "
-              f"(poller stopped in off blocks where the variant says so)")
     outside = summary["outside_steps_ms"]
     print("time outside the decode steps (prefill, generation start and end), median ms: "
           + ", ".join(f"{v} {statistics.median(x):.1f}" for v, x in outside.items()))

@@ -28,31 +28,25 @@ CHILD = textwrap.dedent(
     model = tiny_model("gpt_neox")
     # Slow each step down so the parent can kill the process mid-generation.
     model.register_forward_hook(lambda module, args, output: time.sleep(0.01))
-    with kvscope.record(model, {path!r}, flush_every={flush_every}):
+    with kvscope.record(model, {path!r}, flush_every={flush_every}) as rec:
+        print(rec.helper_pids[0] if rec.helper_pids else -1, flush=True)  # the writer process
         model.generate(prompt_ids(), max_new_tokens=100000, min_new_tokens=100000, do_sample=False)
     """
 )
 
 
-def _writer_processes(path: Path) -> list[int]:
-    """Pids of writer processes (kvscope.recorder.writer_child) writing to `path`, from /proc."""
-    pids = []
-    for entry in Path("/proc").glob("[0-9]*"):
-        try:
-            argv = (entry / "cmdline").read_bytes().split(b"\0")
-        except OSError:
-            continue
-        if b"kvscope.recorder.writer_child" in argv and str(path).encode() in argv:
-            pids.append(int(entry.name))
-    return pids
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    status = Path(f"/proc/{pid}/status")
+    return not (status.exists() and "State:\tZ" in status.read_text())
 
 
-def _wait_for_the_writer_process(path: Path, timeout_s: float = 60) -> None:
-    if not Path("/proc/self").exists():  # no /proc: give the writer a moment
-        time.sleep(2)
-        return
+def _wait_for_the_writer_process(pid: int, timeout_s: float = 60) -> None:
     deadline = time.monotonic() + timeout_s
-    while _writer_processes(path):
+    while _alive(pid):
         if time.monotonic() > deadline:
             pytest.fail("the writer process did not exit after the recording process was killed")
         time.sleep(0.05)
@@ -62,8 +56,10 @@ def _wait_for_the_writer_process(path: Path, timeout_s: float = 60) -> None:
 def test_sigkill_mid_generation_leaves_a_valid_trace(tmp_path: Path) -> None:
     path = tmp_path / "killed"
     script = CHILD.format(helpers=str(Path(__file__).parent), path=str(path), flush_every=FLUSH_EVERY)
-    child = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    child = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     try:
+        assert child.stdout is not None
+        writer_pid = int(child.stdout.readline() or -1)
         deadline = time.monotonic() + 120
         while time.monotonic() < deadline:
             if child.poll() is not None:
@@ -73,8 +69,7 @@ def test_sigkill_mid_generation_leaves_a_valid_trace(tmp_path: Path) -> None:
             time.sleep(0.05)
         else:
             pytest.fail("no parts appeared within 120 s")
-        if Path("/proc/self").exists():
-            assert _writer_processes(path), "the recording should write through its writer process"
+        assert writer_pid > 0 and _alive(writer_pid), "the recording should write through its writer process"
         os.kill(child.pid, signal.SIGKILL)
         child.wait(timeout=30)
     finally:
@@ -82,7 +77,7 @@ def test_sigkill_mid_generation_leaves_a_valid_trace(tmp_path: Path) -> None:
             child.kill()
             child.wait()
     assert child.returncode == -signal.SIGKILL
-    _wait_for_the_writer_process(path)  # it writes what it was handed, then exits
+    _wait_for_the_writer_process(writer_pid)  # it writes what it was handed, then exits
     assert kvscope_main(["inspect", str(path)]) == 0
     trace = open_trace(path)
     steps = trace.read("steps", ["step"])["step"].to_pylist()

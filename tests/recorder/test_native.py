@@ -7,6 +7,7 @@ without them these tests skip, and the Python path they are compared with is tes
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -178,8 +179,8 @@ def test_recordings_with_and_without_the_native_path_are_the_same(native: object
 def test_auto_on_cpu_uses_python_and_builds_nothing(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("KVSCOPE_NATIVE_DIR", str(tmp_path / "cache"))
     monkeypatch.setattr(native_fast_path, "_loaded", {})
-    assert native_fast_path.resolve("auto", on_cuda=False) is None
-    assert native_fast_path.resolve(False, on_cuda=True) is None
+    assert native_fast_path.resolve("auto", on_cuda=False)[0] is None
+    assert native_fast_path.resolve(False, on_cuda=True)[0] is None
     assert not (tmp_path / "cache").exists()
     with kvscope.record(tiny_model("gpt_neox"), tmp_path / "t"):
         pass
@@ -251,30 +252,26 @@ def test_record_cli_native_on_and_off(native: object, tmp_path: Path) -> None:
         trace_rows(tmp_path / "off", "layers", ["gen_id", "step", "layer"])
 
 
-def test_auto_on_cuda_builds_in_the_background_for_later_recordings(tmp_path: Path,
-                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+def test_auto_on_cuda_uses_a_cached_build_and_never_compiles(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     if native_fast_path.find_ninja() is None or shutil.which("c++") is None:
         pytest.skip("no C++ toolchain")
     monkeypatch.setenv("KVSCOPE_NATIVE_DIR", str(tmp_path / "cache"))
     monkeypatch.setattr(native_fast_path, "_loaded", {})
-    monkeypatch.setattr(native_fast_path, "_background", {})
-    assert native_fast_path.resolve("auto", on_cuda=True) is None  # this recording measures in Python
-    process = native_fast_path._background[native_fast_path.module_name()]
-    assert native_fast_path.resolve("auto", on_cuda=True) is None  # a second call starts no second build
-    assert native_fast_path._background[native_fast_path.module_name()] is process
-    assert process.wait(timeout=300) == 0, (native_fast_path.build_directory() / "build.log").read_text()
-    module = native_fast_path.resolve("auto", on_cuda=True)  # the next recording uses the cached build
-    assert module is not None and module.capture([_Layer(None, None)]) == b""
+    module, why = native_fast_path.resolve("auto", on_cuda=True)  # nothing cached: Python, and it says so
+    assert module is None and "python -m kvscope.recorder.native" in why
+    assert not (tmp_path / "cache").exists()  # nothing was built or started
+    path_before = os.environ.get("PATH")
+    native_fast_path.build()  # what `python -m kvscope.recorder.native` does, in a process of its own
+    assert os.environ.get("PATH") == path_before  # the recording process's PATH is never rewritten
+    module, why = native_fast_path.resolve("auto", on_cuda=True)  # the next recording uses the cached build
+    assert module is not None and why == "cached build" and module.capture([_Layer(None, None)]) == b""
 
 
 def test_a_broken_cached_build_and_a_stale_lock_are_replaced(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     if native_fast_path.find_ninja() is None or shutil.which("c++") is None:
         pytest.skip("no C++ toolchain")
-    import os
-
     monkeypatch.setenv("KVSCOPE_NATIVE_DIR", str(tmp_path / "cache"))
     monkeypatch.setattr(native_fast_path, "_loaded", {})
-    monkeypatch.setattr(native_fast_path, "_background", {})
     directory = native_fast_path.build_directory()
     directory.mkdir(parents=True)
     broken = directory / f"{native_fast_path.module_name()}.so"

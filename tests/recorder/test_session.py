@@ -141,7 +141,8 @@ def test_flush_every_writes_parts_during_a_generation(tmp_path: Path) -> None:
         time.sleep(0.01)  # leave the writer thread time to finish a part between steps, even on a loaded host
 
     handle = model.register_forward_hook(count_parts)
-    with kvscope.record(model, tmp_path / "t", flush_every=4):
+    with kvscope.record(model, tmp_path / "t", flush_every=4) as rec:
+        assert rec.wait_ready(60)  # the block did not wait for its writer; parts appear once it runs
         _generate(model)
     handle.remove()
     assert max(parts_seen) >= 2  # parts appeared while generate was still running

@@ -14,6 +14,7 @@ from recorder_helpers import NEW_TOKENS, assert_same_recording, prompt_ids, tiny
 
 import kvscope
 from kvscope.errors import RecordingError, UsageError
+from kvscope.recorder.batch_writer import Rows, Steps
 from kvscope.recorder.writer_process import WriterProcess
 from kvscope.trace.reader import open_trace
 
@@ -42,10 +43,10 @@ def test_process_and_thread_writers_write_the_same_rows(tmp_path: Path, family: 
 
 def test_a_failed_write_is_raised_at_the_next_wait_and_later_writes_still_land(tmp_path: Path) -> None:
     writer = WriterProcess(tmp_path / "t")
-    writer.rows("no_such_table", ("a",), [(1,)])
+    writer.send(Rows("no_such_table", ("a",), [(1,)]))
     with pytest.raises(RecordingError, match="no_such_table"):
         writer.flush(wait=True)
-    writer.rows("events", EVENT_FIELDS, [("r", 0, 1, 5, "marker", "{}")])
+    writer.send(Rows("events", EVENT_FIELDS, [("r", 0, 1, 5, "marker", "{}")]))
     writer.flush(wait=True)
     writer.close()
     events = pq.read_table(tmp_path / "t" / "events").to_pylist()  # no run row: read the part itself
@@ -54,10 +55,10 @@ def test_a_failed_write_is_raised_at_the_next_wait_and_later_writes_still_land(t
 
 def test_a_killed_writer_process_is_reported_at_the_next_wait_never_on_hand_over(tmp_path: Path) -> None:
     writer = WriterProcess(tmp_path / "t")
-    os.kill(writer._process.pid, signal.SIGKILL)
-    writer._process.wait()
+    os.kill(writer.pids[0], signal.SIGKILL)
+    writer.helper.process.wait()
     for step in range(3):  # what the hook calls: no exception, whatever the writer's state
-        writer.step_batch(("run_id",), [], [("r", 0, step, 1, None)])
+        writer.send(Steps([], [("r", 0, step, 1, None)]))
         writer.flush()
     with pytest.raises(RecordingError, match="writer process"):
         writer.flush(wait=True)
@@ -89,7 +90,7 @@ def test_a_recording_that_fails_to_start_leaves_no_writer_process(tmp_path: Path
     with pytest.raises(RuntimeError, match="metadata failed"):
         with kvscope.record(model, tmp_path / "t"):
             pass
-    assert len(started) == 1 and started[0]._process.poll() is not None  # exited, not left running
+    assert len(started) == 1 and started[0].helper.process.poll() is not None  # exited, not left running
     assert "generate" not in vars(model)
 
 
@@ -97,7 +98,7 @@ def test_the_writer_child_imports_no_torch() -> None:
     import subprocess
     import sys
 
-    code = ("import sys; import kvscope.recorder.writer_child, kvscope.recorder.nvml_poller; "
+    code = ("import sys; import kvscope.recorder.writer_child, kvscope.recorder.nvml; "
             "print('torch' in sys.modules)")
     env = dict(os.environ, PYTHONPATH=str(Path(kvscope.__file__).resolve().parents[1]))
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True)
@@ -108,6 +109,9 @@ def test_without_a_writer_process_auto_falls_back_to_a_thread_and_process_is_an_
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     import sys
 
+    from kvscope.recorder import writer_process
+
+    monkeypatch.setattr(writer_process, "_idle", [])  # no writer process left by an earlier block to reuse
     monkeypatch.setattr(sys, "executable", str(tmp_path / "no-python-here"))
     model = tiny_model("gpt_neox")
     with pytest.warns(RuntimeWarning, match="thread instead of a process"):
@@ -123,8 +127,8 @@ def test_without_a_writer_process_auto_falls_back_to_a_thread_and_process_is_an_
 
 def test_a_writer_process_that_died_unnoticed_is_reported_at_close(tmp_path: Path) -> None:
     writer = WriterProcess(tmp_path / "t")
-    os.kill(writer._process.pid, signal.SIGKILL)
-    writer._process.wait()
+    os.kill(writer.pids[0], signal.SIGKILL)
+    writer.helper.process.wait()
     with pytest.raises(RecordingError, match="before the trace was closed"):
         writer.close()
 
@@ -133,11 +137,11 @@ def test_the_child_gets_kvscope_on_its_path_but_never_a_site_packages_directory(
         monkeypatch: pytest.MonkeyPatch) -> None:
     import site
 
-    from kvscope.recorder import writer_process
+    from kvscope.recorder.helper_process import child_pythonpath
 
-    root = writer_process._package_root()
+    root = str(Path(kvscope.__file__).resolve().parents[1])
     monkeypatch.setenv("PYTHONPATH", "/somewhere/else")
     monkeypatch.setattr(site, "getsitepackages", lambda: ["/usr/lib/python3/site-packages"])
-    assert writer_process.child_pythonpath() == os.pathsep.join([root, "/somewhere/else"])
+    assert child_pythonpath() == os.pathsep.join([root, "/somewhere/else"])
     monkeypatch.setattr(site, "getsitepackages", lambda: [root])  # an installed (non-editable) kvscope
-    assert writer_process.child_pythonpath() == "/somewhere/else"
+    assert child_pythonpath() == "/somewhere/else"

@@ -120,17 +120,31 @@ def check_options(model: str | None, twin: str | None, dtype: str | None, device
 @click.option("--label", "labels", multiple=True, help="key=value stored with the run (repeatable).")
 @click.option("--append", is_flag=True, help="Add this run to the trace that -o already holds (else refused).")
 @click.option("--native", "native_mode", type=click.Choice(["auto", "on", "off"]), default="auto", show_default=True,
-              help="The C++ fast path for per-step reads: auto = a cached build on CUDA (else built in the "
-                   "background for later runs), on = build it now or fail, off = Python only. Same rows either way.")
+              help="The C++ fast path for per-step reads: auto = a cached build on CUDA (build one with "
+                   "`python -m kvscope.recorder.native`), on = build it now or fail, off = Python only. Same rows.")
+@click.option("--sample-layers", help="Comma-separated layer indices to sample with --sample-kv-every (default: all).")
+@click.option("--max-sample-bytes", default=256 * 2**20, show_default=True, type=click.IntRange(min=0),
+              help="Budget for all KV samples of the run.")
+@click.option("--flush-every", default=64, show_default=True, type=click.IntRange(1, 64),
+              help="Steps between part files.")
+@click.option("--writer", type=click.Choice(["auto", "process", "thread"]), default="auto", show_default=True,
+              help="Who writes the parts: a child process, a thread of this one, or auto (the process, else the thread).")
+@click.option("--nvml", "nvml_mode", type=click.Choice(["auto", "on", "off"]), default="auto", show_default=True,
+              help="NVML readings: auto = when pynvml answers on CUDA, on = required, off = none.")
+@click.option("--nvml-interval-ms", default=1.0, show_default=True, type=click.FloatRange(0.1, 1000),
+              help="How often the writer's thread polls NVML.")
+@click.option("--store-prompts", is_flag=True, help="Store each prompt's text in generations.prompt_text.")
 def record_command(model: str | None, output: Path, twin: str | None, shrink: bool, prompts_file: str | None,
                    limit: int | None, max_new_tokens: int, min_new_tokens: int | None, dtype: str | None,
                    device: str | None, cache_implementation: str | None, attn_implementation: str | None,
                    sample_kv_every: int, head_stats_every: int, labels: tuple[str, ...], append: bool,
-                   native_mode: str) -> int:
+                   native_mode: str, sample_layers: str | None, max_sample_bytes: int, flush_every: int, writer: str,
+                   nvml_mode: str, nvml_interval_ms: float, store_prompts: bool) -> int:
     """Record the KV cache of MODEL (a local Hugging Face model directory) or of --twin."""
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
+    from kvscope.recorder.options import RecordOptions
     from kvscope.recorder.runner import RecordJob, run_record
 
     if shrink and twin is None:
@@ -142,12 +156,16 @@ def record_command(model: str | None, output: Path, twin: str | None, shrink: bo
                   max_new_tokens)
     if min_new_tokens is None and twin is not None:
         min_new_tokens = max_new_tokens  # random weights may emit EOS at once
+    switch = {"auto": "auto", "on": True, "off": False}
+    options = RecordOptions(labels=parse_labels(labels), sample_kv_every=sample_kv_every,
+                            sample_layers=_layer_list(sample_layers), max_sample_bytes=max_sample_bytes,
+                            flush_every=flush_every, nvml=switch[nvml_mode], nvml_interval_ms=nvml_interval_ms,
+                            store_prompts=store_prompts, head_stats_every=head_stats_every, writer=writer,
+                            native=switch[native_mode])
     job = RecordJob(output=output, model_dir=model, twin=twin, shrink=shrink, prompts_file=prompts_file,
                     limit=limit, max_new_tokens=max_new_tokens, min_new_tokens=min_new_tokens, dtype=dtype,
                     device=device, cache_implementation=cache_implementation,
-                    attn_implementation=attn_implementation, sample_kv_every=sample_kv_every,
-                    head_stats_every=head_stats_every,
-                    labels=parse_labels(labels), native={"auto": "auto", "on": True, "off": False}[native_mode])
+                    attn_implementation=attn_implementation, options=options)
     import logging
 
     console = Console(stderr=True)
@@ -182,6 +200,15 @@ def record_command(model: str | None, output: Path, twin: str | None, shrink: bo
     return EXIT_OK
 
 
+def _layer_list(text: str | None) -> tuple[int, ...] | None:
+    if not text:
+        return None
+    try:
+        return tuple(int(part) for part in text.split(",") if part.strip())
+    except ValueError:
+        raise UsageError(f"--sample-layers {text}: give comma-separated layer indices, e.g. 0,5,11.") from None
+
+
 def _summary(console: object, result: object) -> None:
     from rich.table import Table
 
@@ -189,10 +216,10 @@ def _summary(console: object, result: object) -> None:
     for header in ("gen", "prompt", "tokens in+out", "cache class", "KV at end", "peak allocated", "NVML peak",
                    "KV bytes/token/layer"):
         table.add_column(header, justify="left" if header in ("prompt", "cache class") else "right")
-    for gen in result.generations:
-        per_token = (gen.last_kv_bytes / gen.final_seq_len / gen.layers_recorded
-                     if gen.final_seq_len and gen.layers_recorded else None)
-        table.add_row(str(gen.gen_id), gen.prompt_id, f"{gen.prompt_tokens}+{gen.new_tokens}", gen.cache_class,
-                      human_bytes(gen.last_kv_bytes), human_bytes(gen.peak[0]), human_bytes(gen.peak[2]),
-                      f"{per_token:,.0f}" if per_token is not None else "-")
+    for gen in result.generations:  # rows read back from the written trace
+        per_token = (gen["last_kv_bytes"] / gen["final_seq_len"] / gen["layers_recorded"]
+                     if gen["final_seq_len"] and gen["layers_recorded"] else None)
+        table.add_row(str(gen["gen_id"]), gen["prompt_id"], f"{gen['prompt_tokens']}+{gen['new_tokens']}",
+                      gen["cache_class"], human_bytes(gen["last_kv_bytes"]), human_bytes(gen["peak_allocated_bytes"]),
+                      human_bytes(gen["peak_nvml_used_bytes"]), f"{per_token:,.0f}" if per_token is not None else "-")
     console.print(table)  # type: ignore[attr-defined]

@@ -10,15 +10,13 @@ from array import array
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
+from kvscope.recorder.rows import LAYER_COLUMNS
 from kvscope.recorder.spans import Span, StorageKey, covered_bytes, union_bytes
 
 LATENT = "latent"  # the layer type of MLA layers that cache latents
 
 # Order of the fields in a layer row tuple (after run_id/gen_id/step, added by the step recorder).
-LAYER_FIELDS = (
-    "layer", "layer_type", "cache_layer_class", "k_shape", "v_shape", "k_dtype", "v_dtype",
-    "k_bytes", "v_bytes", "kv_bytes", "aliased", "stored_tokens", "capacity_tokens",
-)
+LAYER_FIELDS = LAYER_COLUMNS
 
 
 @dataclass

@@ -1,11 +1,10 @@
-"""A writer thread: the KV samples' writer, and the fallback for the trace writer process.
+"""A writer thread: the KV samples' writer, and the trace writer when no process can start.
 
-Encoding a 64-step batch of layer rows with zstd takes milliseconds, which would be several
-percent of a step if done inline every 64 steps. The session queues plain Python rows and this
-thread applies them (`batch_writer.BatchWriter`), copies sampled tensors to host bytes and writes
-atomic parts through `TraceWriter`. Only this thread touches its writer. Its Python work competes
-with `generate` for the GIL, which is why the trace itself is written by a process
-(`writer_process.py`) where one can start.
+The session queues `batch_writer` messages and this thread applies them (`BatchWriter`), copies
+sampled tensors to host bytes and writes atomic parts through `TraceWriter`. Only this thread
+touches its writer. Its Python work competes with `generate` for the GIL (and so does its NVML
+polling thread), which is why the trace itself is written by a process (`writer_process.py`)
+where one can start.
 """
 
 from __future__ import annotations
@@ -15,7 +14,6 @@ import queue
 import sys
 import threading
 import uuid
-from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -24,15 +22,12 @@ import pyarrow.parquet as pq
 import torch
 
 from kvscope.errors import RecordingError
-from kvscope.recorder.batch_writer import BatchWriter
-from kvscope.recorder.telemetry import NvmlSource
+from kvscope.recorder.batch_writer import BatchWriter, Flush
+from kvscope.recorder.rows import SAMPLE_COLUMNS
 from kvscope.schema.tables import TABLES
 from kvscope.trace.writer import TraceWriter
 
 _STOP = object()
-
-
-SAMPLE_FIELDS = ("run_id", "gen_id", "step", "layer", "tensor", "shape", "dtype", "data")
 
 
 def tensor_bytes(tensor: torch.Tensor) -> bytes:
@@ -47,7 +42,7 @@ def write_samples_part(directory: Path, rows: list[tuple]) -> None:
     """Write kv_samples rows as one atomic part: light zstd, no dictionaries (raw floats barely compress,
     and level-9 zstd over hundreds of MiB would take seconds)."""
     table = TABLES["kv_samples"]
-    data = pa.Table.from_pydict(dict(zip(SAMPLE_FIELDS, (list(c) for c in zip(*rows, strict=True)), strict=True)),
+    data = pa.Table.from_pydict(dict(zip(SAMPLE_COLUMNS, (list(c) for c in zip(*rows, strict=True)), strict=True)),
                                 schema=table.arrow_schema())
     directory.mkdir(parents=True, exist_ok=True)
     name = f"part-{uuid.uuid4().hex[:12]}.parquet"
@@ -56,38 +51,37 @@ def write_samples_part(directory: Path, rows: list[tuple]) -> None:
     os.replace(tmp, directory / name)
 
 
+class Samples:
+    """kv_samples rows whose last field is a host tensor (pinned, filled asynchronously) or a CPU
+    clone; `ready` is the CUDA event recorded after the copies were enqueued (None on CPU)."""
+
+    def __init__(self, rows: list[tuple], ready: Any = None) -> None:
+        self.rows, self.ready = rows, ready
+
+
 class BackgroundWriter:
     """Owns a `TraceWriter` on its own thread; `flush(wait=True)` returns once parts are on disk."""
 
-    def __init__(self, writer: TraceWriter, nvml: NvmlSource | None = None) -> None:
+    kind = "thread"
+    pids: list[int] = []
+
+    def __init__(self, writer: TraceWriter) -> None:
         self.writer = writer
-        self._core = BatchWriter(writer, nvml)  # nvml: the source of each step's NVML reading
+        self._core = BatchWriter(writer)
         self._queue: queue.Queue[Any] = queue.Queue()
         self._error: BaseException | None = None
         self._thread = threading.Thread(target=self._run, name="kvscope-writer", daemon=True)
         self._thread.start()
 
-    def rows(self, table: str, names: Sequence[str], rows: list[tuple]) -> None:
-        """Queue rows given as tuples in the order of `names`."""
-        if rows:
-            self._queue.put(("rows", table, tuple(names), rows))
+    def send(self, message: object) -> None:
+        self._queue.put(message)
 
-    def step_batch(self, step_names: Sequence[str], step_rows: list[tuple], batch: list[tuple]) -> None:
-        """Queue steps rows (kv_bytes, kv_logical_bytes and nvml_used_bytes left None) and the measured
-        layers of those steps, `(run_id, gen_id, step, seq_len, measured)`: expanded together on this
-        thread, NVML readings taken from the source given at construction."""
-        if step_rows or batch:
-            self._queue.put(("steps", tuple(step_names), step_rows, batch))
-
-    def samples(self, rows: list[tuple], ready: Any = None) -> None:
-        """Queue kv_samples rows whose last field is a host tensor (pinned, filled asynchronously) or a
-        CPU clone; `ready` is the CUDA event recorded after the copies were enqueued (None on CPU)."""
-        if rows:
-            self._queue.put(("samples", rows, ready))
+    def wait_ready(self, timeout_s: float | None = None) -> bool:
+        return True
 
     def flush(self, *, wait: bool = False) -> None:
         done = threading.Event()
-        self._queue.put(("flush", done))
+        self._queue.put((Flush(), done))
         if wait:
             done.wait()
             self._raise_pending()
@@ -95,8 +89,15 @@ class BackgroundWriter:
     def close(self, *, compact: bool = True) -> None:
         self._queue.put(_STOP)
         self._thread.join()
+        self._core.close()
         self._raise_pending()
         self.writer.close(compact=compact)
+
+    def discard(self) -> None:
+        try:
+            self.close(compact=False)
+        except Exception:  # noqa: BLE001 - a block that failed to start reports that failure
+            pass
 
     def _raise_pending(self) -> None:
         if self._error is not None:
@@ -108,19 +109,19 @@ class BackgroundWriter:
             item = self._queue.get()
             if item is _STOP:
                 break
+            done = None
+            if isinstance(item, tuple):
+                item, done = item
             try:
-                self._handle(item)
+                if isinstance(item, Samples):
+                    if item.ready is not None:
+                        item.ready.synchronize()  # the asynchronous copies into pinned host memory are done
+                    write_samples_part(self.writer.path / "kv_samples",
+                                       [(*row[:-1], tensor_bytes(row[-1])) for row in item.rows])
+                else:
+                    self._core.handle(item)
             except BaseException as exc:  # noqa: BLE001 - reported to the caller on the next flush/close
                 self._error = exc
             finally:
-                if item[0] == "flush":
-                    item[1].set()
-
-    def _handle(self, item: tuple) -> None:
-        if item[0] == "samples":
-            _, rows, ready = item
-            if ready is not None:
-                ready.synchronize()  # the asynchronous copies into pinned host memory are done
-            write_samples_part(self.writer.path / "kv_samples", [(*row[:-1], tensor_bytes(row[-1])) for row in rows])
-        else:
-            self._core.handle(item)
+                if done is not None:
+                    done.set()

@@ -9,7 +9,8 @@ from typing import Any
 import torch
 
 from kvscope.recorder.model_layout import ModelLayout, text_config
-from kvscope.recorder.telemetry import NvmlProbe, memory_limit
+from kvscope.recorder.nvml import NvmlProbe
+from kvscope.recorder.telemetry import memory_limit
 from kvscope.schema.metadata import TraceMetadata
 
 

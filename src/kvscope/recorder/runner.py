@@ -7,14 +7,14 @@ outputs dropped, gc, post-release reading, `empty_cache()`, post-empty-cache rea
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from kvscope.errors import UsageError
-from kvscope.recorder.generation import GenerationRecord
+from kvscope.recorder.options import RecordOptions
 from kvscope.recorder.prompt_set import Prompt, load_prompts
 from kvscope.recorder.session import Recording
 
@@ -35,10 +35,7 @@ class RecordJob:
     device: str | None = None
     cache_implementation: str | None = None
     attn_implementation: str | None = None
-    sample_kv_every: int = 0
-    head_stats_every: int = 0
-    labels: dict[str, str] = field(default_factory=dict)
-    native: str | bool = "auto"  # the recorder's C++ fast path: "auto", True (build it now) or False
+    options: RecordOptions = field(default_factory=RecordOptions)  # the recorder's, as for kvscope.record
 
 
 @dataclass
@@ -47,8 +44,32 @@ class RecordResult:
     model_name: str
     num_layers: int
     device: str
-    generations: list[GenerationRecord]
+    generations: list[dict[str, Any]]  # `generation_summaries`: read back from the written trace
     nvml_total: int | None
+
+
+def generation_summaries(trace: Path, run_id: str) -> list[dict[str, Any]]:
+    """Each generation's row as written, with its last step's kv_bytes and seq_len and the layers
+    recorded at that step (what the CLI's summary table shows)."""
+    from kvscope.trace.reader import open_trace
+
+    opened = open_trace(trace)
+    steps = [r for r in opened.read("steps", ["run_id", "gen_id", "step", "kv_bytes", "seq_len"]).to_pylist()
+             if r["run_id"] == run_id]
+    last = {}
+    for row in sorted(steps, key=lambda r: (r["gen_id"], r["step"])):
+        last[row["gen_id"]] = row
+    layers: dict[tuple[int, int], int] = {}
+    for row in opened.read("layers", ["run_id", "gen_id", "step"]).to_pylist():
+        if row["run_id"] == run_id:
+            layers[(row["gen_id"], row["step"])] = layers.get((row["gen_id"], row["step"]), 0) + 1
+    summaries = []
+    for row in sorted((r for r in opened.read("generations").to_pylist() if r["run_id"] == run_id),
+                      key=lambda r: r["gen_id"]):
+        step = last.get(row["gen_id"], {})
+        summaries.append({**row, "last_kv_bytes": step.get("kv_bytes") or 0, "final_seq_len": step.get("seq_len") or 0,
+                          "layers_recorded": layers.get((row["gen_id"], step.get("step")), 0)})
+    return summaries
 
 
 def default_device() -> str:
@@ -109,9 +130,9 @@ def run_record(job: RecordJob, progress: ProgressHook | None = None) -> RecordRe
                "prompts": job.prompts_file or "built-in"}
     hook = progress or (lambda event, index, value: None)
     hook("start", 0, len(prompts))
-    with Recording(model, job.output, labels=job.labels, sample_kv_every=job.sample_kv_every, model_name=name,
-                   tokenizer=tokenizer, options=options, head_stats_every=job.head_stats_every,
-                   native=job.native) as rec:
+    record_options = replace(job.options, model_name=job.options.model_name or name,
+                             tokenizer=job.options.tokenizer or tokenizer, extra={**job.options.extra, **options})
+    with Recording(model, job.output, record_options) as rec:
         for index, prompt in enumerate(prompts):
             ids = torch.tensor([encode(prompt.text)], dtype=torch.long, device=device)
             hook("prompt", index, ids.shape[-1])
@@ -125,7 +146,6 @@ def run_record(job: RecordJob, progress: ProgressHook | None = None) -> RecordRe
             output = model.generate(ids, **kwargs)
             del output, ids  # the post-release reading needs the outputs gone
             rec.settle()
-        generations = list(rec.generations)
-        layout = rec.layout
-        nvml_total = rec.nvml.total
-    return RecordResult(job.output, name, layout.num_layers, device, generations, nvml_total)
+        layout, nvml_total, run_id = rec.layout, rec.nvml.total, rec.run_id
+    return RecordResult(job.output, name, layout.num_layers, device, generation_summaries(job.output, run_id),
+                        nvml_total)

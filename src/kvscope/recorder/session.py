@@ -25,15 +25,18 @@ import torch
 
 from kvscope.errors import RecordingError, UsageError
 from kvscope.recorder import native as native_fast_path
+from kvscope.recorder.batch_writer import GenerationWindow, NvmlConfig, Rows
 from kvscope.recorder.flusher import BackgroundWriter
 from kvscope.recorder.generation import GenerationRecord, generated_tokens, supports_disable_compile
 from kvscope.recorder.hooks import AttentionDiscovery
 from kvscope.recorder.model_layout import attention_modules, attention_parameters, model_layout
-from kvscope.recorder.nvml_poller import NvmlPoller
+from kvscope.recorder.nvml import NvmlProbe
+from kvscope.recorder.options import RecordOptions
+from kvscope.recorder.rows import EVENT_COLUMNS
 from kvscope.recorder.run_flags import merge_run_options
 from kvscope.recorder.run_info import run_metadata
 from kvscope.recorder.steps import SamplePolicy, StepRecorder
-from kvscope.recorder.telemetry import AllocatorProbe, NvmlProbe, start_nvml_sampler
+from kvscope.recorder.telemetry import AllocatorProbe
 from kvscope.recorder.writer_process import WriterProcess
 from kvscope.trace.writer import TraceWriter
 
@@ -51,55 +54,33 @@ def _announce(message: str) -> None:
         root.setLevel(logging.INFO)
     log.info(message)
 
-MAX_FLUSH_EVERY = 64
-# "process": parts are encoded and written by a child process (no GIL shared with generate);
-# "thread": by a thread of this process; "auto": the process, else the thread with a warning.
-WRITER_MODES = ("auto", "process", "thread")
+
 OOM_ERRORS: tuple[type[BaseException], ...] = tuple(
     {getattr(torch, "OutOfMemoryError", torch.cuda.OutOfMemoryError), torch.cuda.OutOfMemoryError})
+Writer = WriterProcess | BackgroundWriter
 
 
 class Recording:
     """A recording in progress; use it through `kvscope.record(...)` as a context manager."""
 
-    def __init__(self, model: torch.nn.Module, path: str | Path, *, labels: dict[str, Any] | None = None,
-                 sample_kv_every: int = 0, sample_layers: list[int] | None = None,
-                 max_sample_bytes: int = 256 * 2**20, flush_every: int = MAX_FLUSH_EVERY,
-                 nvml: str | bool = "auto", store_prompts: bool = False, model_name: str | None = None,
-                 tokenizer: str | None = None, options: dict[str, Any] | None = None, head_stats_every: int = 0,
-                 writer: str = "auto", native: str | bool = "auto", nvml_interval_ms: float = 1.0) -> None:
-        if not 1 <= flush_every <= MAX_FLUSH_EVERY:
-            raise UsageError(f"flush_every must be between 1 and {MAX_FLUSH_EVERY} steps, got {flush_every}.")
-        if sample_kv_every < 0 or max_sample_bytes < 0 or head_stats_every < 0:
-            raise UsageError("sample_kv_every, max_sample_bytes and head_stats_every must be >= 0.")
-        if writer not in WRITER_MODES:
-            raise UsageError(f"writer must be one of {', '.join(WRITER_MODES)}, got {writer!r}.")
-        self.writer_mode = writer
-        if not (native == "auto" or isinstance(native, bool)):
-            raise UsageError(f"native must be 'auto', True or False, got {native!r}.")
-        self.native_mode = native
-        if not 0.1 <= nvml_interval_ms <= 1000:
-            raise UsageError(f"nvml_interval_ms must be between 0.1 and 1000, got {nvml_interval_ms}.")
-        self.nvml_interval_s = nvml_interval_ms / 1e3
-        self.head_stats_every = head_stats_every
+    def __init__(self, model: torch.nn.Module, path: str | Path, options: RecordOptions | dict[str, Any] | None = None,
+                 **keywords: Any) -> None:
+        """`options`: a `RecordOptions`, or (as before) a dict stored in the run's options; `keywords`:
+        the fields of `RecordOptions`."""
+        self.options = RecordOptions.from_keywords(options, **keywords)
         if not hasattr(model, "generate"):
             raise UsageError(f"{type(model).__name__} has no generate(): pass the model you call generate on.")
         self.model = model
         self.path = Path(path)
-        self.labels = {str(k): str(v) for k, v in (labels or {}).items()}
-        self.store_prompts = store_prompts
-        self.nvml_mode = nvml
-        self.samples = SamplePolicy(sample_kv_every, frozenset(sample_layers) if sample_layers else None,
-                                    max_sample_bytes)
-        self.flush_every = flush_every
-        self.model_name = model_name
-        self.tokenizer = tokenizer
-        self.extra_options = dict(options or {})
+        o = self.options
+        self.samples = SamplePolicy(o.sample_kv_every, frozenset(o.sample_layers) if o.sample_layers else None,
+                                    o.max_sample_bytes)
         self.generations: list[GenerationRecord] = []
         self.no_cache_generations: list[int] = []  # generations in which no cache was seen (`_no_cache`)
         self._pending: GenerationRecord | None = None
         self._next_prompt: tuple[str | None, str | None] = (None, None)
         self._started = False
+        self._generating = False
 
     # -- lifecycle -------------------------------------------------------------------------
     def __enter__(self) -> Recording:
@@ -110,59 +91,60 @@ class Recording:
         self.stop(settle=exc_type is None)
 
     def start(self) -> None:
+        """Open the block: nothing here waits for a helper process (what is sent waits in its pipe)."""
         self.origin_ns = time.perf_counter_ns()
         self.layout = model_layout(self.model)
-        self.native = native_fast_path.resolve(self.native_mode, on_cuda=bool(self.layout.cuda_devices))
+        self.native, native_build = native_fast_path.resolve(self.options.native, on_cuda=bool(self.layout.cuda_devices))
         self.allocator = AllocatorProbe(self.layout.cuda_devices, self.native)
-        self.nvml = NvmlProbe(self.layout.cuda_devices, self.nvml_mode)
-        self.nvml_sampler = start_nvml_sampler(self.nvml, self.origin_ns, self.nvml_interval_s) \
-            if self.nvml.enabled else None
+        self.nvml = NvmlProbe(self.layout.cuda_devices, self.options.nvml)
         self.compile_disabled = supports_disable_compile()
         try:
-            self.writer, writer_kind = self._start_writer()
-            self._start_recording(writer_kind)
+            self.writer = self._start_writer()
+            self._start_recording(native_build)
         except BaseException:
             self._release_helpers()  # no process or thread outlives a recording that failed to start
             raise
 
-    def _start_recording(self, writer_kind: str) -> None:
+    def _start_recording(self, native_build: str) -> None:
+        o = self.options
+        interval = f"{o.nvml_interval_ms:g} ms"
         options = {
-            "sample_kv_every": self.samples.every,
-            "sample_layers": sorted(self.samples.layers) if self.samples.layers else "all",
-            "max_sample_bytes": self.samples.max_bytes, "flush_every": self.flush_every,
-            "nvml": self.nvml_mode, "nvml_available": self.nvml.enabled,
-            "nvml_sampling": self.nvml_sampler.description if self.nvml_sampler is not None else None,
-            "writer": writer_kind,
-            # whether the per-step reads ran in the C++ fast path (True) or in Python (same rows)
-            "native": self.native is not None,
-            "store_prompts": self.store_prompts,
-            "head_stats_every": self.head_stats_every,
+            **o.to_run_options(),
+            "nvml_available": self.nvml.enabled,
+            "nvml_sampling": f"{self.writer.kind}, polled every {interval}" if self.nvml.enabled else None,
+            "writer": self.writer.kind,
+            # whether the per-step reads ran in the C++ fast path (True) or in Python (same rows), and why
+            "native": self.native is not None, "native_build": native_build,
             # per layer: the logit scaling, softcap, window and sinks the attention modules hold
             # (offline statistics use them instead of 1/sqrt(head_dim))
             "attention": attention_parameters(self.model),
             # generate's auto-compile would run the hooks inside a compiled graph: it is turned off.
             "compile": "disabled (generate(disable_compile=True))" if self.compile_disabled
             else "not auto-compiled by this transformers version",
-            **self.extra_options,
         }
-        self.metadata = run_metadata(self.model, self.layout, self.model_name, self.labels, self.tokenizer,
-                                     options, self.nvml)
+        self.metadata = run_metadata(self.model, self.layout, o.model_name, dict(o.labels), o.tokenizer, options,
+                                     self.nvml)
         self.run_id = self.metadata.run_id
         # Samples get their own thread, so a generate boundary never waits for their copies.
         self.sample_writer = BackgroundWriter(TraceWriter(self.path))
-        self.writer.rows("run", list(self.metadata.to_row()), [tuple(self.metadata.to_row().values())])
-        self.writer.flush(wait=True)  # a crash at any later instant leaves a trace with its run row
+        row = self.metadata.to_row()
+        self.writer.send(Rows("run", tuple(row), [tuple(row.values())]))
+        # A crash at any later instant leaves a trace with its run row: the writer process reads its
+        # pipe to the end even after this process died; a writer thread is waited for (milliseconds).
+        self.writer.flush(wait=self.writer.kind == "thread")
+        if self.nvml.enabled:
+            self.writer.send(NvmlConfig(self.run_id, tuple(self.nvml.device_ids()), self.origin_ns,
+                                        o.nvml_interval_ms / 1e3))
         self.samples.prepare(cuda=self.allocator.enabled)
         self.discovery = AttentionDiscovery(attention_modules(self.model))
-        self.steps = StepRecorder(self.run_id, self.layout, self.allocator, self.nvml, self.writer,
-                                  self.sample_writer, self.discovery, self.flush_every, self.samples, self.origin_ns,
-                                  self.nvml_sampler, native=self.native)
+        self.steps = StepRecorder(self.run_id, self.layout, self.allocator, self.nvml.total, self.writer,
+                                  self.sample_writer, self.discovery, o.flush_every, self.samples, self.origin_ns, native=self.native)
         self._hook = self.model.register_forward_hook(self.steps.on_forward, with_kwargs=True)
         self.head_stats = None  # online per-head statistics (kvscope.kernels.online), every N steps
-        if self.head_stats_every:
+        if o.head_stats_every:
             from kvscope.kernels.online import HeadStatsCollector
 
-            self.head_stats = HeadStatsCollector(self.head_stats_every, run_id=self.run_id).install(self.model)
+            self.head_stats = HeadStatsCollector(o.head_stats_every, run_id=self.run_id).install(self.model)
         self._had_generate = "generate" in vars(self.model)
         self._original_generate = self.model.generate
         self.model.generate = self._generate  # type: ignore[method-assign]
@@ -174,12 +156,7 @@ class Recording:
             hook.remove()
         for helper in (getattr(self, "sample_writer", None), getattr(self, "writer", None)):
             if helper is not None:
-                try:
-                    helper.close(compact=False)
-                except Exception:  # noqa: BLE001 - the start failure is the error to report
-                    pass
-        if self.nvml_sampler is not None:
-            self.nvml_sampler.close()
+                helper.discard()
 
     def stop(self, *, settle: bool = True) -> None:
         if not self._started:
@@ -198,7 +175,6 @@ class Recording:
                 self.settle()
             else:
                 self._write_generation(self._pending)
-        self.steps.close()
         self.sample_writer.close(compact=False)
         self.samples.staging = None  # give the pinned buffer back
         self.writer.close()
@@ -209,22 +185,35 @@ class Recording:
         _announce(f"kvscope: recorded {n} generation{'s' if n != 1 else ''} into {self.path}; next: "
                   f"kvscope analyze {self.path}  (or kvscope report {self.path} -o report.html)")
 
-    def _start_writer(self) -> tuple[BackgroundWriter | WriterProcess, str]:
-        """The writer process where NVML (if any) is polled into a shared ring; else a thread."""
-        sampler = self.nvml_sampler
-        process_possible = sampler is None or isinstance(sampler, NvmlPoller)
-        if self.writer_mode != "thread" and process_possible:
+    def _start_writer(self) -> Writer:
+        """The writer process; with writer="auto", a thread (and a warning) where it cannot start."""
+        if self.options.writer != "thread":
             try:
-                return WriterProcess(self.path, nvml=sampler, origin_ns=self.origin_ns), "process"
+                return WriterProcess(self.path)
             except RecordingError as exc:
-                if self.writer_mode == "process":
+                if self.options.writer == "process":
                     raise
                 warnings.warn(f"kvscope: writing the trace from a thread instead of a process ({exc}); "
-                              "decode steps after each flush may be slower.", RuntimeWarning, stacklevel=3)
-        elif self.writer_mode == "process":
-            raise RecordingError("writer='process' needs NVML polled by a process (or no NVML); "
-                                 "the NVML thread fallback is in use.")
-        return BackgroundWriter(TraceWriter(self.path), nvml=sampler), "thread"
+                              "decode steps after each flush may be slower.", RuntimeWarning, stacklevel=4)
+        return BackgroundWriter(TraceWriter(self.path))
+
+    # -- supported seams for benchmarks -------------------------------------------------------
+    @property
+    def helper_pids(self) -> list[int]:
+        """Pids of the helper processes writing this recording (the writer), to pin or pause them."""
+        return list(self.writer.pids)
+
+    def wait_ready(self, timeout_s: float | None = None) -> bool:
+        """Whether the writer is running within `timeout_s` (a block never waits for it on its own:
+        what it is sent waits in its pipe)."""
+        return self.writer.wait_ready(timeout_s)
+
+    def pause(self) -> None:
+        """Stop recording steps until `resume()` (A/B benchmarks: the trace then has gaps)."""
+        self.steps.active = False
+
+    def resume(self) -> None:
+        self.steps.active = self._generating
 
     # -- user API --------------------------------------------------------------------------
     def next_prompt(self, prompt_id: str, text: str | None = None) -> None:
@@ -271,24 +260,28 @@ class Recording:
         self._next_prompt = (None, None)
         gen_id = len(self.generations)
         record = GenerationRecord(gen_id=gen_id, prompt_id=prompt_id or f"gen-{gen_id}",
-                                  prompt_text=text if self.store_prompts else None)
+                                  prompt_text=text if self.options.store_prompts else None)
         self.generations.append(record)
         record.baseline = self._reading()
         self.allocator.reset_peaks()
         record.started_ns = time.perf_counter_ns() - self.origin_ns
+        self.writer.send(GenerationWindow(gen_id, record.started_ns))  # the window of its NVML peak
         self.steps.begin(gen_id)
+        self._generating = True
         if self.head_stats is not None:
             self.head_stats.begin_generation(gen_id)
         return record
 
     def _end_generation(self, record: GenerationRecord, output: Any, args: tuple, kwargs: dict[str, Any]) -> None:
         record.ended_ns = time.perf_counter_ns() - self.origin_ns
+        self._generating = False
         steps = self.steps
         reading = self.allocator.read()
         record.post_return = (reading.allocated if reading else None, reading.reserved if reading else None,
                               self.nvml.used())
+        # NVML: the boundary reads here; the writer adds the highest reading it polled meanwhile.
         record.peak = (reading.peak_allocated if reading else None, reading.peak_reserved if reading else None,
-                       _max_or_none(steps.nvml_peak, record.baseline[2], record.post_return[2]))
+                       _max_or_none(record.baseline[2], record.post_return[2]))
         record.prompt_tokens = steps.prompt_tokens
         record.batch_size = steps.batch_size
         record.cache_class = steps.cache_class or "none"
@@ -300,7 +293,7 @@ class Recording:
             self._no_cache(record, steps)
         record.new_tokens, record.eos_reached = generated_tokens(self.model, output, args, kwargs, steps.step,
                                                                  steps.prompt_tokens)
-        if self.store_prompts and record.prompt_text is None:
+        if self.options.store_prompts and record.prompt_text is None:
             ids = kwargs.get("input_ids", args[0] if args else None)
             if isinstance(ids, torch.Tensor):
                 record.prompt_text = json.dumps(ids[0].tolist())
@@ -309,6 +302,7 @@ class Recording:
         # No wait: generate returns while the writer thread writes the last parts (settle() and the
         # end of the `with` block wait for them, and report any write error).
         steps.end(wait=False)
+        self.writer.send(GenerationWindow(record.gen_id, record.started_ns, record.ended_ns))
         self._pending = record
 
     def _no_cache(self, record: GenerationRecord, steps: StepRecorder) -> None:
@@ -326,6 +320,7 @@ class Recording:
             "cache_class": steps.cache_class, "message": message}})
 
     def _abort_generation(self, record: GenerationRecord, exc: BaseException) -> None:
+        self._generating = False
         steps = self.steps
         last = steps.last
         reading = last.pop("allocator", None)
@@ -338,6 +333,7 @@ class Recording:
         self._write_events(steps.events, record.gen_id)
         self._event("oom" if is_oom else "error", record.gen_id, steps.step, detail)
         self._write_head_stats()
+        self.writer.send(GenerationWindow(record.gen_id, record.started_ns, time.perf_counter_ns() - self.origin_ns))
         steps.end(wait=True)
 
     # -- rows ------------------------------------------------------------------------------
@@ -350,12 +346,12 @@ class Recording:
     def _write_generation(self, record: GenerationRecord) -> None:
         self._pending = None if self._pending is record else self._pending
         row = record.to_row(self.run_id)
-        self.writer.rows("generations", list(row), [tuple(row.values())])
+        self.writer.send(Rows("generations", tuple(row), [tuple(row.values())]))
 
     def _write_head_stats(self) -> None:
         if self.head_stats is not None:
             columns = self.head_stats.drain()
-            self.writer.rows("head_stats", list(columns), list(zip(*columns.values(), strict=True)))
+            self.writer.send(Rows("head_stats", tuple(columns), list(zip(*columns.values(), strict=True))))
             for error in self.head_stats.drain_errors():  # statistics skipped, generation unchanged
                 self._event("error", error.get("gen_id"), error.get("step"), error)
 
@@ -367,7 +363,7 @@ class Recording:
     def _event(self, kind: str, gen_id: int | None, step: int | None, detail: dict[str, Any]) -> None:
         row = (self.run_id, gen_id, step, time.perf_counter_ns() - self.origin_ns, kind,
                json.dumps(detail, default=str))
-        self.writer.rows("events", ("run_id", "gen_id", "step", "t_ns", "kind", "detail"), [row])
+        self.writer.send(Rows("events", EVENT_COLUMNS, [row]))
 
 
 def _max_or_none(*values: int | None) -> int | None:
@@ -375,13 +371,15 @@ def _max_or_none(*values: int | None) -> int | None:
     return max(present) if present else None
 
 
-def record(model: torch.nn.Module, path: str | Path, **options: Any) -> Recording:
+def record(model: torch.nn.Module, path: str | Path, options: RecordOptions | None = None,
+           **keywords: Any) -> Recording:
     """Record the KV cache of every `model.generate(...)` call made inside the `with` block.
 
-    Options: labels, sample_kv_every (0 = off), sample_layers, max_sample_bytes, flush_every
-    (≤ 64), nvml ("auto", True, False), store_prompts, model_name, tokenizer, head_stats_every (0 = off:
-    per-head statistics every N steps into head_stats, see docs/kernels.md), writer ("auto", "process",
-    "thread"), native ("auto", True, False: the C++ fast path of the per-step reads), nvml_interval_ms (how
-    often the polling process reads NVML, default 1). See docs/recorder.md.
+    Options: a `RecordOptions`, or its fields as keywords: labels, sample_kv_every (0 = off),
+    sample_layers, max_sample_bytes, flush_every (≤ 64), nvml ("auto", True, False), nvml_interval_ms
+    (how often the writer's thread polls NVML, default 1), store_prompts, model_name, tokenizer,
+    head_stats_every (0 = off: per-head statistics every N steps, see docs/kernels.md), writer ("auto",
+    "process", "thread"), native ("auto": a cached build of the C++ fast path, True, False). See
+    docs/recorder.md.
     """
-    return Recording(model, path, **options)
+    return Recording(model, path, options, **keywords)

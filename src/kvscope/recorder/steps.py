@@ -2,8 +2,8 @@
 
 Budget: about 1% of an 11–12 ms decode step (~115 µs) for the 24-layer pythia-1.4b twin on the H100
 host. The hook reads the cache's tensor facts once (`measure.py`), makes one allocator stats call
-and appends tuples; NVML is polled by another process (`nvml_poller.py`), and rows are expanded and
-encoded by the writer process (`writer_process.py`). It times itself and stores that time per step
+and appends tuples; NVML is polled by the writer (`nvml.py`), which also expands and encodes the
+rows (`batch_writer.py`, in the writer process `writer_process.py`). It times itself and stores that time per step
 as `recorder_ns`.
 """
 
@@ -17,19 +17,16 @@ from typing import Any
 
 import torch
 
+from kvscope.recorder.batch_writer import Steps
 from kvscope.recorder.cache_walk import MODULE_STATE_MODELS, ModuleState
-from kvscope.recorder.flusher import BackgroundWriter
+from kvscope.recorder.flusher import BackgroundWriter, Samples
 from kvscope.recorder.hooks import AttentionDiscovery, batch_and_tokens, cache_from_kwargs, cache_from_output
 from kvscope.recorder.measure import measure_cache
 from kvscope.recorder.model_layout import ModelLayout
-from kvscope.recorder.telemetry import AllocatorProbe, NvmlProbe, NvmlSource
+from kvscope.recorder.rows import ALLOCATOR_COLUMNS
+from kvscope.recorder.telemetry import AllocatorProbe
 
-STEP_FIELDS = (
-    "run_id", "gen_id", "step", "t_ns", "seq_len", "batch_size", "kv_bytes", "allocated_bytes",
-    "reserved_bytes", "active_bytes", "inactive_split_bytes", "alloc_retries", "num_ooms",
-    "nvml_used_bytes", "nvml_total_bytes", "kv_logical_bytes", "recorder_ns",
-)
-
+NO_READING = (None,) * len(ALLOCATOR_COLUMNS)
 
 @dataclass
 class SamplePolicy:
@@ -76,20 +73,14 @@ ALL_LAYERS = _AllLayers()
 class StepRecorder:
     """Records the steps of one generation at a time; the session owns its lifecycle."""
 
-    def __init__(self, run_id: str, layout: ModelLayout, allocator: AllocatorProbe, nvml: NvmlProbe,
-                 writer: BackgroundWriter, sample_writer: BackgroundWriter, discovery: AttentionDiscovery, flush_every: int,
-                 samples: SamplePolicy, origin_ns: int, nvml_sampler: NvmlSource | None = None,
-                 native: Any = None) -> None:
+    def __init__(self, run_id: str, layout: ModelLayout, allocator: AllocatorProbe, nvml_total: int | None,
+                 writer: Any, sample_writer: BackgroundWriter, discovery: AttentionDiscovery, flush_every: int,
+                 samples: SamplePolicy, origin_ns: int, native: Any = None) -> None:
         self.run_id = run_id
         self.native = native  # the C++ fast path (recorder/native) or None
         self.layout = layout
         self.allocator = allocator
-        self.nvml = nvml
-        self.nvml_total = nvml.total
-        # NvmlPoller (a polling process) or NvmlSampler (a thread); None without NVML.
-        self.nvml_sampler = nvml_sampler
-        self._nvml_request = nvml_sampler.request if nvml_sampler is not None and nvml_sampler.per_step_requests \
-            else None
+        self.nvml_total = nvml_total
         self.writer = writer
         self.sample_writer = sample_writer
         self.discovery = discovery
@@ -122,8 +113,6 @@ class StepRecorder:
         self.failed_steps = 0  # steps whose cache could not be read (`_cache_read_failed`)
         self._failure: dict[str, Any] | None = None
         self.active = gen_id >= 0
-        if self.active and self.nvml_sampler is not None:
-            self.nvml_sampler.begin(gen_id)
         if self.active and self.discovery.modules:
             self.discovery.install()
 
@@ -134,11 +123,13 @@ class StepRecorder:
         self._hand_over()
         self.writer.flush(wait=wait)
         # Samples are serialised after the generation, off the decode loop (see SamplePolicy.staging).
-        self.sample_writer.samples(self._sample_rows, self._sample_ready)
+        if self._sample_rows:
+            self.sample_writer.send(Samples(self._sample_rows, self._sample_ready))
         self._sample_rows, self._sample_ready = [], None
 
     def _hand_over(self) -> None:
-        self.writer.step_batch(STEP_FIELDS, self._step_rows, self._layer_rows)
+        if self._step_rows or self._layer_rows:
+            self.writer.send(Steps(self._step_rows, self._layer_rows))
         self._step_rows, self._layer_rows = [], []
 
     def on_forward(self, module: torch.nn.Module, args: tuple, kwargs: dict[str, Any], output: Any) -> None:
@@ -192,9 +183,6 @@ class StepRecorder:
             self._layer_rows.append((run_id, gen_id, step, self.seq_len, measured))
         del cache
         reading = self.allocator.read()
-        request = self._nvml_request
-        if request is not None:
-            request(gen_id, step)  # the thread fallback only; readings are filled in on the writer thread
         self._end_step(start, step, batch, measured, reading)
 
     def _cache_read_failed(self, step: int, exc: Exception) -> None:
@@ -221,15 +209,13 @@ class StepRecorder:
         t_ns = start - self.origin_ns
         self._last_t_ns, self._last_reading = t_ns, reading
         self.step = step + 1
-        # The reading's first six fields, in row order.
-        telemetry: tuple = (None,) * 6 if reading is None else reading[:6]
+        # The reading's first six fields are rows.ALLOCATOR_COLUMNS.
+        telemetry: tuple = NO_READING if reading is None else reading[:6]
         # The hand-over below is timed into the next step's recorder_ns (this row is already built).
-        # kv_bytes, nvml_used_bytes and kv_logical_bytes (None here) are filled in by the writer.
         spent = time.perf_counter_ns() - start + self._carry_ns
-        self._step_rows.append((
-            self.run_id, self.gen_id, step, t_ns, self.seq_len, batch, None, *telemetry, None,
-            self.nvml_total, None, spent,
-        ))
+        # In rows.HOOK_STEP_COLUMNS order (tested); the writer fills in the rest of the row.
+        self._step_rows.append((self.run_id, self.gen_id, step, t_ns, self.seq_len, batch, *telemetry,
+                                self.nvml_total, spent))
         self._carry_ns = 0
         if self.step % self.flush_every == 0:
             handover_start = time.perf_counter_ns()
@@ -246,20 +232,7 @@ class StepRecorder:
         measured = self._last_measured
         return {"step": self.step - 1, "t_ns": self._last_t_ns, "seq_len": self.seq_len,
                 "allocator": self._last_reading, "layers": measured.layer_count if measured is not None else 0,
-                "kv_bytes": self.last_kv_bytes(), "nvml_used_bytes": self.nvml_latest}
-
-    @property
-    def nvml_peak(self) -> int | None:
-        """The highest NVML reading taken during the current generation."""
-        return self.nvml_sampler.peak(self.gen_id) if self.nvml_sampler is not None else None
-
-    @property
-    def nvml_latest(self) -> int | None:
-        return self.nvml_sampler.latest if self.nvml_sampler is not None else None
-
-    def close(self) -> None:
-        if self.nvml_sampler is not None:
-            self.nvml_sampler.close()
+                "kv_bytes": self.last_kv_bytes()}
 
     def last_kv_bytes(self) -> int:
         """Unique KV bytes of the last recorded step (computed on demand: the hook defers it)."""

@@ -1,4 +1,4 @@
-"""Memory readings: PyTorch's caching allocator (one stats call) and NVML, both optional.
+"""Allocator readings: PyTorch's caching allocator, one stats call per step (NVML: `nvml.py`).
 
 Costs on the H100 host: ``torch.cuda.memory_stats()`` ~79 µs (it flattens a nested dict in
 Python; the nested dict it starts from is what we read), ``nvmlDeviceGetMemoryInfo`` ~9 µs, while
@@ -8,16 +8,12 @@ getters per step. Without CUDA or NVML every reading is None (null in the trace)
 
 from __future__ import annotations
 
-import threading
-from collections import deque
-from typing import Any, NamedTuple, Protocol
+from typing import Any, NamedTuple
 
 import torch
 
-from kvscope.errors import RecordingError
 
-
-class AllocatorReading(NamedTuple):  # a tuple: built every step, so cheaper than a frozen dataclass
+class AllocatorReading(NamedTuple):  # a tuple: built every step; fields 0-5 are rows.ALLOCATOR_COLUMNS
     allocated: int
     reserved: int
     active: int
@@ -86,164 +82,6 @@ class AllocatorProbe:
     def empty_cache(self) -> None:
         if self.devices:
             torch.cuda.empty_cache()
-
-
-class NvmlProbe:
-    """NVML used/total memory of the model's device(s). mode: "auto", True (required) or False."""
-
-    def __init__(self, devices: tuple[int, ...], mode: str | bool = "auto") -> None:
-        self.handles: list[Any] = []
-        self.driver_version: str | None = None
-        self.total: int | None = None
-        self._pynvml: Any = None
-        if mode is False or mode == "off" or not devices or not torch.cuda.is_available():
-            if mode is True:
-                raise RecordingError("nvml=True needs a CUDA device, and the model has none.")
-            return
-        try:
-            import pynvml
-
-            pynvml.nvmlInit()
-            self.handles = [self._handle(pynvml, d) for d in devices]
-            version = pynvml.nvmlSystemGetDriverVersion()
-            self.driver_version = version.decode() if isinstance(version, bytes) else str(version)
-            self._pynvml = pynvml
-            self.total = sum(pynvml.nvmlDeviceGetMemoryInfo(h).total for h in self.handles)
-        except Exception as exc:  # noqa: BLE001 - any NVML failure means "no NVML readings"
-            self.handles = []
-            if mode is True:
-                raise RecordingError(f"nvml=True but NVML is unavailable ({exc}); install nvidia-ml-py.") from exc
-
-    @staticmethod
-    def _handle(pynvml: Any, device: int) -> Any:
-        # Match by UUID: CUDA_VISIBLE_DEVICES may renumber devices relative to NVML's order.
-        uuid = getattr(torch.cuda.get_device_properties(device), "uuid", None)
-        if uuid is not None:
-            try:
-                return pynvml.nvmlDeviceGetHandleByUUID(f"GPU-{uuid}")
-            except Exception:  # noqa: BLE001 - fall back to the index
-                pass
-        return pynvml.nvmlDeviceGetHandleByIndex(device)
-
-    @property
-    def enabled(self) -> bool:
-        return bool(self.handles)
-
-    def device_ids(self) -> list[str]:
-        """NVML UUIDs of the handles (what the polling process opens)."""
-        ids = []
-        for handle in self.handles:
-            uuid = self._pynvml.nvmlDeviceGetUUID(handle)
-            ids.append(uuid.decode() if isinstance(uuid, bytes) else str(uuid))
-        return ids
-
-    def used(self) -> int | None:
-        if not self.handles:
-            return None
-        get = self._pynvml.nvmlDeviceGetMemoryInfo
-        return sum(get(h).used for h in self.handles)
-
-
-class NvmlSource(Protocol):
-    """Per-step NVML readings: `nvml_poller.NvmlPoller` (a process) or `NvmlSampler` (a thread)."""
-
-    per_step_requests: bool  # whether the hook must call request(gen_id, step) every step
-    description: str  # for the run's options
-    latest: int | None
-
-    def request(self, gen_id: int, step: int) -> None: ...
-    def begin(self, gen_id: int) -> None: ...
-    def take(self, keys: list[tuple[int, int]], times_ns: list[int]) -> list[int | None]: ...
-    def peak(self, gen_id: int) -> int | None: ...
-    def close(self) -> None: ...
-
-
-class NvmlSampler:
-    """Takes each step's NVML reading on a thread of this process: the fallback when the polling
-    process (`nvml_poller.NvmlPoller`, the default) cannot start.
-
-    The hook queues the step's key (about 1 µs); this thread reads NVML right after (ctypes
-    releases the GIL during the call) and keeps the value per key, and the writer thread fills the
-    steps rows from it. It costs the decode loop GIL hand-overs every step (see nvml_poller.py).
-    """
-
-    per_step_requests = True
-    description = "thread, one reading per step"
-
-    def __init__(self, probe: NvmlProbe) -> None:
-        self.probe = probe
-        self.latest: int | None = None
-        self._pending: deque[tuple[int, int]] = deque()
-        self._values: dict[tuple[int, int], int | None] = {}
-        self._peaks: dict[int, int] = {}
-        self._wake = threading.Event()
-        self._idle = threading.Event()
-        self._idle.set()
-        self._stopping = False
-        self._thread = threading.Thread(target=self._run, name="kvscope-nvml", daemon=True)
-        self._thread.start()
-
-    def request(self, gen_id: int, step: int) -> None:
-        """Ask for the reading of this step (called from the hook: no NVML call here)."""
-        self._idle.clear()
-        self._pending.append((gen_id, step))
-        self._wake.set()
-
-    def _run(self) -> None:
-        while True:
-            self._wake.wait()
-            self._wake.clear()
-            while self._pending:
-                keys = []
-                while self._pending:
-                    keys.append(self._pending.popleft())
-                used = self.probe.used()
-                self.latest = used
-                for key in keys:
-                    self._values[key] = used
-                    if used is not None and used > self._peaks.get(key[0], -1):
-                        self._peaks[key[0]] = used
-            self._idle.set()
-            if self._stopping:
-                return
-
-    def wait(self, timeout: float = 5.0) -> None:
-        """Block until every requested reading has been taken."""
-        if self._pending or not self._idle.is_set():
-            self._wake.set()
-            self._idle.wait(timeout)
-
-    def begin(self, gen_id: int) -> None:
-        """Nothing to do: readings are keyed by step."""
-
-    def take(self, keys: list[tuple[int, int]], times_ns: list[int] | None = None) -> list[int | None]:
-        """The readings of these steps (waiting for any still pending), removed from the sampler."""
-        if any(key not in self._values for key in keys):
-            self.wait()
-        return [self._values.pop(key, None) for key in keys]
-
-    def peak(self, gen_id: int) -> int | None:
-        self.wait()
-        return self._peaks.get(gen_id)
-
-    def close(self) -> None:
-        self._stopping = True
-        self._wake.set()
-        self._thread.join(timeout=5.0)
-
-
-def start_nvml_sampler(probe: NvmlProbe, origin_ns: int, interval_s: float | None = None) -> NvmlSource:
-    """The per-step NVML source: the polling process, or this process's thread if it cannot start."""
-    from kvscope.recorder.nvml_poller import POLL_INTERVAL_S, NvmlPoller
-
-    try:
-        return NvmlPoller(probe.device_ids(), origin_ns, interval_s or POLL_INTERVAL_S)
-    except (RecordingError, OSError) as exc:
-        import warnings
-
-        warnings.warn(f"kvscope: NVML is read on a thread instead ({exc}); the decode loop pays for it.",
-                      RuntimeWarning, stacklevel=3)
-        return NvmlSampler(probe)
 
 
 def memory_limit(devices: tuple[int, ...], nvml_total: int | None) -> tuple[int | None, dict[str, Any] | None]:

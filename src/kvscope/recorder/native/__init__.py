@@ -1,11 +1,11 @@
 """The recorder's optional C++ fast path (`kvscope_native.cpp`): per-step cache facts and allocator
 counters in one C call each, instead of ~150 small C calls and a ~300-object stats dict.
 
-It is compiled on the machine that records, once per (source, torch, Python) triple, with torch's
-extension builder (a C++ compiler and ninja are needed), and cached under
-``$KVSCOPE_NATIVE_DIR`` or ``~/.cache/kvscope/native``. Loading a cached build takes milliseconds;
-a build takes tens of seconds (measured in docs/benchmarks.md). Where it cannot be built the
-recorder measures the same facts in Python: the trace is the same either way (tested).
+It is compiled only when asked (`python -m kvscope.recorder.native`, or `native=True`), in a
+process of its own, once per (source, torch, Python) triple, with torch's extension builder (a C++
+compiler and ninja are needed), and cached under ``$KVSCOPE_NATIVE_DIR`` or
+``~/.cache/kvscope/native``. `native="auto"` loads a cached build (milliseconds) or measures in
+Python, and the run's options say which: the trace is the same either way (tested).
 """
 
 from __future__ import annotations
@@ -27,7 +27,6 @@ from kvscope.errors import RecordingError
 SOURCE = Path(__file__).with_name("kvscope_native.cpp")
 _lock = threading.Lock()
 _loaded: dict[str, ModuleType] = {}
-_background: dict[str, subprocess.Popen] = {}
 
 
 def module_name() -> str:
@@ -68,13 +67,8 @@ def _import(name: str, path: Path) -> ModuleType:
 
 def find_ninja() -> str | None:
     """ninja on PATH, or the one pip put beside this interpreter (a venv's bin is often not on PATH)."""
-    found = shutil.which("ninja")
-    if found is None:
-        beside = Path(sysconfig.get_path("scripts")) / "ninja"
-        if beside.is_file():
-            os.environ["PATH"] = os.pathsep.join([str(beside.parent), os.environ.get("PATH", "")])
-            found = str(beside)
-    return found
+    beside = Path(sysconfig.get_path("scripts")) / "ninja"
+    return shutil.which("ninja") or (str(beside) if beside.is_file() else None)
 
 
 STALE_LOCK_S = 600  # a build takes ~15 s: a lock this old was left by a build that was killed
@@ -108,29 +102,40 @@ def _cached(name: str) -> ModuleType | None:
     return module
 
 
-def build(verbose: bool = False) -> ModuleType:
-    """Compile (or reuse) the extension and import it; RecordingError with the cause if it cannot."""
+def _compile(verbose: bool) -> ModuleType:
+    """Compile and import the extension in this process (the builder's own: see `build`)."""
+    name = module_name()
+    ninja = find_ninja()
+    if ninja is None:
+        raise RecordingError("the recorder's native fast path needs ninja to build (pip install ninja, or kvscope[record])")
+    # torch's builder runs `ninja` from PATH; this is the build process's own environment.
+    os.environ["PATH"] = os.pathsep.join([str(Path(ninja).parent), os.environ.get("PATH", "")])
+    from torch.utils import cpp_extension
+
+    directory = build_directory(name)
+    directory.mkdir(parents=True, exist_ok=True)
+    _remove_stale_lock(directory)
+    return cpp_extension.load(name=name, sources=[str(SOURCE)], build_directory=str(directory),
+                              extra_cflags=["-O2"], is_python_module=True, verbose=verbose)
+
+
+def build() -> ModuleType:
+    """Compile (or reuse) the extension in a child process and import it here; RecordingError with
+    the compiler's output if it cannot."""
     name = module_name()
     with _lock:
         module = _cached(name)
         if module is not None:
             return module
-        try:
-            from torch.utils import cpp_extension
+        from kvscope.recorder.helper_process import child_pythonpath
 
-            if find_ninja() is None:
-                raise RecordingError("the recorder's native fast path needs ninja to build "
-                                     "(pip install ninja, or kvscope[record])")
-            directory = build_directory(name)
-            directory.mkdir(parents=True, exist_ok=True)
-            _remove_stale_lock(directory)
-            module = cpp_extension.load(name=name, sources=[str(SOURCE)], build_directory=str(directory),
-                                        extra_cflags=["-O2"], is_python_module=True, verbose=verbose)
-        except RecordingError:
-            raise
-        except Exception as exc:  # noqa: BLE001 - compiler missing, build or import error
-            raise RecordingError(f"the recorder's native fast path could not be built: {exc}".strip()) from exc
-        _loaded[name] = module
+        env = dict(os.environ, PYTHONPATH=child_pythonpath() or "")
+        result = subprocess.run([sys.executable, "-m", "kvscope.recorder.native"], capture_output=True, text=True,
+                                env=env, stdin=subprocess.DEVNULL)
+        module = _cached(name) if result.returncode == 0 else None
+        if module is None:
+            output = (result.stderr or result.stdout).strip()[-3000:]
+            raise RecordingError(f"the recorder's native fast path could not be built: {output}".strip())
         return module
 
 
@@ -140,57 +145,33 @@ def load_built() -> ModuleType | None:
         return _cached(module_name())
 
 
-def build_in_background() -> subprocess.Popen | None:
-    """Start one detached build for later recordings (the current one measures in Python)."""
-    name = module_name()
-    with _lock:
-        running = _background.get(name)
-        if running is not None and running.poll() is None:
-            return running
-        directory = build_directory(name)
-        directory.mkdir(parents=True, exist_ok=True)
-        from kvscope.recorder.writer_process import child_pythonpath
+def resolve(mode: str | bool, on_cuda: bool) -> tuple[ModuleType | None, str]:
+    """The extension to record with under the `native` option (None: the Python path), and which.
 
-        env = dict(os.environ)
-        pythonpath = child_pythonpath()  # this kvscope first, as for the writer process
-        if pythonpath:
-            env["PYTHONPATH"] = pythonpath
-        with open(directory / "build.log", "ab") as log:
-            process = subprocess.Popen([sys.executable, "-m", "kvscope.recorder.native"], stdout=log,
-                                       stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env,
-                                       start_new_session=True)
-        _background[name] = process
-        return process
-
-
-def resolve(mode: str | bool, on_cuda: bool) -> ModuleType | None:
-    """The extension to record with under the `native` option, or None for the Python path.
-
-    True: build now or raise. False: never. "auto": on CUDA, a cached build, else start a
-    background build for later recordings; on CPU (where the hook's cost does not matter) none.
+    True: build now (or reuse a cached build) or raise. False: never. "auto": on CUDA, a cached
+    build, else Python; on CPU (where the hook's cost does not matter) Python. Never compiles for "auto".
     """
     if mode is False:
-        return None
+        return None, "off"
     if mode is True:
-        return build()
+        return build(), "built or cached, on request"
     if mode != "auto":
         raise RecordingError(f"native must be 'auto', True or False, not {mode!r}")
-    if not on_cuda or os.environ.get("KVSCOPE_NATIVE") == "0":
-        return None
+    if os.environ.get("KVSCOPE_NATIVE") == "0":
+        return None, "python (KVSCOPE_NATIVE=0)"
+    if not on_cuda:
+        return None, "python (CPU)"
     module = load_built()
     if module is None:
-        try:
-            build_in_background()
-        except OSError:
-            pass
-    return module
+        return None, "python (no cached build: python -m kvscope.recorder.native builds it)"
+    return module, "cached build"
 
 
 def main() -> int:
     """`python -m kvscope.recorder.native`: build (verbosely) and report where."""
     try:
-        build(verbose=True)
-    except RecordingError as exc:
+        _compile(verbose=True)
+    except Exception as exc:  # noqa: BLE001 - compiler missing, build or import error: the message is the report
         print(exc, file=sys.stderr)
         return 1
     print(f"built {module_name()} in {build_directory()}")
