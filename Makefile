@@ -15,7 +15,7 @@ TEST_WORKERS ?= 2
 XDIST := -n $(TEST_WORKERS) --dist loadfile
 TEST_ENV := OMP_NUM_THREADS=1 MKL_NUM_THREADS=1
 
-.PHONY: demo test lint unit compat browser-test spark-test docs clean
+.PHONY: demo test lint unit compat browser-test spark-test bench-smoke docs clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -37,7 +37,7 @@ $(VENV)/.ppl-installed: $(VENV)/.installed
 	  $(PY) -m pip download -q --no-deps gensim==4.4.0 -d $$wheels
 	touch $@
 
-test: lint unit compat browser-test spark-test
+test: lint unit compat browser-test spark-test bench-smoke
 
 lint: $(VENV)/.installed
 	$(PY) -m ruff check src tests scripts
@@ -48,6 +48,12 @@ unit: $(VENV)/.ppl-installed
 $(VENV)/.spark-installed: $(VENV)/.installed
 	$(PY) -m pip install -q -e ".[spark]"
 	touch $@
+
+# The recorder's benchmark scripts in seconds-long CPU runs, so a change that breaks them fails here.
+bench-smoke: $(VENV)/.installed
+	PYTHONPATH=src $(PY) scripts/bench_record_block.py --smoke
+	PYTHONPATH=src $(PY) scripts/bench_recorder.py --smoke
+	PYTHONPATH=src $(PY) scripts/bench_writer_stall.py --smoke
 
 # The Spark engine on one local[2] session (pyspark, the machine's Java 17): DuckDB and Spark give the
 # same findings and verdicts over a synthetic fleet of 200 traces; every measure query runs on both.

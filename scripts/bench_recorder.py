@@ -14,7 +14,7 @@ every variant, so its ~1 µs cost is common to all); and the recorder's own per-
 `--variants plain recorder` runs only those; `--cpus 2-7` pins the process (and the threads and
 processes it starts) to those cores; `--max-minutes` stops starting rounds after that long. The
 JSON is rewritten after every round, so a run cut short still leaves its results. `--smoke` runs
-one short round of a few variants on the CPU with a shrunk twin (what `make test` runs, so a change
+one short round of a few variants on the CPU with a 2-layer model (what `make test` runs, so a change
 that breaks this script fails there). It uses the recorder's supported seams only: `rec.pause()` /
 `rec.resume()` and `rec.helper_pids`.
 """
@@ -38,7 +38,7 @@ import pyarrow.parquet as pq
 import torch
 
 import kvscope
-from kvscope.twins import load_twin, shrink_config
+from kvscope.twins import load_twin
 from kvscope.twins.build import build_twin
 
 VARIANTS = ("plain", "recorder", "recorder+samples64")
@@ -338,10 +338,18 @@ def main() -> None:
     else:
         variants = VARIANTS + tuple(args.extra)
     print(f"cores: {sorted(os.sched_getaffinity(0))}; load average {os.getloadavg()}", flush=True)
-    spec = shrink_config(load_twin(args.twin)) if args.smoke else load_twin(args.twin)
-    model = build_twin(spec, dtype="float32" if args.smoke else "bfloat16", device=args.device)
+    if args.smoke:  # a 2-layer gpt_neox: the script's code paths, not a measurement
+        from transformers import AutoConfig, AutoModelForCausalLM
+
+        torch.manual_seed(0)
+        model = AutoModelForCausalLM.from_config(AutoConfig.for_model(
+            "gpt_neox", vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+            num_attention_heads=4, rotary_pct=0.25)).eval()
+    else:
+        model = build_twin(load_twin(args.twin), dtype="bfloat16", device=args.device)
     generator = torch.Generator().manual_seed(0)
-    ids = torch.randint(3, 50000, (1, args.prompt_tokens), generator=generator).to(args.device)
+    vocab = min(50000, int(model.config.vocab_size))
+    ids = torch.randint(3, vocab, (1, args.prompt_tokens), generator=generator).to(args.device)
     workdir = Path(tempfile.mkdtemp())
     if any(v != "plain" and "python" not in v for v in variants) and not args.smoke:
         from kvscope.recorder import native
