@@ -37,7 +37,7 @@ def test_valid_trace_exits_0(small_trace: Path, capsys: pytest.CaptureFixture[st
     report = json.loads(capsys.readouterr().out)
     assert report["valid"] is True and report["tables"]["layers"]["rows"] == 256
     assert report["tables"]["steps"]["rows"] == 64 and report["generations"] == 2
-    assert report["runs"][0]["num_layers"] == 4 and report["format_versions"] == ["1.0"]
+    assert report["runs"][0]["num_layers"] == 4 and report["format_versions"] == ["1.1"]
 
 
 def test_future_major_version(small_trace: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -2,6 +2,7 @@
 
 from kvscope.schema.metadata import TraceMetadata, new_run_id
 from kvscope.schema.tables import (
+    DEVICE_STEPS,
     EVENTS,
     FORMAT_MAJOR,
     FORMAT_MINOR,
@@ -9,6 +10,7 @@ from kvscope.schema.tables import (
     GENERATIONS,
     HEAD_STATS,
     KV_SAMPLES,
+    LAYER_DEVICES,
     LAYERS,
     META_FORMAT,
     META_REPLACES,
@@ -21,7 +23,7 @@ from kvscope.schema.tables import (
 )
 
 __all__ = [
-    "EVENTS", "FORMAT_MAJOR", "FORMAT_MINOR", "FORMAT_VERSION", "GENERATIONS", "HEAD_STATS",
-    "KV_SAMPLES", "LAYERS", "META_FORMAT", "META_REPLACES", "META_TABLE", "RUN", "STEPS", "TABLES",
+    "DEVICE_STEPS", "EVENTS", "FORMAT_MAJOR", "FORMAT_MINOR", "FORMAT_VERSION", "GENERATIONS", "HEAD_STATS",
+    "KV_SAMPLES", "LAYER_DEVICES", "LAYERS", "META_FORMAT", "META_REPLACES", "META_TABLE", "RUN", "STEPS", "TABLES",
     "Column", "Table", "TraceMetadata", "new_run_id",
 ]

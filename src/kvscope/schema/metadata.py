@@ -42,6 +42,9 @@ class TraceMetadata:
     options: dict[str, Any] = field(default_factory=dict)
     nvml_total_bytes: int | None = None
     memory_limit_bytes: int | None = None
+    job_id: str | None = None  # tensor parallel: one id for the job's ranks
+    rank: int | None = None
+    world_size: int | None = None
     format_version: str = FORMAT_VERSION
     kvscope_version: str = __version__
 

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import pyarrow as pa
 
 FORMAT_MAJOR = 1
-FORMAT_MINOR = 0
+FORMAT_MINOR = 1  # 1.1: device_steps, layer_devices; run.job_id, rank, world_size
 FORMAT_VERSION = f"{FORMAT_MAJOR}.{FORMAT_MINOR}"
 
 # Parquet key-value metadata keys written into every part file.
@@ -146,6 +146,12 @@ RUN = Table(
                "total: torch.cuda.set_per_process_memory_fraction x the device's memory, a MIG slice or an MPS "
                "limit (which one: options.memory_limit); null when uncapped or without CUDA.", "bytes",
                nullable=True, required=False),
+        Column("job_id", STR, "Identifier shared by the ranks of one distributed job (tensor parallel under "
+               "torchrun): each rank records its own run into one parent folder; null for one process.",
+               nullable=True, required=False),
+        Column("rank", I32, "This process's rank in the job (torch.distributed); null for one process.",
+               nullable=True, required=False),
+        Column("world_size", I32, "Processes in the job; null for one process.", nullable=True, required=False),
     ),
 )
 
@@ -267,6 +273,50 @@ HEAD_STATS = Table(
     sort_keys=("run_id", "gen_id", "step", "layer", "head", "stat"),
 )
 
+# One row per (step, device) rather than per-device columns in `steps`: the number of devices
+# differs from run to run (1 to 8 or more) and a long table keeps one schema for every run and
+# lets SQL group by device. Written only when the model's caches or parameters span more than one
+# device; `steps` keeps the totals (summed), so single-device readers see what they always saw.
+DEVICE_STEPS = Table(
+    "device_steps",
+    "Per step and device, for models split over several devices (device_map, pipeline style): the KV "
+    "bytes of the layers whose cache lives there and that device's allocator and NVML readings. Step "
+    "-1 holds a generation's baseline (before generate) and step -2 its reading after generate "
+    "returned and the cache was released (`settle()`), so retention is judged per device.",
+    (
+        RUN_ID,
+        GEN_ID,
+        Column("step", I32, "Forward pass within the generation (as in steps); -1 the baseline before "
+               "generate, -2 the reading after it returned and its cache was released.", encoding="delta"),
+        Column("device", STR, 'The device, e.g. "cuda:1".'),
+        _bytes("kv_bytes", "Unique bytes of the KV tensors of the layers whose cache lives on this device."),
+        Column("layers", I32, "Layers whose cache lives on this device at this step."),
+        _bytes("allocated_bytes", "memory_stats(device) allocated_bytes.all.current; null without CUDA.", nullable=True),
+        _bytes("reserved_bytes", "memory_stats(device) reserved_bytes.all.current; null without CUDA.", nullable=True),
+        _bytes("inactive_split_bytes", "memory_stats(device) inactive_split_bytes.all.current; null without CUDA.",
+               nullable=True),
+        _bytes("nvml_used_bytes", "NVML used memory of this device; null without NVML.", nullable=True),
+        _bytes("nvml_total_bytes", "NVML total memory of this device; null without NVML.", nullable=True),
+        _bytes("memory_limit_bytes", "This device's memory cap for the process (as run.memory_limit_bytes); "
+               "null when uncapped.", nullable=True, required=False),
+    ),
+    sort_keys=("run_id", "gen_id", "device", "step"),
+)
+
+# A layer's cache stays on one device for a whole generation: one row per (generation, layer)
+# instead of a column repeated on every `layers` row.
+LAYER_DEVICES = Table(
+    "layer_devices",
+    "The device each layer's cache lives on, per generation (models split over several devices).",
+    (
+        RUN_ID,
+        GEN_ID,
+        Column("layer", I32, "Layer index in the decoder stack."),
+        Column("device", STR, 'The device of the layer\'s cached keys, e.g. "cuda:1".'),
+    ),
+    sort_keys=("run_id", "gen_id", "layer"),
+)
+
 TABLES: dict[str, Table] = {
-    t.name: t for t in (RUN, GENERATIONS, STEPS, LAYERS, KV_SAMPLES, EVENTS, HEAD_STATS)
+    t.name: t for t in (RUN, GENERATIONS, STEPS, LAYERS, KV_SAMPLES, EVENTS, HEAD_STATS, DEVICE_STEPS, LAYER_DEVICES)
 }
