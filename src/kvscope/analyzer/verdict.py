@@ -44,8 +44,15 @@ _DETECTOR_ASPECT = {
 _OUTSIDE_WORDS = ("outside_cache", "non_kv", "footprint", "beside_cache")
 
 
+# device_memory speaks to several aspects, one per metric (each naming a device).
+_DEVICE_METRIC_ASPECT = {"first_device_tokens_to_oom": "oom", "kv_share_over_mean": "kv_cache",
+                         "device_retained_bytes": "retention", "device_fragmentation": "fragmentation"}
+
+
 def aspect_of(f: Finding) -> str | None:
     """The aspect a finding belongs to, by its detector and metric."""
+    if f.detector == "device_memory":
+        return _DEVICE_METRIC_ASPECT.get(f.metric)
     metric = f.metric.lower()
     if any(w in metric for w in _OUTSIDE_WORDS) or (
             f.detector == "growth_curve" and ("outside" in metric or "allocat" in metric)):
@@ -539,6 +546,12 @@ def _oom_aspect(facts: RunFacts, fs: list[Finding]) -> Aspect:
         ran_out.sort(key=lambda f: f.detector == "oom_forecast")  # the OOM's own finding says more
         why = ran_out[0].message if ran_out else "the trace holds out-of-memory events"
         return Aspect("oom", status, "ran out", f"ran out of memory ({_plural(n, 'OOM')}): {why}")
+    first_device = [f for f in mine if f.detector == "device_memory" and f.metric == "first_device_tokens_to_oom"]
+    if first_device:
+        # split over devices: the device that runs out first is the forecast, not the sum
+        f = min(first_device, key=lambda f: f.value)
+        label = f"{f.evidence.get('device')} first, {f.value:,.0f} tokens"
+        return Aspect("oom", status, f"close, {label}" if status in ("warning", "critical") else label, f.message)
     if not forecasts:
         if facts.total_bytes is None:
             return Aspect("oom", "n/a", "not forecast", "not forecast: the trace has no device total (CPU, no NVML)")

@@ -77,6 +77,16 @@ class SynthSpec:
     undeclared_sliding: bool = False
     preallocated: bool = False
     outside_growth: bool = False
+    # A model split over devices (device_map): the devices and how many consecutive layers each
+    # holds (None: one device, no per-device tables). Weights split like the layers.
+    devices: tuple[str, ...] | None = None
+    layers_per_device: tuple[int, ...] | None = None
+    device_memory_bytes: tuple[int, ...] | None = None  # per device (None: total_memory_bytes each)
+    retention_device: str | None = None  # plant the retention on this device only
+    # One rank of a tensor-parallel job (each rank its own run, on cuda:<rank>).
+    job_id: str | None = None
+    rank: int | None = None
+    world_size: int | None = None
     seed: int = 0
 
     def resolved_layer_types(self) -> list[str]:
@@ -85,6 +95,18 @@ class SynthSpec:
         if len(self.layer_types) != self.num_layers:
             raise ValueError(f"layer_types has {len(self.layer_types)} entries for {self.num_layers} layers")
         return list(self.layer_types)
+
+    def device_of_layers(self) -> list[str]:
+        """The device of each layer's cache (split over `devices` in order)."""
+        if not self.devices:
+            return [self.device] * self.num_layers
+        counts = self.layers_per_device or tuple(
+            self.num_layers // len(self.devices) + (i < self.num_layers % len(self.devices))
+            for i in range(len(self.devices)))
+        if len(counts) != len(self.devices) or sum(counts) != self.num_layers:
+            raise ValueError(f"layers_per_device {counts} must give each of {len(self.devices)} devices its layers "
+                             f"({self.num_layers} in all)")
+        return [d for d, n in zip(self.devices, counts, strict=True) for _ in range(n)]
 
     def model_config(self) -> dict[str, object]:
         config: dict[str, object] = {
@@ -161,6 +183,7 @@ def build_synthetic_trace(path: str | Path, spec: SynthSpec = SynthSpec()) -> Pa
         **({"host": spec.host} if spec.host else {}),
         **({"started_at": spec.started_at} if spec.started_at else {}),
         transformers_version=spec.transformers_version,
+        job_id=spec.job_id, rank=spec.rank, world_size=spec.world_size,
     )
     writer = TraceWriter(path)
     writer.append("run", meta.to_row())
@@ -171,6 +194,7 @@ def build_synthetic_trace(path: str | Path, spec: SynthSpec = SynthSpec()) -> Pa
     nvml_extra = 0
     clock = 0
     gen_rows: dict[str, list[object]] = {}
+    retained_by_device: dict[str, int] = {}
     for gen in range(spec.generations):
         step_idx = np.arange(steps)
         seq_len = spec.prompt_tokens + step_idx  # tokens in context after each step
@@ -259,6 +283,9 @@ def build_synthetic_trace(path: str | Path, spec: SynthSpec = SynthSpec()) -> Pa
             "kv_logical_bytes": pa.array((k_bytes + v_bytes).sum(axis=0).astype(np.int64)),
             "recorder_ns": pa.array(rng.integers(50_000, 120_000, steps).astype(np.int64)),
         })
+        if spec.devices:
+            _write_devices(writer, spec, meta.run_id, gen, step_idx, kv_layer, activation_bytes, context_bytes,
+                           retained_by_device, leak_fraction=spec.retention)
         writer.write_table("steps", steps_table)
 
         peak_alloc = int(allocated.max())
@@ -293,3 +320,44 @@ def build_synthetic_trace(path: str | Path, spec: SynthSpec = SynthSpec()) -> Pa
     writer.extend("generations", gen_rows)
     writer.close()
     return path
+
+
+def _write_devices(writer: TraceWriter, spec: SynthSpec, run_id: str, gen: int, step_idx: np.ndarray,
+                   kv_layer: np.ndarray, activation_bytes: int, context_bytes: int, retained: dict[str, int], *,
+                   leak_fraction: float) -> None:
+    """layer_devices and device_steps rows of a model split over `spec.devices` (one generation).
+
+    Each device holds its layers' weights and cache, an equal share of the activations and its own
+    CUDA context; step -1 is the baseline, step -2 the reading after the cache was released (the
+    planted retention on `retention_device`, else on every device in proportion)."""
+    assert spec.devices is not None
+    owner = spec.device_of_layers()
+    writer.extend("layer_devices", {"run_id": [run_id] * spec.num_layers, "gen_id": [gen] * spec.num_layers,
+                                    "layer": list(range(spec.num_layers)), "device": owner})
+    totals = spec.device_memory_bytes or tuple(spec.total_memory_bytes for _ in spec.devices)
+    columns: dict[str, list[object]] = {c: [] for c in (
+        "run_id", "gen_id", "step", "device", "kv_bytes", "layers", "allocated_bytes", "reserved_bytes",
+        "inactive_split_bytes", "nvml_used_bytes", "nvml_total_bytes")}
+
+    def add(step: int, device: str, kv: int, layers: int, allocated: int, total: int) -> None:
+        reserved = ((allocated + 2 * MIB - 1) // (2 * MIB)) * (2 * MIB) + 8 * MIB
+        for key, value in (("run_id", run_id), ("gen_id", gen), ("step", step), ("device", device), ("kv_bytes", kv),
+                           ("layers", layers), ("allocated_bytes", allocated), ("reserved_bytes", reserved),
+                           ("inactive_split_bytes", 1 * MIB), ("nvml_used_bytes", reserved + context_bytes),
+                           ("nvml_total_bytes", total)):
+            columns[key].append(value)
+
+    for device, total in zip(spec.devices, totals, strict=True):
+        mine = np.array([o == device for o in owner])
+        weights = spec.weights_bytes * int(mine.sum()) // spec.num_layers
+        kv = kv_layer[mine].sum(axis=0).astype(np.int64)
+        base = weights + retained.get(device, 0)
+        add(-1, device, 0, int(mine.sum()), base, total)
+        for step in step_idx:
+            add(int(step), device, int(kv[step]), int(mine.sum()),
+                base + activation_bytes // len(spec.devices) + int(kv[step]), total)
+        planted = spec.retention_device in (None, device)
+        leak = int(leak_fraction * (activation_bytes // len(spec.devices) + int(kv.max()))) if planted else 0
+        retained[device] = retained.get(device, 0) + leak
+        add(-2, device, 0, int(mine.sum()), base + leak, total)
+    writer.extend("device_steps", columns)

@@ -7,6 +7,8 @@ peak device memory in use (NVML, else reserved, else allocated) to the device's 
 sequence at the recorded context and keeps everything else (weights, workspaces) fixed.
 When the run was capped (run.memory_limit_bytes: set_per_process_memory_fraction, a MIG slice, an
 MPS limit), the cap is the total and the caching allocator's reserved bytes are what it counts.
+A model split over several devices (`device_steps`) is left to device_memory, which forecasts
+each device on its own.
 """
 
 from __future__ import annotations
@@ -72,7 +74,10 @@ def measure(t: Engine) -> Measured:
                  ELSE max(coalesce(s.nvml_used_bytes, s.reserved_bytes, s.allocated_bytes)) END AS peak_used,
             greatest(coalesce(max(s.batch_size), 1), 1) AS batch,
             max(s.num_ooms) - min(s.num_ooms) AS new_ooms
-          FROM steps s LEFT JOIN r USING (run_id) GROUP BY s.run_id, s.gen_id
+          FROM steps s LEFT JOIN r USING (run_id)
+          -- a model split over devices runs out on one of them: device_memory forecasts it
+          WHERE s.run_id NOT IN (SELECT DISTINCT run_id FROM device_steps)
+          GROUP BY s.run_id, s.gen_id
         ), ev AS (
           SELECT run_id, gen_id, count(*) AS oom_events FROM events WHERE kind = 'oom' GROUP BY ALL
         )
