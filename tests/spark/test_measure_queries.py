@@ -62,7 +62,12 @@ def traces(tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
                    json.dumps({"message": "CUDA out of memory. Tried to allocate 2.00 GiB",
                                "last_step": {"step": 3, "seq_len": 40, "kv_bytes": 1 << 20,
                                              "allocator": {"allocated": 3 << 30, "reserved": 4 << 30}}})]})
-    return [everything, mla]
+    # a model split over two devices (device_steps) and the two ranks of a tensor-parallel job
+    split = build_synthetic_trace(root / "split", SynthSpec(
+        run_id="split", num_layers=4, devices=("cuda:0", "cuda:1"), layers_per_device=(1, 3), retention=0.5))
+    ranks = [build_synthetic_trace(root / "job" / f"rank-{r}", SynthSpec(
+        run_id=f"rank{r}", job_id="job", rank=r, world_size=2, device=f"cuda:{r}")) for r in (0, 1)]
+    return [everything, mla, split, *ranks]
 
 
 def _measure_all(engine: Any) -> dict[str, Any]:
@@ -88,3 +93,5 @@ def test_every_measure_query_runs_on_both_engines_with_the_same_rows(traces: lis
     assert all(any(v for v in m.values()) if isinstance(m, dict) else m for m in on_duckdb.values())
     assert on_duckdb["dead_heads"]["heads"] and on_duckdb["mla_latent"]["ranks"] and on_duckdb["mla_latent"]["layers"]
     assert on_duckdb["oom_event"]["ooms"] and on_duckdb["cache_seen"]["events"]
+    assert {(d["run_id"], d["device"]) for d in on_duckdb["device_memory"]["devices"]} == {
+        ("split", "cuda:0"), ("split", "cuda:1"), ("rank0", "cuda:0"), ("rank1", "cuda:1")}
