@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
+
 import kvscope
 from kvscope.analyzer import load_traces
 from kvscope.trace.synth import SynthSpec, build_synthetic_trace
@@ -63,7 +65,7 @@ def test_the_device_with_less_memory_runs_out_first_on_an_even_split(tmp_path: P
     assert "kv_share_over_mean" not in found  # 3 and 3 layers: balanced
     tokens = {d["device"]: d["tokens_to_oom"] for d in found["first_device_tokens_to_oom"].evidence["devices"]}
     # cuda:0: (3.5 GiB - its peak) / 48 KiB per token; cuda:1 has 4.5 GiB more headroom
-    assert tokens["cuda:1"] - tokens["cuda:0"] == 4.5 * GIB / (3 * 16 * 1024)
+    assert tokens["cuda:1"] - tokens["cuda:0"] == pytest.approx(4.5 * GIB / (3 * 16 * 1024), rel=1e-9)
 
 
 def test_a_forecast_inside_twice_the_context_is_a_warning(tmp_path: Path) -> None:

@@ -26,6 +26,15 @@ import torch
 from kvscope.errors import RecordingError, UsageError
 from kvscope.recorder import native as native_fast_path
 from kvscope.recorder.batch_writer import GenerationWindow, NvmlConfig, Rows
+from kvscope.recorder.devices import (
+    BASELINE_STEP,
+    DEVICE_STEP_COLUMNS,
+    RELEASED_STEP,
+    CudaDevices,
+    DeviceProbe,
+    DeviceRows,
+    layer_devices,
+)
 from kvscope.recorder.flusher import BackgroundWriter
 from kvscope.recorder.generation import GenerationRecord, generated_tokens, supports_disable_compile
 from kvscope.recorder.hooks import AttentionDiscovery
@@ -67,6 +76,8 @@ class Recording:
                  **keywords: Any) -> None:
         """`options`: a `RecordOptions`, or (as before) a dict stored in the run's options; `keywords`:
         the fields of `RecordOptions`."""
+        # a test double for per-device readings (recorder/devices.py); CUDA devices are read otherwise
+        self._device_probe: DeviceProbe | None = keywords.pop("device_probe", None)
         self.options = RecordOptions.from_keywords(options, **keywords)
         if not hasattr(model, "generate"):
             raise UsageError(f"{type(model).__name__} has no generate(): pass the model you call generate on.")
@@ -137,8 +148,10 @@ class Recording:
                                         o.nvml_interval_ms / 1e3))
         self.samples.prepare(cuda=self.allocator.enabled)
         self.discovery = AttentionDiscovery(attention_modules(self.model))
+        self.devices = self._device_split()
         self.steps = StepRecorder(self.run_id, self.layout, self.allocator, self.nvml.total, self.writer,
                                   self.sample_writer, self.discovery, o.flush_every, self.samples, self.origin_ns, native=self.native)
+        self.steps.device_rows = self.devices
         self._hook = self.model.register_forward_hook(self.steps.on_forward, with_kwargs=True)
         self.head_stats = None  # online per-head statistics (kvscope.kernels.online), every N steps
         if o.head_stats_every:
@@ -149,6 +162,24 @@ class Recording:
         self._original_generate = self.model.generate
         self.model.generate = self._generate  # type: ignore[method-assign]
         self._started = True
+
+    def _device_split(self) -> DeviceRows | None:
+        """Per-device rows when the model's layers span two or more devices (device_map)."""
+        devices = layer_devices(self.model, self.metadata.num_layers)
+        if devices is None:
+            return None
+        probe = self._device_probe or CudaDevices(tuple(sorted(set(devices))))
+        return DeviceRows(self.run_id, devices, probe)
+
+    def _write_devices(self, gen_id: int, *, layers: bool) -> None:
+        if self.devices is None:
+            return
+        if layers:
+            self.writer.send(Rows("layer_devices", ("run_id", "gen_id", "layer", "device"),
+                                  self.devices.layer_rows(gen_id)))
+        rows = self.devices.drain()
+        if rows:
+            self.writer.send(Rows("device_steps", DEVICE_STEP_COLUMNS, rows))
 
     def _release_helpers(self) -> None:
         hook = getattr(self, "_hook", None)
@@ -234,6 +265,9 @@ class Recording:
             return None
         gc.collect()
         record.post_release = self._reading()
+        if self.devices is not None:
+            self.devices.take(record.gen_id, RELEASED_STEP)
+            self._write_devices(record.gen_id, layers=False)
         self.allocator.empty_cache()
         record.post_empty_cache = self._reading()
         self._write_generation(record)
@@ -263,6 +297,8 @@ class Recording:
                                   prompt_text=text if self.options.store_prompts else None)
         self.generations.append(record)
         record.baseline = self._reading()
+        if self.devices is not None:
+            self.devices.take(gen_id, BASELINE_STEP)
         self.allocator.reset_peaks()
         record.started_ns = time.perf_counter_ns() - self.origin_ns
         self.writer.send(GenerationWindow(gen_id, record.started_ns))  # the window of its NVML peak
@@ -299,6 +335,7 @@ class Recording:
                 record.prompt_text = json.dumps(ids[0].tolist())
         self._write_events(steps.events, record.gen_id)
         self._write_head_stats()
+        self._write_devices(record.gen_id, layers=True)
         # No wait: generate returns while the writer thread writes the last parts (settle() and the
         # end of the `with` block wait for them, and report any write error).
         steps.end(wait=False)
@@ -333,6 +370,7 @@ class Recording:
         self._write_events(steps.events, record.gen_id)
         self._event("oom" if is_oom else "error", record.gen_id, steps.step, detail)
         self._write_head_stats()
+        self._write_devices(record.gen_id, layers=True)
         self.writer.send(GenerationWindow(record.gen_id, record.started_ns, time.perf_counter_ns() - self.origin_ns))
         steps.end(wait=True)
 

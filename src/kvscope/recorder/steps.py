@@ -92,6 +92,7 @@ class StepRecorder:
         self._layer_rows: list[tuple] = []
         self._sample_ready: Any = None
         self._sample_rows: list[tuple] = []
+        self.device_rows: Any = None  # devices.DeviceRows of a model split over devices, else None
         self.module_state: ModuleState | None = None  # where the model keeps state on its modules
         self._module_state_searched = False
         self.begin(-1)
@@ -183,6 +184,8 @@ class StepRecorder:
             self._layer_rows.append((run_id, gen_id, step, self.seq_len, measured))
         del cache
         reading = self.allocator.read()
+        if self.device_rows is not None:  # split over devices: each one's readings too
+            self.device_rows.take(gen_id, step)
         self._end_step(start, step, batch, measured, reading)
 
     def _cache_read_failed(self, step: int, exc: Exception) -> None:

@@ -289,8 +289,11 @@ DEVICE_STEPS = Table(
         Column("step", I32, "Forward pass within the generation (as in steps); -1 the baseline before "
                "generate, -2 the reading after it returned and its cache was released.", encoding="delta"),
         Column("device", STR, 'The device, e.g. "cuda:1".'),
-        _bytes("kv_bytes", "Unique bytes of the KV tensors of the layers whose cache lives on this device."),
-        Column("layers", I32, "Layers whose cache lives on this device at this step."),
+        _bytes("kv_bytes", "Unique bytes of the KV tensors of the layers whose cache lives on this device; "
+               "null where the writer left it to the reader (the recorder: the sum of this device's layers' "
+               "`layers.kv_bytes`, by `layer_devices`).", nullable=True, required=False),
+        Column("layers", I32, "Layers whose cache lives on this device; null as kv_bytes.", nullable=True,
+               required=False),
         _bytes("allocated_bytes", "memory_stats(device) allocated_bytes.all.current; null without CUDA.", nullable=True),
         _bytes("reserved_bytes", "memory_stats(device) reserved_bytes.all.current; null without CUDA.", nullable=True),
         _bytes("inactive_split_bytes", "memory_stats(device) inactive_split_bytes.all.current; null without CUDA.",

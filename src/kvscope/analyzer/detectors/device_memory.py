@@ -51,11 +51,19 @@ _QUERY = """
       FROM run GROUP BY run_id
     ), split AS (
       SELECT DISTINCT run_id FROM device_steps
+    ), lk AS (  -- each device's layers' unique bytes per step, where device_steps leaves kv_bytes to the reader
+      SELECT l.run_id, l.gen_id, l.step, d.device, sum(l.kv_bytes) AS kv_bytes, count(*) AS layers
+      FROM layers l JOIN layer_devices d ON d.run_id = l.run_id AND d.gen_id = l.gen_id AND d.layer = l.layer
+      GROUP BY l.run_id, l.gen_id, l.step, d.device
     ), u AS (
-      SELECT ds.run_id, ds.gen_id, ds.step, ds.device, ds.kv_bytes, ds.layers, ds.allocated_bytes, ds.reserved_bytes,
+      SELECT ds.run_id, ds.gen_id, ds.step, ds.device, coalesce(ds.kv_bytes, lk.kv_bytes, 0) AS kv_bytes,
+             coalesce(ds.layers, lk.layers, ld.layers) AS layers, ds.allocated_bytes, ds.reserved_bytes,
              ds.nvml_used_bytes, coalesce(ds.memory_limit_bytes, ds.nvml_total_bytes) AS total, s.seq_len
       FROM device_steps ds
       LEFT JOIN steps s ON s.run_id = ds.run_id AND s.gen_id = ds.gen_id AND s.step = ds.step
+      LEFT JOIN lk ON lk.run_id = ds.run_id AND lk.gen_id = ds.gen_id AND lk.step = ds.step AND lk.device = ds.device
+      LEFT JOIN (SELECT run_id, gen_id, device, count(*) AS layers FROM layer_devices GROUP BY run_id, gen_id, device) ld
+        ON ld.run_id = ds.run_id AND ld.gen_id = ds.gen_id AND ld.device = ds.device
       UNION ALL
       SELECT s.run_id, s.gen_id, s.step, r.run_device AS device, s.kv_bytes, r.num_layers AS layers,
              s.allocated_bytes, s.reserved_bytes, s.nvml_used_bytes,
