@@ -87,3 +87,25 @@ def test_a_split_model_records_per_device_rows(tmp_path: Path) -> None:
     # the double has cuda:1 use twice as much with half the memory: it is named first
     first = [f for f in kvscope.analyze([path]).findings if f.metric == "first_device_tokens_to_oom"]
     assert len(first) == 1 and first[0].evidence["device"] == "cuda:1"
+
+
+def _rank(rank: int, world: int, init: str, out: str) -> None:
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=init, rank=rank, world_size=world)
+    try:
+        model = tiny_model("llama")
+        with kvscope.record(model, f"{out}/rank-{rank}", writer="thread", nvml=False):
+            model.generate(prompt_ids(), max_new_tokens=2, min_new_tokens=2, do_sample=False)
+    finally:
+        dist.destroy_process_group()
+
+
+def test_each_rank_of_a_distributed_job_records_its_rank_and_one_job_id(tmp_path: Path) -> None:
+    import torch.multiprocessing as mp
+
+    init = f"file://{tmp_path / 'rendezvous'}"
+    mp.spawn(_rank, args=(2, init, str(tmp_path / "job")), nprocs=2, join=True)
+    rows = [open_trace(tmp_path / "job" / f"rank-{r}").read("run").to_pylist()[0] for r in (0, 1)]
+    assert [(r["rank"], r["world_size"]) for r in rows] == [(0, 2), (1, 2)]
+    assert rows[0]["job_id"] == rows[1]["job_id"] is not None

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from typing import Any
 
 import torch
@@ -32,6 +33,23 @@ def _finite(value: Any) -> Any:
     if isinstance(value, list):
         return [_finite(v) for v in value]
     return value
+
+
+def distributed_job() -> tuple[str | None, int | None, int | None]:
+    """(job_id, rank, world_size) of a torch.distributed job with more than one process, else Nones.
+
+    The job id is what torchrun gives every rank alike (TORCHELASTIC_RUN_ID), else
+    KVSCOPE_JOB_ID, else the rendezvous address: the ranks' runs are then read as one job."""
+    dist = getattr(torch, "distributed", None)
+    if dist is None or not dist.is_available() or not dist.is_initialized():
+        return None, None, None
+    world = dist.get_world_size()
+    if world < 2:
+        return None, None, None
+    env = os.environ
+    job = env.get("TORCHELASTIC_RUN_ID") or env.get("KVSCOPE_JOB_ID") or \
+        f"{env.get('MASTER_ADDR', 'localhost')}:{env.get('MASTER_PORT', '')}"
+    return job, dist.get_rank(), world
 
 
 def run_metadata(model: torch.nn.Module, layout: ModelLayout, model_name: str | None, labels: dict[str, str],
@@ -76,4 +94,5 @@ def run_metadata(model: torch.nn.Module, layout: ModelLayout, model_name: str | 
         options=options,
         nvml_total_bytes=nvml.total,
         memory_limit_bytes=limit_bytes,
+        **dict(zip(("job_id", "rank", "world_size"), distributed_job(), strict=True)),
     )
