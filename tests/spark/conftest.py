@@ -17,8 +17,12 @@ pytest.importorskip("sqlglot")
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    for item in items:  # every test here is a Spark test (make spark-test; `make unit` leaves them out)
-        item.add_marker(pytest.mark.spark)
+    # every test in this folder is a Spark test (make spark-test; `make unit` leaves them out); the
+    # hook sees the whole session's items, so only this folder's are marked
+    here = Path(__file__).parent
+    for item in items:
+        if here in Path(str(item.fspath)).parents:
+            item.add_marker(pytest.mark.spark)
 
 
 @pytest.fixture(scope="session")
