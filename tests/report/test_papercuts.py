@@ -26,7 +26,7 @@ def test_tune_says_when_the_parameter_changes_nothing(pair: dict[str, Path], tmp
     base = ["tune", str(pair["r0"]), str(pair["r40"]), "--labels", str(labels), "-d", "post_eos"]
     # info_threshold only moves info findings: the warning-or-worse predictions stay the same
     assert main([*base, "--param", "info_threshold", "--range", "0.05:0.5:0.15"]) == 0
-    out = capsys.readouterr().out
+    out = " ".join(capsys.readouterr().out.split())  # the console wraps at its width
     assert "post_eos.info_threshold changes nothing here: every value from 0.05 to 0.5 gives the same " \
            "predictions (tp 1, fp 0, fn 0, tn 1)" in out
     assert main([*base, "--param", "info_threshold", "--range", "0.05:0.5:0.15", "--format", "json"]) == 0
