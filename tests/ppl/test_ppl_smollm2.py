@@ -38,3 +38,19 @@ def test_gguf_file_and_converted_directory_agree_on_real_text(tmp_path: Path) ->
     assert b.variants[0].ppl == pytest.approx(a.variants[0].ppl, rel=1e-5)
     assert 2 < b.variants[0].ppl < 200  # a trained model on English prose (uniform would be 49,152)
     assert b.variants[0].kv_bytes_per_token_layer == 2 * 3 * 64 * 4  # K and V, 3 kv heads of 64, float32
+
+
+def test_record_takes_a_gguf_file(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from kvscope.cli.main import main
+    from kvscope.trace.reader import open_trace
+
+    out = tmp_path / "trace"
+    assert main(["record", str(smollm2_gguf()), "-o", str(out), "--device", "cpu", "--limit", "1",
+                 "--max-new-tokens", "3", "--writer", "thread", "--nvml", "off"]) == 0
+    (run,) = open_trace(out).read("run").to_pylist()
+    assert run["model_name"] == SMOLLM2_GGUF.removesuffix(".gguf") and run["num_layers"] == 30
+    assert run["tokenizer"].endswith(f"from {SMOLLM2_GGUF}")
+    per_token = {r["kv_bytes"] // r["stored_tokens"] for r in open_trace(out).read("layers").to_pylist()}
+    assert per_token == {2 * 3 * 64 * 4}  # a real tokenizer's ids, the model's own KV geometry
+    assert main(["record", str(tmp_path / "missing.gguf"), "-o", str(tmp_path / "t2")]) == 2
+    assert "no such GGUF file" in capsys.readouterr().err

@@ -67,11 +67,14 @@ def check_options(model: str | None, twin: str | None, dtype: str | None, device
                          "(integer and float8 dtypes are cache or weight storage formats).")
     if model is not None and twin is None:
         path = Path(model)
-        if not path.is_dir():
-            raise UsageError(f"{model}: not a local model directory (for a twin, use --twin NAME).")
-        if not (path / "config.json").is_file():
+        if path.suffix == ".gguf":
+            if not path.is_file():
+                raise UsageError(f"{model}: no such GGUF file.")
+        elif not path.is_dir():
+            raise UsageError(f"{model}: not a local model directory or .gguf file (for a twin, use --twin NAME).")
+        elif not (path / "config.json").is_file():
             raise UsageError(f"{model}: has no config.json, so it is not a Hugging Face model directory.")
-        if not any((path / name).is_file() for name in TOKENIZER_FILES):
+        elif not any((path / name).is_file() for name in TOKENIZER_FILES):
             raise UsageError(f"{model}: has no tokenizer ({', '.join(TOKENIZER_FILES[:3])}, ...); save the "
                              "tokenizer into the model directory (tokenizer.save_pretrained) or use --twin.")
     if cache_implementation is not None:
@@ -140,7 +143,7 @@ def record_command(model: str | None, output: Path, twin: str | None, shrink: bo
                    sample_kv_every: int, head_stats_every: int, labels: tuple[str, ...], append: bool,
                    native_mode: str, sample_layers: str | None, max_sample_bytes: int, flush_every: int, writer: str,
                    nvml_mode: str, nvml_interval_ms: float, store_prompts: bool) -> int:
-    """Record the KV cache of MODEL (a local Hugging Face model directory) or of --twin."""
+    """Record the KV cache of MODEL (a local Hugging Face model directory or a .gguf file) or of --twin."""
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 

@@ -111,6 +111,16 @@ def load_model(job: RecordJob, device: str) -> tuple[torch.nn.Module, Callable[[
     from kvscope.twins.build import torch_dtype
 
     path = Path(job.model_dir)  # type: ignore[arg-type]
+    if path.suffix == ".gguf" and path.is_file():
+        # a GGUF file (llama.cpp's format): weights dequantized, tokenizer from the same file
+        from kvscope.ppl.models import load_gguf
+
+        model, tokenizer = load_gguf(path, torch_dtype(job.dtype) if job.dtype else None)
+        if job.attn_implementation:
+            model.set_attn_implementation(job.attn_implementation)
+        model = model.to(device).eval()
+        return (model, lambda text: tokenizer(text)["input_ids"], path.stem,
+                f"{type(tokenizer).__name__} from {path.name}")
     if not path.is_dir():
         raise UsageError(f"{path} is not a local model directory (config.json, weights, tokenizer).")
     kwargs: dict[str, Any] = {"torch_dtype": torch_dtype(job.dtype)} if job.dtype else {"torch_dtype": "auto"}
