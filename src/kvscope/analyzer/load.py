@@ -149,15 +149,7 @@ class LoadedTraces:
 
     def run_traces(self) -> dict[str, str]:
         """The trace directory that holds each run_id (read from each trace's run table)."""
-        out: dict[str, str] = {}
-        for tr in self.traces:
-            try:
-                ids = tr.read("run", ["run_id"]).column("run_id").to_pylist()
-            except Exception:  # a trace without a run table still has steps
-                ids = []
-            for run_id in ids:
-                out.setdefault(str(run_id), str(tr.path))
-        return out
+        return trace_of_runs(self.traces)
 
     def lazy(self, table: str) -> Any:
         """A Polars LazyFrame over one table's parts (nothing read until collected)."""
@@ -251,15 +243,7 @@ def load_traces(paths: Sequence[str | os.PathLike[str]], *, threads: int | None 
         from rich.progress import track
 
         opening = track(found, description="opening traces", transient=True, console=_stderr_console())
-    traces: list[Trace] = []
-    skipped: list[tuple[Path, str]] = []
-    for p in opening:
-        try:
-            traces.append(open_checked(p, validate=validate))
-        except TraceError as exc:
-            if not skip_bad:
-                raise
-            skipped.append((p, str(exc)))
+    traces, skipped = open_all(opening, validate=validate, skip_bad=skip_bad)
     if not traces and skipped:
         raise TraceError(f"every trace is bad; the first: {skipped[0][1]}")
     loaded = load_opened(traces, threads=threads, memory_limit=memory_limit)
@@ -271,3 +255,30 @@ def _stderr_console() -> Any:
     from rich.console import Console
 
     return Console(stderr=True)
+
+
+def trace_of_runs(traces: Iterable[Trace]) -> dict[str, str]:
+    """The trace directory that holds each run_id (read from each trace's run table)."""
+    out: dict[str, str] = {}
+    for tr in traces:
+        try:
+            ids = tr.read("run", ["run_id"]).column("run_id").to_pylist()
+        except Exception:  # a trace without a run table still has steps
+            ids = []
+        for run_id in ids:
+            out.setdefault(str(run_id), str(tr.path))
+    return out
+
+
+def open_all(paths: Iterable[Path], *, validate: bool, skip_bad: bool) -> tuple[list[Trace], list[tuple[Path, str]]]:
+    """Open (and check) each trace; with `skip_bad`, a bad one is kept as (path, reason) instead of raising."""
+    traces: list[Trace] = []
+    skipped: list[tuple[Path, str]] = []
+    for p in paths:
+        try:
+            traces.append(open_checked(p, validate=validate))
+        except TraceError as exc:
+            if not skip_bad:
+                raise
+            skipped.append((p, str(exc)))
+    return traces, skipped

@@ -170,14 +170,9 @@ class SparkTraces:
         return int(row["n"])
 
     def run_traces(self) -> dict[str, str]:
-        out: dict[str, str] = {}
-        for tr in self.traces:
-            try:
-                ids = tr.read("run", ["run_id"]).column("run_id").to_pylist()
-            except Exception:  # a trace without a run table still has steps
-                ids = []
-            for run_id in ids:
-                out.setdefault(str(run_id), str(tr.path))
+        from kvscope.analyzer.load import trace_of_runs
+
+        out = trace_of_runs(self.traces)
         if self.uris:
             from pyspark.sql.functions import input_file_name
 
@@ -232,7 +227,7 @@ def _read(session: Any, table: str, files: list[str]) -> Any:
 def load_spark(paths: Sequence[str | os.PathLike[str]], *, master: str | None = None, validate: bool = True,
                skip_bad: bool = False) -> SparkTraces:
     """Open traces (local paths and/or URIs) as Spark views; see the module's docstring."""
-    from kvscope.analyzer.load import open_checked
+    from kvscope.analyzer.load import open_all
 
     given = [str(p) for p in paths]
     uris = [p for p in given if _is_uri(p)]
@@ -240,13 +235,8 @@ def load_spark(paths: Sequence[str | os.PathLike[str]], *, master: str | None = 
     traces: list[Trace] = []
     skipped: list[tuple[Path, str]] = []
     if local:
-        for p in dict.fromkeys(q.resolve() for q in find_traces([q.removeprefix("file://") for q in local])):
-            try:
-                traces.append(open_checked(p, validate=validate))
-            except TraceError as exc:
-                if not skip_bad:
-                    raise
-                skipped.append((p, str(exc)))
+        found = dict.fromkeys(q.resolve() for q in find_traces([q.removeprefix("file://") for q in local]))
+        traces, skipped = open_all(found, validate=validate, skip_bad=skip_bad)
         if not traces and not uris and skipped:
             raise TraceError(f"every trace is bad; the first: {skipped[0][1]}")
     if not traces and not uris:
