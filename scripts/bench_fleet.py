@@ -38,7 +38,7 @@ if args["engine"] == "spark":
      .config("spark.sql.shuffle.partitions", str(args["partitions"])).getOrCreate().sparkContext.setLogLevel("ERROR"))
 started = time.perf_counter()
 from kvscope.analyzer.analyze import analyze
-from kvscope.analyzer.engine import open_engine
+from kvscope.analyzer.engine import open_engine, rounded
 from kvscope.analyzer.fleet import group_runs, run_meta
 from kvscope.analyzer.verdict import run_facts
 paths = [str(Path(args["root"]) / f"trace-{i:05d}") for i in range(args["count"])]
@@ -49,14 +49,6 @@ with open_engine(paths, engine=args["engine"], validate=args["validate"], **kwar
     view = group_runs(("host",), run_meta(t, ("host",)), findings, run_facts(t))
     done = time.perf_counter()
     queries = len(t.queries)
-def rounded(x):
-    if isinstance(x, float):
-        return float(f"{x:.9g}")
-    if isinstance(x, dict):
-        return {k: rounded(v) for k, v in x.items()}
-    if isinstance(x, (list, tuple)):
-        return [rounded(v) for v in x]
-    return x
 digest = hashlib.sha256(json.dumps(rounded([f.to_dict() for f in findings] + [g.to_dict() for g in view.groups]),
                                    sort_keys=True).encode()).hexdigest()[:16]
 print(json.dumps({"session_s": started - t0, "open_s": opened - started, "analyse_s": done - opened,

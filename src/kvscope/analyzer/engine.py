@@ -90,3 +90,19 @@ def open_engine(paths: Sequence[str | os.PathLike[str]], *, engine: str = "duckd
 def arrow_table(columns: dict[str, tuple[pa.DataType, list[Any]]]) -> pa.Table:
     """A typed Arrow table from `{name: (type, values)}` (typed even when empty), for register_rows."""
     return pa.table({name: pa.array(values, type=kind) for name, (kind, values) in columns.items()})
+
+
+def rounded(x: Any) -> Any:
+    """`x` with every float rounded to 9 significant digits, through dicts, lists and dataclasses:
+    what two engines' results are compared as (DuckDB and Spark sum floats in other orders)."""
+    if isinstance(x, float):
+        return float(f"{x:.9g}")
+    if isinstance(x, dict):
+        return {k: rounded(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [rounded(v) for v in x]
+    if hasattr(x, "__dataclass_fields__"):
+        import dataclasses
+
+        return rounded(dataclasses.asdict(x))
+    return x

@@ -8,8 +8,9 @@ after release at step -2). The per-device KV bytes are left to the analyser, whi
 `layers` rows of each device's layers (the layers' unique bytes, exactly what `steps` sums). One
 device, the common case, costs nothing: no probe, no rows.
 
-`DeviceProbe` is the seam: `CudaDevices` reads `torch.cuda.memory_stats(device)` and NVML per
-device; tests pass a double (`Recording(..., device_probe=...)`).
+`DeviceProbe` is the seam: `CudaDevices` takes each device's allocator values from the session's
+`AllocatorProbe` (read just before, every step) and NVML from its `NvmlProbe`; tests pass a double
+(`Recording(..., device_probe=...)`).
 """
 
 from __future__ import annotations
@@ -18,6 +19,9 @@ import re
 from typing import Any, Protocol
 
 import torch
+
+from kvscope.recorder.nvml import NvmlProbe
+from kvscope.recorder.telemetry import AllocatorProbe
 
 # device, allocated, reserved, inactive_split, nvml_used, nvml_total (bytes; None where unread)
 DeviceReading = tuple[str, int | None, int | None, int | None, int | None, int | None]
@@ -62,48 +66,26 @@ def layer_devices(model: torch.nn.Module, num_layers: int) -> list[str] | None:
 
 
 class CudaDevices:
-    """Per-device allocator counters (torch.cuda.memory_stats) and NVML memory, read on demand."""
+    """Per-device allocator counters and NVML memory of a split model, from the session's probes.
 
-    def __init__(self, devices: tuple[str, ...]) -> None:
+    The allocator values are those of the `AllocatorProbe.read()` taken just before (it reads each
+    device anyway, then sums): no second stats call. NVML is one read per device."""
+
+    def __init__(self, devices: tuple[str, ...], allocator: AllocatorProbe, nvml: NvmlProbe) -> None:
         self.devices = devices
-        self._cuda = [torch.device(d) for d in devices]
-        self._handles: list[Any] = []
-        try:
-            import pynvml
-
-            pynvml.nvmlInit()
-            self._nvml: Any = pynvml
-            self._handles = [pynvml.nvmlDeviceGetHandleByIndex(_physical_index(d.index or 0)) for d in self._cuda]
-        except Exception:  # noqa: BLE001 - no NVML: the NVML columns stay null
-            self._nvml = None
+        self._indices = [torch.device(d).index or 0 for d in devices]
+        self._allocator, self._nvml = allocator, nvml
 
     def read(self) -> list[DeviceReading]:
         out: list[DeviceReading] = []
-        for i, (name, device) in enumerate(zip(self.devices, self._cuda, strict=True)):
-            allocated = reserved = split = used = total = None
-            if device.type == "cuda":
-                stats = torch.cuda.memory_stats(device)
-                allocated = stats.get("allocated_bytes.all.current")
-                reserved = stats.get("reserved_bytes.all.current")
-                split = stats.get("inactive_split_bytes.all.current")
-            if self._handles:
-                try:
-                    info = self._nvml.nvmlDeviceGetMemoryInfo(self._handles[i])
-                    used, total = int(info.used), int(info.total)
-                except Exception:  # noqa: BLE001 - a failed read is a null, never an error in generate
-                    pass
-            out.append((name, allocated, reserved, split, used, total))
+        for name, index in zip(self.devices, self._indices, strict=True):
+            values = self._allocator.last_by_device.get(index)
+            try:
+                used, total = self._nvml.memory_of(index)
+            except Exception:  # noqa: BLE001 - a failed read is a null, never an error in generate
+                used = total = None
+            out.append((name, *(values[:2] if values else (None, None)), values[3] if values else None, used, total))
         return out
-
-
-def _physical_index(index: int) -> int:
-    """NVML numbers devices physically; CUDA_VISIBLE_DEVICES renumbers them for torch."""
-    import os
-
-    visible = [v.strip() for v in os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",") if v.strip()]
-    if index < len(visible) and visible[index].isdigit():
-        return int(visible[index])
-    return index
 
 
 class DeviceRows:
@@ -114,6 +96,7 @@ class DeviceRows:
         self.rows: list[tuple[Any, ...]] = []
 
     def take(self, gen_id: int, step: int) -> None:
+        """Buffer every device's reading (callers read the AllocatorProbe first: CudaDevices reuses it)."""
         for reading in self.probe.read():
             self.rows.append((self.run_id, gen_id, step, *reading))
 

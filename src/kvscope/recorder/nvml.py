@@ -30,6 +30,7 @@ class NvmlProbe:
         import torch
 
         self.handles: list[Any] = []
+        self.devices = devices  # the CUDA index of each handle
         self.driver_version: str | None = None
         self.total: int | None = None
         self._pynvml: Any = None
@@ -75,6 +76,13 @@ class NvmlProbe:
             uuid = self._pynvml.nvmlDeviceGetUUID(handle)
             ids.append(uuid.decode() if isinstance(uuid, bytes) else str(uuid))
         return ids
+
+    def memory_of(self, device: int) -> tuple[int | None, int | None]:
+        """(used, total) bytes of one of the model's devices, (None, None) without NVML."""
+        if not self.handles or device not in self.devices:
+            return None, None
+        info = self._pynvml.nvmlDeviceGetMemoryInfo(self.handles[self.devices.index(device)])
+        return int(info.used), int(info.total)
 
     def used(self) -> int | None:
         if not self.handles:

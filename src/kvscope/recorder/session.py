@@ -168,7 +168,7 @@ class Recording:
         devices = layer_devices(self.model, self.metadata.num_layers)
         if devices is None:
             return None
-        probe = self._device_probe or CudaDevices(tuple(sorted(set(devices))))
+        probe = self._device_probe or CudaDevices(tuple(sorted(set(devices))), self.allocator, self.nvml)
         return DeviceRows(self.run_id, devices, probe)
 
     def _write_devices(self, gen_id: int, *, layers: bool) -> None:

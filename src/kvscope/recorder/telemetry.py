@@ -44,6 +44,8 @@ class AllocatorProbe:
         # The C++ fast path's reader (8 ints straight from the allocator), where this torch has
         # the device-allocator API; it answers None where it cannot read, and the stats call does.
         self._native_read = native.allocator_stats if native is not None and self.devices else None
+        # several devices: each one's values of the last read (per-device rows reuse them, no second call)
+        self.last_by_device: dict[int, tuple[int, ...]] = {}
 
     @property
     def enabled(self) -> bool:
@@ -55,6 +57,7 @@ class AllocatorProbe:
         if len(self.devices) == 1:  # the usual case, every step: no summing
             return _new_reading(AllocatorReading, self._device_values(self.devices[0]))
         per_device = [self._device_values(device) for device in self.devices]
+        self.last_by_device = dict(zip(self.devices, per_device, strict=True))
         return _new_reading(AllocatorReading, tuple(map(sum, zip(*per_device, strict=True))))
 
     def _device_values(self, device: int) -> tuple[int, ...]:
