@@ -89,3 +89,25 @@ def test_recording_with_head_stats_every_writes_online_rows(tmp_path) -> None:  
     assert {r["source"] for r in rows} == {"online"}
     assert {r["stat"] for r in rows} == {"key_norm_mean", "key_norm_max", "value_norm_mean", "value_norm_max",
                                          "entropy_mean", "low_mass_fraction"}
+
+
+@pytest.mark.parametrize(("tq", "tk", "window"), [(1, 37, None), (1, 37, 8), (9, 9, None), (9, 21, 5)])
+def test_unmasked_fast_path_equals_the_general_path(tq: int, tk: int, window: int | None) -> None:
+    """A step with no 4D mask, padding or sinks takes the per-pass shared path; a collector that
+    keeps raw values takes the general one: the statistics they write must be the same."""
+    gen = torch.Generator().manual_seed(tq * 100 + tk)
+    q = torch.randn(2, 6, tq, 16, generator=gen)
+    k = torch.randn(2, 3, tk, 16, generator=gen)
+    v = torch.randn(2, 3, tk, 16, generator=gen)
+    # threshold 1: keys below the mean mass are "low", so the fractions are neither 0 nor 1
+    fast, general = HeadStatsCollector(1, low_mass_threshold=1.0), HeadStatsCollector(1, low_mass_threshold=1.0, keep_raw=True)
+    for collector in (fast, general):
+        collector.step = 0
+        for layer in range(2):  # the second layer reuses the first one's shared tensors
+            collector.observe(layer, q * (layer + 1), k, v, scale=0.3, window=window)
+    got, want = fast.drain(), general.drain()
+    assert got["stat"] == want["stat"] and len(got["stat"]) == 2 * (4 * 3 + 6 + 3)  # per layer: norms per kv head, entropy per query head, low mass per kv head
+    fractions = [v for s, v in zip(want["stat"], want["value"], strict=True) if s == "low_mass_fraction"]
+    assert any(0.0 < f < 1.0 for f in fractions)  # the comparison covers a non-trivial fraction
+    torch.testing.assert_close(torch.tensor(got["value"]), torch.tensor(want["value"]), rtol=1e-6, atol=1e-7)
+    assert got["tokens"] == want["tokens"]

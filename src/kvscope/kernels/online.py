@@ -83,6 +83,8 @@ class HeadStatsCollector:
         self._padding: torch.Tensor | None = None  # the model call's 2D attention_mask [B, L] when it pads
         self._context: int | None = None  # L: tokens in context in this forward pass, when the call says
         self._bias_cache: tuple[int, torch.Tensor] | None = None
+        # per forward pass: shape-only tensors shared by layers (see _geometry)
+        self._geometry_cache: dict[tuple[Any, ...], tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
         self._warned = False
         self._sampling = False  # set once per forward pass by the pre-hook: the per-layer check is one read
         self._functions: dict[type, Callable[..., Any]] = {}  # wrapped function per attention class
@@ -156,6 +158,8 @@ class HeadStatsCollector:
         self.step += 1
         self._sampling = self.sampling()
         self._bias_cache = None
+        if self._geometry_cache:
+            self._geometry_cache = {}
         mask = kwargs.get("attention_mask")
         # The call's 2D mask gives the context length (a static cache's filled slots) and the padding;
         # whether there is any padding is asked once per sampled pass (one device sync), not per layer.
@@ -259,9 +263,8 @@ class HeadStatsCollector:
                 masked = norms.masked_fill(~keep, float("-inf")).amax(dim=(0, 2))
                 self._pending.append((pos, f"{prefix}_norm_max", masked.clamp(min=0.0), keep[:, 0].sum()))
             else:
-                per_head = norms.transpose(0, 1).reshape(x.shape[1], -1)
-                self._pending.append((pos, f"{prefix}_norm_mean", per_head.mean(dim=1), b * x.shape[2]))
-                self._pending.append((pos, f"{prefix}_norm_max", per_head.amax(dim=1), b * x.shape[2]))
+                self._pending.append((pos, f"{prefix}_norm_mean", norms.mean(dim=(0, 2)), b * x.shape[2]))
+                self._pending.append((pos, f"{prefix}_norm_max", norms.amax(dim=(0, 2)), b * x.shape[2]))
         if query.shape[-1] != key.shape[-1] or query.shape[1] % key.shape[1]:
             return
         bias = self._bias(mask, query, key)
@@ -273,8 +276,12 @@ class HeadStatsCollector:
             pad = torch.zeros((b, 1, tq, tk), dtype=torch.float32, device=key.device)
             pad.masked_fill_(~(query_valid[:, None, :, None] & key_valid[:, None, None, :]), float("-inf"))
             bias = pad if bias is None else bias + pad
+        group = query.shape[1] // key.shape[1]
         entropy, lse = api.attention_entropy(query, key, scale=scale, causal=causal, window=win, bias=bias,
                                              softcap=softcap)
+        if bias is None and sinks is None and self.raw is None and tk >= tq:
+            self._observe_unmasked(pos, query, key, entropy, lse, scale=scale, window=win, softcap=softcap)
+            return
         if sinks is not None:
             entropy, lse = _with_sinks(entropy, lse, sinks)
         rows = torch.isfinite(lse)  # [B, Hq, Tq]: queries that see a key (pad queries see none)
@@ -285,7 +292,6 @@ class HeadStatsCollector:
         self._pending.append((pos, "entropy_mean", mean_entropy, tk))
         mass = api.attention_mass(query, key, scale=scale, causal=causal, window=win, lse=lse, normalize=True,
                                   bias=bias, softcap=softcap)  # [B, Hkv, Tk]
-        group = query.shape[1] // key.shape[1]
         if bias is None:
             seen = (reference.visible_queries(tq, tk, causal=causal, window=win, device=mass.device) > 0)
             seen = seen[None, None, :].expand_as(mass)
@@ -300,6 +306,39 @@ class HeadStatsCollector:
             self.raw[(self.gen_id, self.step, layer)] = {
                 "entropy": entropy.detach().cpu(), "rows": rows.cpu(), "mass": mass.detach().cpu(),
                 "seen": seen.cpu(), "group": torch.tensor(group)}
+
+    def _observe_unmasked(self, pos: tuple[Any, ...], query: torch.Tensor, key: torch.Tensor, entropy: torch.Tensor,
+                          lse: torch.Tensor, *, scale: float | None, window: int | None, softcap: float | None) -> None:
+        """Entropy mean and low-mass fraction where only causality and a window mask the keys (no 4D
+        mask, no padding, no sinks: a decode step of SDPA or flash). Every query sees its own key, so
+        every row counts; what depends only on the shapes is computed once per forward pass and
+        shared by the layers, which keeps a sampled step to a few launches per layer."""
+        b, tq, tk = query.shape[0], query.shape[2], key.shape[2]
+        geometry = self._geometry(b, tq, tk, query.shape[1] // key.shape[1], window, key.device)
+        inverse_pairs, threshold, seen_total = geometry
+        self._pending.append((pos, "entropy_mean", entropy.mean(dim=(0, 2)), tk))
+        mass = api.attention_mass(query, key, scale=scale, causal=True, window=window, lse=lse, softcap=softcap)
+        mass = mass * inverse_pairs  # the mean probability each key receives (normalize=True)
+        fraction = (mass < threshold).sum(dim=(0, 2)) / seen_total
+        self._pending.append((pos, "low_mass_fraction", fraction, tk))
+
+    def _geometry(self, b: int, tq: int, tk: int, group: int, window: int | None,
+                  device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Per key: 1 / (query, head) pairs that see it (0 if none), the low-mass threshold (-inf if
+        unseen, so it never counts), and the number of seen (batch row, key) pairs, per forward pass."""
+        key = (b, tq, tk, group, window, str(device))
+        cached = self._geometry_cache.get(key)
+        if cached is not None:
+            return cached
+        count = reference.visible_queries(tq, tk, causal=True, window=window, device=device)  # [Tk]
+        seen = count > 0
+        pairs = (count * group).to(torch.float32)
+        inverse_pairs = torch.where(seen, 1.0 / pairs.clamp(min=1.0), torch.zeros_like(pairs))
+        n_keys = seen.sum().clamp(min=1).to(torch.float32)
+        threshold = torch.where(seen, self.low_mass_threshold / n_keys, torch.full_like(pairs, float("-inf")))
+        seen_total = (seen.sum() * b).clamp(min=1).to(torch.float32)
+        self._geometry_cache[key] = (inverse_pairs, threshold, seen_total)
+        return self._geometry_cache[key]
 
     def _bias(self, mask: torch.Tensor | None, query: torch.Tensor, key: torch.Tensor) -> torch.Tensor | None:
         """The model's 4D mask as an fp32 bias; layers that share one mask object share the conversion."""
