@@ -8,8 +8,8 @@ Sampled steps (step % 64 == 0) also carry the recorder's 64-step flush, so the c
 statistics is the difference of differences: (median sampled-step time − median other-step time)
 with statistics, minus the same without. Overhead in tokens/s = that extra time / (64 × the median
 decode step) counts the sampled step alone; `overhead_fraction_of_tokens_per_s` compares whole
-64-step cycles (one sampled step + 63 others, medians), so it also counts any slowdown of unsampled
-steps. Both estimates use medians over all runs' steps, so one slow round moves them little.
+64-step cycles (one sampled step + 63 others, each run's medians), median over runs, so it also
+counts any slowdown of unsampled steps while one run slowed by the shared host moves it little.
 """
 
 from __future__ import annotations
@@ -67,6 +67,7 @@ def main() -> None:
                                                "without": {"sampled": [], "other": []},
                                                "installed": {"sampled": [], "other": []}}
     phases: dict[str, list[list[float]]] = {}
+    cycles: dict[str, list[float]] = {v: [] for v in data}  # per run: median sampled + (every - 1) x median other
     with tempfile.TemporaryDirectory() as tmp, torch.no_grad():
         model.generate(ids, max_new_tokens=8, min_new_tokens=8, do_sample=False)  # warm-up
         with record(model, Path(tmp) / "warm", head_stats_every=every):
@@ -80,23 +81,30 @@ def main() -> None:
             with record(model, path, head_stats_every=variants[variant]):
                 model.generate(ids, max_new_tokens=args.new, min_new_tokens=args.new, do_sample=False)
             sampled, other = step_times(path, every)
-            by_phase = phase_medians(path, every)
-            phases.setdefault(variant, []).append(by_phase)
+            phases.setdefault(variant, []).append(phase_medians(path, every))
+            cycles[variant].append(statistics.median(sampled) + (every - 1) * statistics.median(other))
             data[variant]["sampled"] += sampled
             data[variant]["other"] += other
     med = {v: {k: statistics.median(x) for k, x in d.items()} for v, d in data.items()}
     extra_ms = (med["with"]["sampled"] - med["with"]["other"]) - (med["without"]["sampled"] - med["without"]["other"])
     step_ms = med["without"]["other"]
-
-    def cycle_ms(variant: str) -> float:  # one sampled step and every - 1 others
-        return med[variant]["sampled"] + (every - 1) * med[variant]["other"]
+    # The host is shared: now and then a whole run is slow at every step (seen in plain runs too),
+    # and pooling steps across runs lets one such run move the medians. The estimate compares
+    # per-run 64-step cycle times, median over runs; runs over 1.5x the median cycle are listed.
+    typical = statistics.median([c for cs in cycles.values() for c in cs])
+    slow_runs = {v: [i for i, c in enumerate(cs) if c > 1.5 * typical] for v, cs in cycles.items()}
 
     doc = {"device": torch.cuda.get_device_name(0) if args.device == "cuda" else "cpu", "runs_per_variant": args.runs,
            "new_tokens": args.new, "median_ms": med, "extra_ms_per_sampled_step": round(extra_ms, 3),
            "median_decode_step_ms": round(step_ms, 3),
-           # the sampled step's own cost only; the next line also counts slower unsampled steps
+           # the sampled step's own cost only; the cycle estimate also counts slower unsampled steps
            "sampled_step_overhead_fraction": round(extra_ms / (every * step_ms), 5),
-           "overhead_fraction_of_tokens_per_s": round(cycle_ms("with") / cycle_ms("without") - 1, 5),
+           "cycle_ms_per_run": {v: [round(c, 1) for c in cs] for v, cs in cycles.items()},
+           "slow_runs": slow_runs,
+           "overhead_fraction_of_tokens_per_s": round(statistics.median(cycles["with"])
+                                                      / statistics.median(cycles["without"]) - 1, 5),
+           "installed_overhead_fraction": round(statistics.median(cycles["installed"])
+                                                / statistics.median(cycles["without"]) - 1, 5),
            "sampled_steps": {v: len(d["sampled"]) for v, d in data.items()},
            # per run, the median step time at each offset after a sampled step (0 = the sampled step):
            # slow steps right after a sampled one point at queued GPU work, uniformly slow ones at a
