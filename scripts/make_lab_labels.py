@@ -16,13 +16,13 @@ from pathlib import Path
 from kvscope.analyzer import load_traces
 from kvscope.lab import LAB_DETECTORS
 
-# Runs whose recorded labels are not the whole truth, by scenario: the static scenarios of the
-# 2026-12-01 H200 recording kept each generation's StaticCache alive through the lab's own kwargs
-# dict until the next generation (fixed in kvscope.lab since): a real kept cache, so post_eos
-# should flag them.
+# Runs whose recorded labels are not the whole truth, by run id: the two static scenarios of the
+# first H200 recording kept each generation's StaticCache alive through the lab's own kwargs dict
+# until the next generation (fixed in kvscope.lab since; the later healthy_static and
+# static_compiled runs are the fixed lab's): a real kept cache, so post_eos should flag them.
 CORRECTIONS: dict[str, dict[str, object]] = {
-    "healthy_static": {"scenario": "static_kept_by_kwargs", "add": ("post_eos",)},
-    "preallocated": {"add": ("post_eos",)},
+    "0983649448b14ebe": {"scenario": "static_kept_by_kwargs", "add": ("post_eos",)},  # recorded as healthy_static
+    "5a2e2afb0023408d": {"add": ("post_eos",)},  # preallocated
 }
 
 
@@ -37,7 +37,7 @@ def main(argv: list[str] | None = None) -> int:
         if "lab" in labels:
             scenario = labels["lab"]
             expected = {d for d in labels.get("expected", "").split(",") if d}
-            fix = CORRECTIONS.get(scenario, {})
+            fix = CORRECTIONS.get(run_id, {})
             scenario = str(fix.get("scenario", scenario))
             expected |= set(fix.get("add", ()))  # type: ignore[arg-type]
             kind = "planted" if expected else "control"
