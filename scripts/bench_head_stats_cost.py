@@ -54,6 +54,7 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--new", type=int, default=512)
     parser.add_argument("--device", default="cuda")
+    parser.add_argument("--warmup-runs", type=int, default=1, help="untimed full-length recordings per variant")
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args()
     every = 64
@@ -75,6 +76,11 @@ def main() -> None:
         # "installed": the collector in place but sampling only the prefill, which isolates what
         # being installed costs an unsampled step (the wrapper, the mask registration, the pre-hook)
         variants = {"with": every, "without": 0, "installed": 1 << 30}
+        # The H200 host ran the first full-length recording after a short warm-up slow at every
+        # step, whatever its variant: one untimed full-length recording of each variant first.
+        for w, (variant, n) in enumerate(list(variants.items()) * args.warmup_runs):
+            with record(model, Path(tmp) / f"warm-{variant}-{w}", head_stats_every=n):
+                model.generate(ids, max_new_tokens=args.new, min_new_tokens=args.new, do_sample=False)
         for r in range(args.runs * len(variants)):
             variant = list(variants)[r % len(variants)]
             path = Path(tmp) / f"{variant}-{r}"
