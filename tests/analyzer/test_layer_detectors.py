@@ -125,3 +125,28 @@ def test_cache_density_latent_geometry(synth, tmp_path: Path) -> None:  # noqa: 
     (g,) = detect(dense, "cache_density")
     assert g.severity == "warning" and g.evidence["ratio"] == pytest.approx(12288 / 1152)
     assert json.dumps(g.to_dict())
+
+
+@pytest.mark.parametrize("style", ["per_layer_config", "global_head_dim"])
+def test_cache_density_gives_gemma4_full_layers_their_own_geometry(tmp_path: Path, style: str) -> None:
+    # Gemma 4 31B: sliding layers 16 kv heads x 256, full layers 4 kv heads x 512 (bf16: 16 KiB and
+    # 8 KiB per token). transformers 5.17 writes the full layers as per_layer_config overrides, the
+    # published config as global_head_dim / num_global_key_value_heads.
+    types = ["sliding_attention"] * 5 + ["full_attention"]
+    config = {"num_attention_heads": 32, "num_key_value_heads": 16, "head_dim": 256, "torch_dtype": "bfloat16"}
+    if style == "per_layer_config":
+        config["per_layer_config"] = {"05": {"head_dim": 512, "num_key_value_heads": 4}, "bad": {}, "7": "x"}
+    else:
+        config.update(global_head_dim=512, num_global_key_value_heads=4)
+    # the full layer measured at 8 KiB: as its geometry says, so the per-type lines read 1.00
+    layers = [(kind, 16384 if kind == "sliding_attention" else 8192, 80, "bfloat16") for kind in types]
+    (f,) = detect(_last_step_trace(tmp_path, layers, config, "gemma4_text"), "cache_density")
+    assert (f.severity, f.value, f.threshold, f.evidence["ratio"]) == ("info", 16384.0, 16384.0, 1.0)
+    by_type = {r["layer_type"]: (r["layers"], r["measured"], r["expected"]) for r in f.evidence["by_layer_type"]}
+    assert by_type == {"full_attention": (1, 8192.0, 8192.0), "sliding_attention": (5, 16384.0, 16384.0)}
+    assert "1 full_attention 8.00 KiB (geometry 8.00 KiB)" in f.message
+    # a full layer stored at the sliding layers' size is now visible per type
+    wrong = [(kind, 16384, 80, "bfloat16") for kind in types]
+    (g,) = detect(_last_step_trace(tmp_path / "wrong", wrong, config, "gemma4_text"), "cache_density")
+    assert {r["layer_type"]: r["measured"] / r["expected"] for r in g.evidence["by_layer_type"]} == {
+        "full_attention": 2.0, "sliding_attention": 1.0}

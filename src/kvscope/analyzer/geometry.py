@@ -43,6 +43,20 @@ class KVGeometry:
     kv_heads: int | None
     head_dim: int | None
     source: str  # how it was derived, for the evidence
+    # K + V elements of full_attention layers where they differ (Gemma 4: global_head_dim and
+    # num_global_key_value_heads), else None: every layer costs elements_per_token
+    full_elements_per_token: int | None = None
+    # per-layer K + V elements where the config overrides a layer's head_dim or kv heads
+    # (transformers' `per_layer_config`, which Gemma 4 uses for its full layers), by layer index
+    layer_elements: tuple[tuple[int, int], ...] = ()
+
+    def elements_for(self, layer: int, layer_type: str | None) -> int | None:
+        for index, elements in self.layer_elements:
+            if index == layer:
+                return elements
+        if layer_type == "full_attention" and self.full_elements_per_token is not None:
+            return self.full_elements_per_token
+        return self.elements_per_token
 
     @property
     def bytes_per_token(self) -> float | None:
@@ -98,4 +112,32 @@ def geometry(raw_config: str | dict[str, Any] | None, model_type: str | None = N
         head_dim = hidden // heads
     if kv_heads is None or head_dim is None:
         return KVGeometry(None, size, False, kv_heads, head_dim, "config lacks head counts or head_dim")
-    return KVGeometry(2 * kv_heads * head_dim, size, False, kv_heads, head_dim, "2 x kv_heads x head_dim")
+    source = "2 x kv_heads x head_dim"
+    full = None
+    global_dim = _int(config, "global_head_dim")
+    if global_dim is not None:  # Gemma 4 as published: full layers have their own head size and kv heads
+        full = 2 * (_int(config, "num_global_key_value_heads") or kv_heads) * global_dim
+        source += "; full_attention layers 2 x num_global_key_value_heads x global_head_dim"
+    layers = _per_layer_elements(config.get("per_layer_config"), kv_heads, head_dim)
+    if layers:
+        source += f"; {len(layers)} layers from per_layer_config"
+    return KVGeometry(2 * kv_heads * head_dim, size, False, kv_heads, head_dim, source, full, layers)
+
+
+def _per_layer_elements(raw: Any, kv_heads: int, head_dim: int) -> tuple[tuple[int, int], ...]:
+    """(layer, K + V elements) for the layers a `per_layer_config` {"05": {"head_dim": 512,
+    "num_key_value_heads": 4}, ...} overrides; malformed entries are ignored (a trace is untrusted)."""
+    if not isinstance(raw, dict):
+        return ()
+    out = []
+    for key, override in list(raw.items())[:100_000]:
+        try:
+            layer = int(str(key))
+        except ValueError:
+            continue
+        if layer < 0 or not isinstance(override, dict):
+            continue
+        dim = _int(override, "head_dim") or head_dim
+        heads = _int(override, "num_key_value_heads") or kv_heads
+        out.append((layer, 2 * heads * dim))
+    return tuple(sorted(out))
