@@ -105,6 +105,37 @@ def test_the_writer_child_imports_no_torch() -> None:
     assert result.stdout.strip() == "False"
 
 
+def test_no_message_a_recording_sends_makes_the_writer_import_torch(tmp_path: Path,
+                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    """Unpickling a message imports the module of every class it holds: one torch object (the run
+    row's `torch.__version__` is a TorchVersion) made the child import torch, which took about
+    2.5 s of a process's first block on the H200 host."""
+    import io
+    import pickle
+
+    from kvscope.recorder import helper_process
+
+    foreign: set[tuple[str, str, str]] = set()
+
+    class Checking(pickle.Unpickler):
+        def find_class(self, module: str, name: str) -> object:
+            if module.split(".")[0] in ("torch", "transformers"):
+                foreign.add((self.message, module, name))
+            return super().find_class(module, name)
+
+    original = helper_process.HelperProcess.send
+
+    def send(self: helper_process.HelperProcess, message: object) -> None:
+        unpickler = Checking(io.BytesIO(pickle.dumps(message, protocol=pickle.HIGHEST_PROTOCOL)))
+        unpickler.message = type(message).__name__
+        unpickler.load()
+        original(self, message)
+
+    monkeypatch.setattr(helper_process.HelperProcess, "send", send)
+    _record(tiny_model("gpt_neox"), tmp_path / "t", "process")
+    assert open_trace(tmp_path / "t").num_rows("steps") == NEW_TOKENS + 3
+    assert not foreign, foreign
+
 def test_without_a_writer_process_auto_falls_back_to_a_thread_and_process_is_an_error(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     import sys

@@ -57,7 +57,7 @@ def run_metadata(model: torch.nn.Module, layout: ModelLayout, model_name: str | 
     try:
         import transformers
 
-        transformers_version: str | None = transformers.__version__
+        transformers_version: str | None = str(transformers.__version__)
     except ImportError:
         transformers_version = None
     config = model.config
@@ -86,7 +86,7 @@ def run_metadata(model: torch.nn.Module, layout: ModelLayout, model_name: str | 
         model_config=_config_dict(config),
         attn_implementation=layout.attn_implementation,
         labels=labels,
-        torch_version=torch.__version__,
+        torch_version=str(torch.__version__),  # a TorchVersion would make the writer process import torch
         transformers_version=transformers_version,
         gpu_name=gpu_name,
         driver_version=nvml.driver_version,
