@@ -206,3 +206,16 @@ def test_a_cpu_trace_reports_what_it_has(tmp_path: Path) -> None:
     assert page.count('<p class="note"') == 3  # memory, per generation, heads: each says why it is absent
     assert "Not drawn: no allocator readings (CPU run)." in page
     assert 'href="#run0-memory"' not in page  # no link to a chart that is not there
+
+
+def test_layers_of_their_own_geometry_get_one_geometry_mark_each(tmp_path: Path) -> None:
+    # Gemma 4 31B (shipped lab twin): 50 sliding layers of 16 KiB and 10 full layers of 8 KiB per
+    # token, each as its own geometry says; one dashed line at 16 KiB would misplace the full layers
+    twin = Path(__file__).resolve().parents[2] / "traces" / "lab" / "twins" / "gemma-4-31b"
+    bars, marks = _figures(_report([twin], tmp_path / "gemma.html"))["run0-bpt"]["data"]
+    assert marks["name"] == "geometry per layer" and marks["mode"] == "markers"
+    full = [i for i, kind in enumerate(bars["text"]) if kind == "full_attention"]
+    assert len(full) == 10 and {marks["y"][i] for i in full} == {8192.0}
+    assert {y for i, y in enumerate(marks["y"]) if i not in full} == {16384.0}
+    # measured as the geometry says, layer by layer (a sliding layer holds a token more than its window)
+    assert all(abs(b - m) / m < 0.002 for b, m in zip(bars["y"], marks["y"], strict=True))

@@ -254,21 +254,26 @@ def _bpt_figure(t: LoadedTraces, run_id: str) -> dict[str, Any] | None:
     if not rows:
         return None
     run = t.records(f"SELECT model_config, model_type FROM run WHERE run_id = {_q(run_id)} LIMIT 1")
-    expected = None
+    expected: list[float | None] = []  # per layer: a model's layers can differ (Gemma 4's full layers)
     if run:
         geo = geometry(run[0]["model_config"], run[0]["model_type"])
         size = geo.dtype_bytes or dtype_bytes(rows[0]["k_dtype"])
-        if geo.elements_per_token and size:
-            expected = geo.elements_per_token * size
+        for r in rows:
+            elements = geo.elements_for(int(r["layer"]), r["layer_type"])
+            expected.append(elements * size if elements and size else None)
     colours = [TYPE_COLOURS.get(str(r["layer_type"]), "#7f7f7f") for r in rows]
     data: list[dict[str, Any]] = [{
         "type": "bar", "x": [int(r["layer"]) for r in rows], "y": [r["bpt"] for r in rows], "name": "measured",
         "marker": {"color": colours}, "text": [_e(r["layer_type"]) for r in rows], "textposition": "none",
         "hovertemplate": "layer %{x} (%{text}): %{y:,.0f} bytes per token<extra></extra>"}]
-    if expected:
-        xs = [int(r["layer"]) for r in rows]
-        data.append({"type": "scatter", "mode": "lines", "x": [min(xs) - 0.5, max(xs) + 0.5], "y": [expected] * 2,
-                     "name": f"geometry: {expected:,.0f} bytes", "line": {"color": "black", "dash": "dash"}})
+    xs = [int(r["layer"]) for r in rows]
+    if expected and None not in expected and len(set(expected)) == 1:
+        data.append({"type": "scatter", "mode": "lines", "x": [min(xs) - 0.5, max(xs) + 0.5], "y": expected[:1] * 2,
+                     "name": f"geometry: {expected[0]:,.0f} bytes", "line": {"color": "black", "dash": "dash"}})
+    elif any(e is not None for e in expected):  # one mark per layer where layers differ
+        data.append({"type": "scatter", "mode": "markers", "x": xs, "y": expected, "name": "geometry per layer",
+                     "marker": {"color": "black", "symbol": "line-ew-open", "size": 14},
+                     "hovertemplate": "layer %{x}: geometry %{y:,.0f} bytes per token<extra></extra>"})
     return {"data": data, "layout": _layout("bytes per token per layer against the geometry", "layer",
                                             "bytes per token (per sequence)")}
 
