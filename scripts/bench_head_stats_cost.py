@@ -28,6 +28,16 @@ from kvscope.twins.build import build_twin
 from kvscope.twins.spec import load_twin, shrink_config
 
 
+def pythia_model_and_prompt(device: str) -> tuple[torch.nn.Module, torch.Tensor]:
+    """The pythia-1.4b twin (bf16 on CUDA; shrunk, fp32 on the CPU) and a fixed 64-token prompt."""
+    spec = load_twin("pythia-1.4b")
+    if device == "cpu":
+        spec = shrink_config(spec)
+    model = build_twin(spec, dtype="bfloat16" if device == "cuda" else "float32", device=device)
+    vocab = model.config.get_text_config().vocab_size
+    return model, torch.randint(3, min(1000, vocab - 1), (1, 64), generator=torch.Generator().manual_seed(1)).to(device)
+
+
 def step_times(path: Path, every: int) -> tuple[list[float], list[float]]:
     rows = sorted((r["step"], r["t_ns"]) for r in open_trace(path).read("steps", ["step", "t_ns"]).to_pylist())
     sampled, other = [], []
@@ -58,12 +68,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args()
     every = 64
-    spec = load_twin("pythia-1.4b")
-    if args.device == "cpu":
-        spec = shrink_config(spec)
-    model = build_twin(spec, dtype="bfloat16" if args.device == "cuda" else "float32", device=args.device)
-    vocab = model.config.get_text_config().vocab_size
-    ids = torch.randint(3, min(1000, vocab - 1), (1, 64), generator=torch.Generator().manual_seed(1)).to(args.device)
+    model, ids = pythia_model_and_prompt(args.device)
     data: dict[str, dict[str, list[float]]] = {"with": {"sampled": [], "other": []},
                                                "without": {"sampled": [], "other": []},
                                                "installed": {"sampled": [], "other": []}}

@@ -22,12 +22,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from bench_head_stats_cost import pythia_model_and_prompt
 from transformers import StoppingCriteria, StoppingCriteriaList
 
 from kvscope.kernels.online import HeadStatsCollector
 from kvscope.recorder.session import record
-from kvscope.twins.build import build_twin
-from kvscope.twins.spec import load_twin, shrink_config
 
 
 class StepClock(StoppingCriteria):
@@ -58,12 +57,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args()
-    spec = load_twin("pythia-1.4b")
-    if args.device == "cpu":
-        spec = shrink_config(spec)
-    model = build_twin(spec, dtype="bfloat16" if args.device == "cuda" else "float32", device=args.device)
-    vocab = model.config.get_text_config().vocab_size
-    ids = torch.randint(3, min(1000, vocab - 1), (1, 64), generator=torch.Generator().manual_seed(1)).to(args.device)
+    model, ids = pythia_model_and_prompt(args.device)
     tmp = Path(tempfile.mkdtemp())
 
     def gen(n: int) -> list[float]:
