@@ -40,7 +40,7 @@ started = time.perf_counter()
 from kvscope.analyzer.analyze import analyze
 from kvscope.analyzer.engine import open_engine, rounded
 from kvscope.analyzer.fleet import group_runs, run_meta
-from kvscope.analyzer.verdict import run_facts
+from kvscope.analyzer.run_facts import run_facts
 paths = [str(Path(args["root"]) / f"trace-{i:05d}") for i in range(args["count"])]
 kwargs = {"master": args["master"]} if args["engine"] == "spark" else {"threads": args["threads"]}
 with open_engine(paths, engine=args["engine"], validate=args["validate"], **kwargs) as t:

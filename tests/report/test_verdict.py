@@ -9,16 +9,10 @@ from pathlib import Path
 import pytest
 
 import kvscope
-from kvscope.analyzer.findings import Finding
+from kvscope.analyzer.findings import Finding, metric_value_text, span_text
 from kvscope.analyzer.report import verdict_text
-from kvscope.analyzer.verdict import (
-    GenerationMemory,
-    RunFacts,
-    build_verdict,
-    group_findings,
-    metric_value_text,
-    span_text,
-)
+from kvscope.analyzer.run_facts import GenerationMemory, RunFacts
+from kvscope.analyzer.verdict import build_verdict, group_findings
 from kvscope.cli.main import main
 from kvscope.errors import UsageError
 

@@ -11,8 +11,9 @@ from spark_helpers import FLEET_SIZE, rounded
 from kvscope.analyzer import analyze
 from kvscope.analyzer.fleet import group_runs, run_meta
 from kvscope.analyzer.load import load_traces
+from kvscope.analyzer.run_facts import run_facts
 from kvscope.analyzer.spark import load_spark
-from kvscope.analyzer.verdict import build_verdict, run_facts
+from kvscope.analyzer.verdict import build_verdict
 from kvscope.trace.synth_fleet import planted
 
 BY = ("host", "variant")

@@ -14,8 +14,8 @@ from spark_helpers import rounded
 from kvscope.analyzer.fleet import run_meta
 from kvscope.analyzer.load import load_traces
 from kvscope.analyzer.registry import registry
+from kvscope.analyzer.run_facts import run_facts
 from kvscope.analyzer.spark import load_spark, to_spark
-from kvscope.analyzer.verdict import run_facts
 from kvscope.schema.tables import TABLES
 from kvscope.trace.synth import SynthSpec, build_synthetic_trace
 

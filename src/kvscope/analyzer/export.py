@@ -22,7 +22,7 @@ from typing import Any
 
 from kvscope.analyzer.findings import SEVERITIES, Finding
 from kvscope.analyzer.load import LoadedTraces
-from kvscope.analyzer.verdict import RunFacts, run_facts
+from kvscope.analyzer.run_facts import RunFacts, run_facts
 
 TID_GENERATIONS, TID_STEPS, TID_EVENTS = 1, 2, 3
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from decimal import Decimal
 from typing import Any
@@ -111,3 +112,40 @@ def layer_list(layers: list[int], limit: int = 8) -> str:
     """`0, 2, 4` or `0, 2, 4, ... (18 layers)` for a message."""
     shown = ", ".join(str(i) for i in layers[:limit])
     return shown if len(layers) <= limit else f"{shown}, ... ({len(layers)} layers)"
+
+
+# --- small formatting helpers shared by the verdict and the reporters ----------------------------
+
+def span_text(ids: Sequence[int]) -> str:
+    """`0-3`, `0, 2-4`: sorted integers as ranges."""
+    out: list[str] = []
+    ids = sorted(set(ids))
+    i = 0
+    while i < len(ids):
+        j = i
+        while j + 1 < len(ids) and ids[j + 1] == ids[j] + 1:
+            j += 1
+        out.append(str(ids[i]) if i == j else f"{ids[i]}-{ids[j]}")
+        i = j + 1
+    return ", ".join(out)
+
+
+def number_text(x: float | None) -> str:
+    """A number in full, never cut: 413,773 / 8,192 / 0.885 / 2.68."""
+    if x is None:
+        return "-"
+    if abs(x) >= 100 or float(x).is_integer():
+        return f"{x:,.0f}"
+    return f"{x:.3g}"
+
+
+def metric_value_text(metric: str, x: float | None) -> str:
+    """A finding's value in its unit: bytes as KiB/MiB, fractions as percent, counts in full."""
+    if x is None:
+        return "-"
+    m = metric.lower()
+    if m.endswith("bytes") or "bytes_per" in m:
+        return human_bytes(x)
+    if any(w in m for w in ("retention", "fragmentation", "fraction")) and abs(x) <= 1.5:
+        return f"{x:.0%}" if abs(x) >= 0.01 else f"{x:.1%}"
+    return number_text(x)

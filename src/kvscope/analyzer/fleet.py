@@ -21,7 +21,8 @@ from kvscope.analyzer.analyze import analyze
 from kvscope.analyzer.engine import Engine
 from kvscope.analyzer.findings import SEVERITY_RANK, Finding
 from kvscope.analyzer.registry import Detector
-from kvscope.analyzer.verdict import RunFacts, build_verdict, run_facts
+from kvscope.analyzer.run_facts import RunFacts, run_facts
+from kvscope.analyzer.verdict import build_verdict
 
 # `--by` names of run metadata columns; any other name is a key of run.labels.
 METADATA = {"host": "host", "model": "model_name", "model_type": "model_type", "transformers": "transformers_version",

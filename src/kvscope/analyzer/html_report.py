@@ -24,11 +24,11 @@ from dataclasses import dataclass, field
 from importlib import resources
 from typing import Any
 
-from kvscope.analyzer.findings import Finding, human_bytes
+from kvscope.analyzer.findings import Finding, human_bytes, metric_value_text, span_text
 from kvscope.analyzer.geometry import dtype_bytes, geometry
 from kvscope.analyzer.load import LoadedTraces
 from kvscope.analyzer.summaries import layer_summary
-from kvscope.analyzer.verdict import RunVerdict, Verdict, aspect_of, metric_value_text, span_text
+from kvscope.analyzer.verdict import RunVerdict, Verdict, aspect_of
 from kvscope.errors import KvscopeError
 
 MIB = float(1 << 20)

@@ -9,8 +9,8 @@ import textwrap
 from pathlib import Path
 from typing import Any
 
-from kvscope.analyzer.findings import Finding
-from kvscope.analyzer.verdict import FindingGroup, RunVerdict, Verdict, metric_value_text
+from kvscope.analyzer.findings import Finding, metric_value_text
+from kvscope.analyzer.verdict import FindingGroup, RunVerdict, Verdict
 
 
 def _fmt_value(x: float | None) -> str:
