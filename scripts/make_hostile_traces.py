@@ -234,6 +234,16 @@ case("event_detail_not_object", "error", "events.detail")(lambda t: _event(t, "[
 case("event_detail_ok", "ok")(lambda t: _event(t, json.dumps({"message": "CUDA out of memory", "bytes": 1 << 30})))
 case("model_config_wrong_types", "ok")(
     lambda t: run_edit(t, "model_config", json.dumps({"head_dim": "64", "num_key_value_heads": [8], "layer_types": 3})))
+# sizes past int64 once multiplied: the detectors treat them as absent (an OverflowError was exit 3)
+case("model_config_huge_sizes", "ok")(
+    lambda t: run_edit(t, "model_config", json.dumps({"head_dim": 1e300, "num_key_value_heads": 2 ** 62,
+                                                      "sliding_window": 1e300, "num_kv_shared_layers": 2 ** 70})))
+case("model_config_huge_per_layer", "ok")(
+    lambda t: run_edit(t, "model_config", json.dumps({"num_attention_heads": 8, "head_dim": 64, "per_layer_config": {
+        "0": {"head_dim": 1e300}, "1": {"num_key_value_heads": 2 ** 62}, "x": {}, "2": [1]}})))
+case("model_config_huge_mla", "ok")(
+    lambda t: run_edit(t, "model_config", json.dumps({"num_attention_heads": 2 ** 62, "qk_nope_head_dim": 1e300,
+                                                      "qk_rope_head_dim": 64, "v_head_dim": 128, "kv_lora_rank": 512})))
 
 # hostile strings (read correctly, shown escaped)
 case("escape_in_model_name", "ok")(lambda t: run_edit(t, "model_name", "\x1b[2J\x1b]0;owned\x07\x1b]8;;http://x\x1b\\y"))

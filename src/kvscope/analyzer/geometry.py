@@ -65,12 +65,19 @@ class KVGeometry:
         return self.elements_per_token * self.dtype_bytes
 
 
-def _int(config: dict[str, Any], *keys: str) -> int | None:
+# Largest head count, head size or window a config may claim: larger values (a trace is untrusted
+# input) are treated as absent, so products of them always fit an int64 column.
+MAX_CONFIG_INT = 1 << 24
+
+
+def config_int(config: dict[str, Any], *keys: str) -> int | None:
+    """The first of `keys` holding a positive whole number up to MAX_CONFIG_INT, else None."""
     for key in keys:
         value = config.get(key)
-        if isinstance(value, (int, float)) and not isinstance(value, bool) and value > 0:
+        if isinstance(value, (int, float)) and not isinstance(value, bool) and 0 < value <= MAX_CONFIG_INT:
             return int(value)
     return None
+
 
 
 def parse_config(raw: str | dict[str, Any] | None) -> dict[str, Any]:
@@ -98,25 +105,25 @@ def geometry(raw_config: str | dict[str, Any] | None, model_type: str | None = N
     config = parse_config(raw_config)
     dtype = config.get("torch_dtype") or config.get("dtype")
     size = dtype_bytes(dtype)
-    rank = _int(config, "kv_lora_rank")
-    rope = _int(config, "qk_rope_head_dim")
+    rank = config_int(config, "kv_lora_rank")
+    rope = config_int(config, "qk_rope_head_dim")
     if rank is not None and rope is not None:
         return KVGeometry(rank + rope, size, True, 1, None, "(kv_lora_rank + qk_rope_head_dim)")
-    heads = _int(config, "num_attention_heads", "n_head", "num_heads")
-    kv_heads = _int(config, "num_key_value_heads", "num_kv_heads", "n_head_kv", "multi_query_group_num")
+    heads = config_int(config, "num_attention_heads", "n_head", "num_heads")
+    kv_heads = config_int(config, "num_key_value_heads", "num_kv_heads", "n_head_kv", "multi_query_group_num")
     if kv_heads is None:
         kv_heads = 1 if config.get("multi_query") is True else heads  # gpt_neox, gpt2, opt: MHA
-    head_dim = _int(config, "head_dim", "kv_channels")
-    hidden = _int(config, "hidden_size", "n_embd", "d_model")
+    head_dim = config_int(config, "head_dim", "kv_channels")
+    hidden = config_int(config, "hidden_size", "n_embd", "d_model")
     if head_dim is None and hidden is not None and heads:
         head_dim = hidden // heads
     if kv_heads is None or head_dim is None:
         return KVGeometry(None, size, False, kv_heads, head_dim, "config lacks head counts or head_dim")
     source = "2 x kv_heads x head_dim"
     full = None
-    global_dim = _int(config, "global_head_dim")
+    global_dim = config_int(config, "global_head_dim")
     if global_dim is not None:  # Gemma 4 as published: full layers have their own head size and kv heads
-        full = 2 * (_int(config, "num_global_key_value_heads") or kv_heads) * global_dim
+        full = 2 * (config_int(config, "num_global_key_value_heads") or kv_heads) * global_dim
         source += "; full_attention layers 2 x num_global_key_value_heads x global_head_dim"
     layers = _per_layer_elements(config.get("per_layer_config"), kv_heads, head_dim)
     if layers:
@@ -137,7 +144,7 @@ def _per_layer_elements(raw: Any, kv_heads: int, head_dim: int) -> tuple[tuple[i
             continue
         if layer < 0 or not isinstance(override, dict):
             continue
-        dim = _int(override, "head_dim") or head_dim
-        heads = _int(override, "num_key_value_heads") or kv_heads
+        dim = config_int(override, "head_dim") or head_dim
+        heads = config_int(override, "num_key_value_heads") or kv_heads
         out.append((layer, 2 * heads * dim))
     return tuple(sorted(out))

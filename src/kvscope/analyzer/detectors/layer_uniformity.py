@@ -19,7 +19,7 @@ from typing import Any
 
 from kvscope.analyzer.engine import Engine
 from kvscope.analyzer.findings import Finding, bytes_in_unit_of, layer_list
-from kvscope.analyzer.geometry import parse_config
+from kvscope.analyzer.geometry import config_int, parse_config
 from kvscope.analyzer.registry import Detector
 from kvscope.analyzer.summaries import layer_summary
 from kvscope.schema.layer_types import constant_types_sql
@@ -54,10 +54,9 @@ def _run_geometry(t: Engine) -> dict[str, dict[str, Any]]:
     out = {}
     for r in t.records("SELECT run_id, model_config, layer_types, num_layers FROM run ORDER BY run_id"):
         parsed = parse_config(r["model_config"])
-        window = parsed.get("sliding_window")
-        window = int(window) if isinstance(window, (int, float)) and not isinstance(window, bool) else None
+        window = config_int(parsed, "sliding_window")
         shared = parsed.get("num_kv_shared_layers")
-        shared = int(shared) if isinstance(shared, int) and not isinstance(shared, bool) and shared > 0 else None
+        shared = config_int(parsed, "num_kv_shared_layers") if isinstance(shared, int) else None
         out.setdefault(r["run_id"], {"sliding_window": window or None, "declared": list(r["layer_types"] or []),
                                      "model_layers": int(r["num_layers"]) if r["num_layers"] else None,
                                      "kv_shared": shared})

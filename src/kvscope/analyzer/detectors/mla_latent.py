@@ -17,9 +17,9 @@ from typing import Any
 
 from kvscope.analyzer.engine import Engine
 from kvscope.analyzer.findings import Finding
-from kvscope.analyzer.geometry import dtype_bytes, parse_config
+from kvscope.analyzer.geometry import config_int, dtype_bytes, parse_config
 from kvscope.analyzer.registry import Detector
-from kvscope.kernels.mla import is_mla_config, mla_compression_ratio
+from kvscope.kernels.mla import MLA_KEYS, is_mla_config, mla_compression_ratio
 
 NAME = "mla_latent"
 
@@ -66,7 +66,9 @@ def measure(t: Engine) -> Measured:
     for r in t.records("SELECT run_id, model_config FROM run ORDER BY run_id"):
         config = parse_config(r["model_config"])
         if is_mla_config(config):
-            configs[r["run_id"]] = config
+            sizes = {key: config_int(config, key) for key in MLA_KEYS}
+            if all(sizes.values()):  # untrusted: every size a sane whole number, or the run is left out
+                configs[r["run_id"]] = {**config, **sizes}
     if not configs:
         return Measured({}, [], [])
     return Measured(configs, t.records(_BYTES), t.records(_RANK) if t.num_rows("head_stats") else [])
