@@ -10,6 +10,7 @@ decoder's keys under ``text_config``.
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -43,19 +44,15 @@ class KVGeometry:
     kv_heads: int | None
     head_dim: int | None
     source: str  # how it was derived, for the evidence
-    # K + V elements of full_attention layers where they differ (Gemma 4: global_head_dim and
-    # num_global_key_value_heads), else None: every layer costs elements_per_token
-    full_elements_per_token: int | None = None
-    # per-layer K + V elements where the config overrides a layer's head_dim or kv heads
-    # (transformers' `per_layer_config`, which Gemma 4 uses for its full layers), by layer index
+    # (layer, K + V elements) of the layers whose head size or kv heads differ from the model's
+    # (Gemma 4's full layers: transformers' `per_layer_config`, or `global_head_dim` on the
+    # full_attention layers); every other layer costs elements_per_token
     layer_elements: tuple[tuple[int, int], ...] = ()
 
-    def elements_for(self, layer: int, layer_type: str | None) -> int | None:
+    def elements_for(self, layer: int) -> int | None:
         for index, elements in self.layer_elements:
             if index == layer:
                 return elements
-        if layer_type == "full_attention" and self.full_elements_per_token is not None:
-            return self.full_elements_per_token
         return self.elements_per_token
 
     @property
@@ -79,7 +76,6 @@ def config_int(config: dict[str, Any], *keys: str) -> int | None:
     return None
 
 
-
 def parse_config(raw: str | dict[str, Any] | None) -> dict[str, Any]:
     if isinstance(raw, dict):
         config = raw
@@ -100,8 +96,10 @@ def parse_config(raw: str | dict[str, Any] | None) -> dict[str, Any]:
     return config
 
 
-def geometry(raw_config: str | dict[str, Any] | None, model_type: str | None = None) -> KVGeometry:
-    """The expected KV geometry of a model from its config (JSON string or dict)."""
+def geometry(raw_config: str | dict[str, Any] | None, model_type: str | None = None,
+             layer_types: Sequence[str] | None = None) -> KVGeometry:
+    """The expected KV geometry of a model from its config (JSON string or dict); `layer_types`
+    (the run's, else the config's) says which layers a `global_head_dim` applies to."""
     config = parse_config(raw_config)
     dtype = config.get("torch_dtype") or config.get("dtype")
     size = dtype_bytes(dtype)
@@ -120,23 +118,27 @@ def geometry(raw_config: str | dict[str, Any] | None, model_type: str | None = N
     if kv_heads is None or head_dim is None:
         return KVGeometry(None, size, False, kv_heads, head_dim, "config lacks head counts or head_dim")
     source = "2 x kv_heads x head_dim"
-    full = None
+    layers: dict[int, int] = {}
     global_dim = config_int(config, "global_head_dim")
-    if global_dim is not None:  # Gemma 4 as published: full layers have their own head size and kv heads
+    types = layer_types if layer_types is not None else config.get("layer_types")
+    if global_dim is not None and isinstance(types, (list, tuple)):
+        # Gemma 4 as published: full layers have their own head size and kv heads
         full = 2 * (config_int(config, "num_global_key_value_heads") or kv_heads) * global_dim
+        layers = {i: full for i, kind in enumerate(types) if kind == "full_attention"}
         source += "; full_attention layers 2 x num_global_key_value_heads x global_head_dim"
-    layers = _per_layer_elements(config.get("per_layer_config"), kv_heads, head_dim)
-    if layers:
-        source += f"; {len(layers)} layers from per_layer_config"
-    return KVGeometry(2 * kv_heads * head_dim, size, False, kv_heads, head_dim, source, full, layers)
+    overrides = _per_layer_elements(config.get("per_layer_config"), kv_heads, head_dim)
+    if overrides:
+        layers.update(overrides)  # the more specific: per layer
+        source += f"; {len(overrides)} layers from per_layer_config"
+    return KVGeometry(2 * kv_heads * head_dim, size, False, kv_heads, head_dim, source, tuple(sorted(layers.items())))
 
 
-def _per_layer_elements(raw: Any, kv_heads: int, head_dim: int) -> tuple[tuple[int, int], ...]:
-    """(layer, K + V elements) for the layers a `per_layer_config` {"05": {"head_dim": 512,
+def _per_layer_elements(raw: Any, kv_heads: int, head_dim: int) -> dict[int, int]:
+    """{layer: K + V elements} for the layers a `per_layer_config` {"05": {"head_dim": 512,
     "num_key_value_heads": 4}, ...} overrides; malformed entries are ignored (a trace is untrusted)."""
     if not isinstance(raw, dict):
-        return ()
-    out = []
+        return {}
+    out = {}
     for key, override in list(raw.items())[:100_000]:
         try:
             layer = int(str(key))
@@ -146,5 +148,5 @@ def _per_layer_elements(raw: Any, kv_heads: int, head_dim: int) -> tuple[tuple[i
             continue
         dim = config_int(override, "head_dim") or head_dim
         heads = config_int(override, "num_key_value_heads") or kv_heads
-        out.append((layer, 2 * heads * dim))
-    return tuple(sorted(out))
+        out[layer] = 2 * heads * dim
+    return out

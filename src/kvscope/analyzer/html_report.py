@@ -253,13 +253,13 @@ def _bpt_figure(t: LoadedTraces, run_id: str) -> dict[str, Any] | None:
         ORDER BY layer""")
     if not rows:
         return None
-    run = t.records(f"SELECT model_config, model_type FROM run WHERE run_id = {_q(run_id)} LIMIT 1")
+    run = t.records(f"SELECT model_config, model_type, layer_types FROM run WHERE run_id = {_q(run_id)} LIMIT 1")
     expected: list[float | None] = []  # per layer: a model's layers can differ (Gemma 4's full layers)
     if run:
-        geo = geometry(run[0]["model_config"], run[0]["model_type"])
+        geo = geometry(run[0]["model_config"], run[0]["model_type"], run[0]["layer_types"])
         size = geo.dtype_bytes or dtype_bytes(rows[0]["k_dtype"])
         for r in rows:
-            elements = geo.elements_for(int(r["layer"]), r["layer_type"])
+            elements = geo.elements_for(int(r["layer"]))
             expected.append(elements * size if elements and size else None)
     colours = [TYPE_COLOURS.get(str(r["layer_type"]), "#7f7f7f") for r in rows]
     data: list[dict[str, Any]] = [{

@@ -280,7 +280,7 @@ class HeadStatsCollector:
         entropy, lse = api.attention_entropy(query, key, scale=scale, causal=causal, window=win, bias=bias,
                                              softcap=softcap)
         if bias is None and sinks is None and self.raw is None and tk >= tq:
-            self._observe_unmasked(pos, query, key, entropy, lse, scale=scale, window=win, softcap=softcap)
+            self._observe_unmasked(pos, query, key, entropy, lse, group, scale=scale, window=win, softcap=softcap)
             return
         if sinks is not None:
             entropy, lse = _with_sinks(entropy, lse, sinks)
@@ -308,14 +308,14 @@ class HeadStatsCollector:
                 "seen": seen.cpu(), "group": torch.tensor(group)}
 
     def _observe_unmasked(self, pos: tuple[Any, ...], query: torch.Tensor, key: torch.Tensor, entropy: torch.Tensor,
-                          lse: torch.Tensor, *, scale: float | None, window: int | None, softcap: float | None) -> None:
+                          lse: torch.Tensor, group: int, *, scale: float | None, window: int | None,
+                          softcap: float | None) -> None:
         """Entropy mean and low-mass fraction where only causality and a window mask the keys (no 4D
         mask, no padding, no sinks: a decode step of SDPA or flash). Every query sees its own key, so
         every row counts; what depends only on the shapes is computed once per forward pass and
         shared by the layers, which keeps a sampled step to a few launches per layer."""
         b, tq, tk = query.shape[0], query.shape[2], key.shape[2]
-        geometry = self._geometry(b, tq, tk, query.shape[1] // key.shape[1], window, key.device)
-        inverse_pairs, threshold, seen_total = geometry
+        inverse_pairs, threshold, seen_total = self._geometry(b, tq, tk, group, window, key.device)
         self._pending.append((pos, "entropy_mean", entropy.mean(dim=(0, 2)), tk))
         mass = api.attention_mass(query, key, scale=scale, causal=True, window=window, lse=lse, softcap=softcap)
         mass = mass * inverse_pairs  # the mean probability each key receives (normalize=True)
@@ -337,8 +337,8 @@ class HeadStatsCollector:
         n_keys = seen.sum().clamp(min=1).to(torch.float32)
         threshold = torch.where(seen, self.low_mass_threshold / n_keys, torch.full_like(pairs, float("-inf")))
         seen_total = (seen.sum() * b).clamp(min=1).to(torch.float32)
-        self._geometry_cache[key] = (inverse_pairs, threshold, seen_total)
-        return self._geometry_cache[key]
+        cached = self._geometry_cache[key] = (inverse_pairs, threshold, seen_total)
+        return cached
 
     def _bias(self, mask: torch.Tensor | None, query: torch.Tensor, key: torch.Tensor) -> torch.Tensor | None:
         """The model's 4D mask as an fp32 bias; layers that share one mask object share the conversion."""

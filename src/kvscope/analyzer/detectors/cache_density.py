@@ -56,14 +56,13 @@ def geometry_table(t: Engine) -> tuple[str, str, dict[str, str]]:
     """Register each run's expected elements and config dtype bytes per token per layer (Python,
     from run.model_config) as a table, and the layers whose config overrides them as another;
     return both names and how each run's expectation was derived."""
-    runs, elems, full_elems, sizes, latent, sources = [], [], [], [], [], {}
+    runs, elems, sizes, latent, sources = [], [], [], [], {}
     layer_runs, layer_index, layer_elems = [], [], []
-    for r in t.records("SELECT run_id, model_config, model_type FROM run ORDER BY run_id"):  # one per run
-        geo = geometry(r["model_config"], r["model_type"])
+    for r in t.records("SELECT run_id, model_config, model_type, layer_types FROM run ORDER BY run_id"):  # one per run
+        geo = geometry(r["model_config"], r["model_type"], r["layer_types"])
         sources[r["run_id"]] = geo.source
         runs.append(r["run_id"])
         elems.append(geo.elements_per_token)
-        full_elems.append(geo.full_elements_per_token)
         sizes.append(None if geo.dtype_bytes is None else float(geo.dtype_bytes))
         latent.append(bool(geo.latent))
         for layer, n in geo.layer_elements:
@@ -71,7 +70,6 @@ def geometry_table(t: Engine) -> tuple[str, str, dict[str, str]]:
             layer_index.append(layer)
             layer_elems.append(n)
     table = arrow_table({"run_id": (pa.string(), runs), "elems": (pa.int64(), elems),
-                         "full_elems": (pa.int64(), full_elems),
                          "cfg_bytes": (pa.float64(), sizes), "latent": (pa.bool_(), latent)})
     layers = arrow_table({"run_id": (pa.string(), layer_runs), "layer": (pa.int64(), layer_index),
                           "elems": (pa.int64(), layer_elems)})
@@ -85,9 +83,8 @@ def measure(t: Engine) -> Measured:
           SELECT s.run_id, s.gen_id, s.layer, s.layer_type, s.k_dtype, s.aliased,
             CAST(s.kv_bytes AS DOUBLE) / s.batch_size / greatest(coalesce(s.capacity_tokens, s.stored_tokens), 1)
               AS measured,
-            CAST(coalesce(o.elems, CASE WHEN s.layer_type = 'full_attention' AND g.full_elems IS NOT NULL
-                                        THEN g.full_elems ELSE g.elems END)
-                 * coalesce(g.cfg_bytes, {dtype_bytes_sql('s.k_dtype')}) AS DOUBLE) AS expected, g.latent,
+            CAST(coalesce(o.elems, g.elems) * coalesce(g.cfg_bytes, {dtype_bytes_sql('s.k_dtype')}) AS DOUBLE)
+              AS expected, g.latent,
             g.cfg_bytes IS NULL AS dtype_from_trace
           FROM {summary} s JOIN {geo} g ON s.run_id = g.run_id
             LEFT JOIN {layer_geo} o ON s.run_id = o.run_id AND s.layer = o.layer
