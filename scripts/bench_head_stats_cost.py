@@ -47,6 +47,15 @@ def step_times(path: Path, every: int) -> tuple[list[float], list[float]]:
     return sampled, other
 
 
+def rows_written(path: Path) -> dict[str, int]:
+    """head_stats rows, the steps they cover and error events of one recorded trace."""
+    trace = open_trace(path)
+    rows = trace.read("head_stats", ["step"]).column("step").to_pylist() if trace.num_rows("head_stats") else []
+    events = trace.read("events", ["kind"]).column("kind").to_pylist() if trace.num_rows("events") else []
+    return {"head_stats_rows": len(rows), "steps_with_stats": len(set(rows)),
+            "error_events": sum(kind == "error" for kind in events)}
+
+
 def phase_medians(path: Path, every: int, buckets: tuple[int, ...] = (0, 1, 2, 4, 8, 16, 32, 63)) -> list[float]:
     """Median step time (ms) per offset bucket after a sampled step: [0], [1], [2, 4), ... [32, 64)."""
     rows = sorted((r["step"], r["t_ns"]) for r in open_trace(path).read("steps", ["step", "t_ns"]).to_pylist())
@@ -74,6 +83,7 @@ def main() -> None:
                                                "installed": {"sampled": [], "other": []}}
     phases: dict[str, list[list[float]]] = {}
     cycles: dict[str, list[float]] = {v: [] for v in data}  # per run: median sampled + (every - 1) x median other
+    written: dict[str, list[dict[str, int]]] = {v: [] for v in data}  # per run: head_stats rows, error events
     with tempfile.TemporaryDirectory() as tmp, torch.no_grad():
         model.generate(ids, max_new_tokens=8, min_new_tokens=8, do_sample=False)  # warm-up
         with record(model, Path(tmp) / "warm", head_stats_every=every):
@@ -92,6 +102,7 @@ def main() -> None:
             with record(model, path, head_stats_every=variants[variant]):
                 model.generate(ids, max_new_tokens=args.new, min_new_tokens=args.new, do_sample=False)
             sampled, other = step_times(path, every)
+            written[variant].append(rows_written(path))
             phases.setdefault(variant, []).append(phase_medians(path, every))
             cycles[variant].append(statistics.median(sampled) + (every - 1) * statistics.median(other))
             data[variant]["sampled"] += sampled
@@ -117,6 +128,9 @@ def main() -> None:
            "installed_overhead_fraction": round(statistics.median(cycles["installed"])
                                                 / statistics.median(cycles["without"]) - 1, 5),
            "sampled_steps": {v: len(d["sampled"]) for v, d in data.items()},
+           # with against without in the same round (rounds run the variants back to back)
+           "cycle_ratio_per_round": [round(a / b - 1, 4) for a, b in zip(cycles["with"], cycles["without"], strict=False)],
+           "written_per_run": written,
            # per run, the median step time at each offset after a sampled step (0 = the sampled step):
            # slow steps right after a sampled one point at queued GPU work, uniformly slow ones at a
            # per-step cost of being installed

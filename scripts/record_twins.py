@@ -3,9 +3,11 @@
 Each generation is a random-id prompt of the given length and `--new` generated tokens (forced with
 min_new_tokens, so random weights never stop early); outputs dropped and settle() called after each.
 gpt-oss-120b also gets one generation whose context reaches 4096 tokens (a 4000-token prompt), for
-the published sliding-vs-full claim.
+the published sliding-vs-full claim. `--spread N --max-context C` replaces `--prompts` with N prompt
+lengths spaced evenly from 64 tokens to C - new (the last generation's context reaches C).
 
     python scripts/record_twins.py OUT [--twin NAME ...] [--new 192] [--prompts 64,1100] [--device cuda]
+    python scripts/record_twins.py OUT --new 48 --spread 15 --max-context 4096
 """
 
 from __future__ import annotations
@@ -18,11 +20,9 @@ from pathlib import Path
 import torch
 
 from kvscope.recorder.session import Recording
-from kvscope.twins import load_twin, shrink_config
+from kvscope.twins import list_twins, load_twin, shrink_config
 from kvscope.twins.build import build_twin
 
-DEFAULT_TWINS = ["pythia-1.4b", "gpt-oss-20b", "gpt-oss-120b", "gemma-3-4b", "gemma-4-e2b", "gemma-4-e4b",
-                 "gemma-4-26b-a4b", "gemma-4-31b", "glm-4.7-flash"]
 LONG = {"gpt-oss-120b": (4000, 96)}  # (prompt tokens, new tokens): context 4096 at the last step
 
 
@@ -31,7 +31,8 @@ def record_twin(name: str, out: Path, prompts: list[int], new: int, device: str)
     spec = shrink_config(load_twin(name))
     model = build_twin(spec, dtype="bfloat16", device=device)
     vocab = int(model.config.get_text_config().vocab_size)
-    runs = [(p, new) for p in prompts] + ([LONG[name]] if name in LONG else [])
+    long_run = [LONG[name]] if name in LONG and max(prompts) + new < sum(LONG[name]) else []
+    runs = [(p, new) for p in prompts] + long_run
     with Recording(model, out / name, model_name=f"{name} (twin, shrunk)", labels={"twin": name}, writer="thread",
                    options={"script": "scripts/record_twins.py"}) as rec:
         for i, (tokens, n) in enumerate(runs):
@@ -50,13 +51,19 @@ def record_twin(name: str, out: Path, prompts: list[int], new: int, device: str)
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("out", type=Path)
-    parser.add_argument("--twin", action="append", help="twin name (repeatable); default: all of the findings")
+    parser.add_argument("--twin", action="append", help="twin name (repeatable); default: every shipped twin")
     parser.add_argument("--new", type=int, default=192)
     parser.add_argument("--prompts", default="64,1100")
+    parser.add_argument("--spread", type=int, help="this many prompt lengths from 64 to --max-context - --new")
+    parser.add_argument("--max-context", type=int, default=4096)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = parser.parse_args(argv)
     prompts = [int(x) for x in args.prompts.split(",")]
-    for name in args.twin or DEFAULT_TWINS:
+    if args.spread:
+        last = args.max_context - args.new
+        prompts = [round(64 + i * (last - 64) / max(args.spread - 1, 1)) for i in range(args.spread)]
+    print(f"prompt tokens: {prompts}, {args.new} new each", flush=True)
+    for name in args.twin or list_twins():
         try:
             seconds = record_twin(name, args.out, prompts, args.new, args.device)
             print(f"{name}: {seconds:.1f} s", flush=True)
