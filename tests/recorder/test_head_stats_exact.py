@@ -137,8 +137,8 @@ def _reference_probabilities(model: torch.nn.Module, ids: torch.Tensor, mask: to
 
 
 def _cases() -> list[tuple[str, str, bool, str]]:
-    """Every shipped twin, left-padded (padding is where masks matter), eager and sdpa, with the
-    kernels' PyTorch reference; unpadded runs for a full-attention and a sliding + softcap model.
+    """Every shipped twin and the Gemma 2 model, eager and sdpa, with and without left padding,
+    with the kernels' PyTorch reference.
     One twin per attention code path (full, sliding + head_dim 256, MLA with YaRN scaling, softcap)
     runs again through the Triton kernels themselves (the interpreter on CPU, ~10x slower): the
     collector passes both backends the same bias, scaling and softcap, and tests/kernels holds the
@@ -146,9 +146,8 @@ def _cases() -> list[tuple[str, str, bool, str]]:
     names = list_twins()
     if Version(transformers.__version__).major < 5:
         names = ["pythia-1.4b"]  # older releases of `make compat`: one model covers their masks
-    cases = [(n, attn, True, "reference") for n in names for attn in ("eager", "sdpa")]
-    cases += [(GEMMA2.name, "eager", True, "reference"), (GEMMA2.name, "eager", False, "reference"),
-              ("pythia-1.4b", "eager", False, "reference"), ("pythia-1.4b", "sdpa", False, "reference")]
+    cases = [(n, attn, padded, "reference") for n in [*names, GEMMA2.name] for attn in ("eager", "sdpa")
+             for padded in (True, False)]
     triton = [("pythia-1.4b", "sdpa", True), ("gemma-3-4b", "eager", True), ("deepseek-v2-lite", "eager", True),
               (GEMMA2.name, "eager", True)]
     return cases + [(n, attn, padded, "triton") for n, attn, padded in triton if n in names or n == GEMMA2.name]
