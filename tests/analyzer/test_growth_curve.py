@@ -36,8 +36,8 @@ def test_one_quadratic_layer_and_the_total_are_flagged(tmp_path: Path) -> None:
     layer, total = findings
     # the three linear layers dilute the total's curvature: first quarter ~450, last ~790 bytes/token
     assert total.value == pytest.approx(1.7, abs=0.1)
-    # 100 x + 5 x² over steps 0..39: least-squares slope 145 over steps 0..9, 445 over steps 30..39
-    assert layer.value == pytest.approx(445 / 145)
+    # 100 x + 5 x² over the decode steps 1..39: least-squares slope 155 over steps 1..10, 445 over 30..39
+    assert layer.value == pytest.approx(445 / 155)
     assert layer.threshold == 1.25
     assert layer.evidence["r2_quadratic"] == pytest.approx(1.0)
     assert "superlinear" in layer.message
@@ -64,6 +64,18 @@ def test_sliding_layer_saturates_and_is_never_superlinear(tmp_path: Path) -> Non
     findings = detect(trace, "growth_curve")
     assert [(f.severity, f.layer, f.metric, f.value) for f in findings] == [("info", 0, "saturated_tokens", 127)]
     assert "saturated at 127 tokens" in findings[0].message
+
+
+def test_a_sliding_layer_holding_the_prompt_at_the_prefill_is_not_superlinear(tmp_path: Path) -> None:
+    # the H200 recording of a gpt-oss-20b twin, a 349-token prompt and 48 new tokens: at step 0 the
+    # sliding layer's cache is a view of the whole prompt's storage (657,920 bytes), from step 1 on
+    # the window's 127 tokens (261,888 bytes); the full layer grows linearly
+    seq = list(range(349, 397))
+    sliding = [657_920] + [261_888] * (len(seq) - 1)
+    full = [2048 * s for s in seq]
+    trace = _trace(tmp_path, {0: sliding, 1: full}, seq, stored={0: [127] * len(seq), 1: seq},
+                   layer_type={0: "sliding_attention"})
+    assert [f for f in detect(trace, "growth_curve") if f.severity != "info"] == []
 
 
 def test_thresholds_are_config_fields(tmp_path: Path) -> None:

@@ -82,29 +82,35 @@ def _quarter_slope(k: int) -> str:
             f"THEN (n{k} * sxy{k} - sx{k} * sy{k}) / (n{k} * sxx{k} - sx{k} * sx{k}) END")
 
 
-def layer_summary(t: Engine) -> str:
+def layer_summary(t: Engine, decode_only: bool = False) -> str:
     """One row per (run, generation, layer): growth fit over the steps, values at the last step.
 
     One scan of `layers`, grouped by (run, generation, layer, quarter of the generation): raw
     least-squares sums per bucket (which add up to the whole curve's) and the values at the
-    bucket's last step; a second, tiny aggregation combines the three buckets.
+    bucket's last step; a second, tiny aggregation combines the three buckets. `decode_only` fits
+    steps ≥ 1: at step 0 a dynamic sliding layer's cache is a view of the whole prompt's storage
+    (see growth_curve.decode_step_fits), a drop to the window at step 1 that a fit reads as
+    curvature when the generation is short.
     """
     ranges = step_ranges(t)
+    lo = "greatest(r.lo, 1)" if decode_only else "r.lo"
+    where = "WHERE l.step >= 1" if decode_only else ""
     sums = ", ".join(f"sum({e}) AS {n}" for n, e in (
         ("sx", "x"), ("sxx", "x * x"), ("sxxx", "x * x * x"), ("sxxxx", "x * x * x * x"), ("sy", "y"),
         ("sxy", "x * y"), ("sxxy", "x * x * y"), ("syy", "y * y")))
     combined = ", ".join(f"sum({n}) AS {n}" for n in ("sx", "sxx", "sxxx", "sxxxx", "sy", "sxy", "sxxy", "syy"))
     quarters = ", ".join(f"sum({n}) FILTER (WHERE qt = {k}) AS {n}{k}" for k in (1, 2)
                          for n in ("n", "sx", "sxx", "sy", "sxy"))
-    return t.cached_table(LAYER_SUMMARY, f"""
+    return t.cached_table(LAYER_SUMMARY + ("_decode" if decode_only else ""), f"""
         WITH lrows AS (
           SELECT l.run_id, l.gen_id, l.layer, l.step, l.kv_bytes, l.stored_tokens, l.layer_type, l.k_dtype,
             l.capacity_tokens, l.aliased,
-            CAST(l.step - coalesce(r.lo, 0) AS DOUBLE) AS x, CAST(l.kv_bytes AS DOUBLE) AS y,
+            CAST(l.step - coalesce({lo}, 0) AS DOUBLE) AS x, CAST(l.kv_bytes AS DOUBLE) AS y,
             CASE WHEN r.lo IS NULL THEN 0
-                 WHEN l.step <= r.lo + (r.hi - r.lo) * 0.25 THEN 1
-                 WHEN l.step >= r.hi - (r.hi - r.lo) * 0.25 THEN 2 ELSE 0 END AS qt
+                 WHEN l.step <= {lo} + (r.hi - {lo}) * 0.25 THEN 1
+                 WHEN l.step >= r.hi - (r.hi - {lo}) * 0.25 THEN 2 ELSE 0 END AS qt
           FROM layers l LEFT JOIN {ranges} r ON l.run_id = r.run_id AND l.gen_id = r.gen_id
+          {where}
         ), buckets AS (
           SELECT run_id, gen_id, layer, qt, count(*) AS n, {sums},
             min(x) AS x_lo, max(x) AS x_hi, max(step) AS last_step,

@@ -50,7 +50,10 @@ _PER_GEN = """
       SELECT *, max(step) OVER (PARTITION BY run_id, gen_id) AS gen_hi FROM steps
     ), s AS (
       SELECT run_id, gen_id,
-        arg_min(reserved_bytes - allocated_bytes, step) AS first_unused,
+        -- after the prefill = at the first decode step: the step-0 reading still holds the
+        -- prefill's outputs (a gemma-4-31b twin's 4,048-token prompt: 2.4 GiB freed by step 1)
+        coalesce(arg_min(reserved_bytes - allocated_bytes, step) FILTER (WHERE step >= 1),
+                 arg_min(reserved_bytes - allocated_bytes, step)) AS first_unused,
         avg(reserved_bytes - allocated_bytes) FILTER (WHERE step >= 0.75 * gen_hi) AS last_unused,
         avg(CASE WHEN reserved_bytes > 0 THEN (reserved_bytes - allocated_bytes)::DOUBLE / reserved_bytes END) AS mean_f,
         max(CASE WHEN reserved_bytes > 0 THEN (reserved_bytes - allocated_bytes)::DOUBLE / reserved_bytes END) AS max_f,

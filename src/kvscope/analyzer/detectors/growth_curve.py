@@ -1,7 +1,8 @@
 """growth_curve: does the cache grow faster than linearly with the tokens it holds?
 
 Fits bytes ~ tokens with a linear and a quadratic least-squares model, per layer (kv_bytes on the
-step, i.e. on the context length) and for the step totals (kv_bytes on seq_len), and compares the
+step, i.e. on the context length) and for the step totals (kv_bytes on seq_len), over the decode
+steps (a sliding layer's prefill view holds the whole prompt at step 0), and compares the
 marginal rate (slope) over the last quarter of the generation's tokens with the first quarter.
 Superlinear = convex and (R² gain > gain_threshold or marginal-rate ratio > ratio_threshold).
 A concave layer whose growth stops (a sliding window) is reported as saturated, never superlinear.
@@ -75,7 +76,7 @@ _FIT_COLUMNS = "n, slope, r2_lin, r2_quad, quad_b2, slope_first, slope_last, vyy
 @dataclass(frozen=True)
 class Measured:
     """The least-squares fits, each ordered by run and generation (and layer): per layer (kv_bytes on
-    the step, summaries.layer_summary), of the step totals on seq_len over decode steps, and of the
+    the step over decode steps, summaries.layer_summary), of the step totals on seq_len over decode steps, and of the
     allocator's bytes outside the cache on seq_len over decode steps (with the bytes at either end,
     the share of rising steps and the device's memory)."""
 
@@ -85,7 +86,7 @@ class Measured:
 
 
 def measure(t: Engine) -> Measured:
-    summary = layer_summary(t)
+    summary = layer_summary(t, decode_only=True)
     layers = t.records(f"""
         SELECT run_id, gen_id, layer, {_FIT_COLUMNS}, layer_type, stored_tokens FROM {summary}
         WHERE layer_type NOT IN {constant_types_sql()} ORDER BY run_id, gen_id, layer
