@@ -78,6 +78,21 @@ def test_a_sliding_layer_holding_the_prompt_at_the_prefill_is_not_superlinear(tm
     assert [f for f in detect(trace, "growth_curve") if f.severity != "info"] == []
 
 
+def test_the_verdicts_growth_rate_is_read_over_decode_steps(tmp_path: Path) -> None:
+    # the same recorded pattern: fitted over every step, the drop after the prefill halves the rate
+    # (1,038 bytes per token); the cache grows by the full layer's 2 KiB per token
+    from kvscope.analyzer import load_traces
+    from kvscope.analyzer.run_facts import run_facts
+
+    seq = list(range(349, 397))
+    sliding = [657_920] + [261_888] * (len(seq) - 1)
+    trace = _trace(tmp_path, {0: sliding, 1: [2048 * s for s in seq]}, seq, stored={0: [127] * len(seq), 1: seq},
+                   layer_type={0: "sliding_attention"})
+    with load_traces([trace]) as tables:
+        (facts,) = run_facts(tables)
+    assert facts.bytes_per_token == pytest.approx(2048.0)
+
+
 def test_thresholds_are_config_fields(tmp_path: Path) -> None:
     seq = list(range(10, 50))
     kv = {0: [100 * s + (s - 10) ** 2 for s in seq]}

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from kvscope.analyzer.engine import Engine
-from kvscope.analyzer.summaries import layer_summary, step_fits
+from kvscope.analyzer.summaries import decode_step_fits, layer_summary, step_fits
 
 
 @dataclass(frozen=True)
@@ -99,10 +99,14 @@ def run_facts(t: Engine) -> list[RunFacts]:
         QUALIFY row_number() OVER (PARTITION BY run_id ORDER BY allocated_bytes DESC, t_ns DESC, gen_id DESC) = 1"""):
         steps.setdefault(r["run_id"], {}).update(non_kv=r["non_kv"], unused_at_peak=r["unused_at_peak"],
                                                  outside_torch=r["outside_torch"])
+    # the growth rate over decode steps (a sliding layer's prefill view holds the whole prompt at
+    # step 0: over every step, short generations after long prompts read as shrinking caches);
+    # generations without decode steps fall back to the fit over all their steps
     fits = {r["run_id"]: r for r in t.records(f"""
-        SELECT run_id, median(slope) FILTER (WHERE vyy > 0) AS slope,
-               count(*) FILTER (WHERE coalesce(vyy, 0) = 0) AS flat
-        FROM {step_fits(t)} GROUP BY run_id""")}
+        SELECT a.run_id,
+               coalesce(median(d.slope) FILTER (WHERE d.vyy > 0), median(a.slope) FILTER (WHERE a.vyy > 0)) AS slope,
+               count(*) FILTER (WHERE coalesce(d.vyy, a.vyy, 0) = 0) AS flat
+        FROM {step_fits(t)} a LEFT JOIN {decode_step_fits(t)} d USING (run_id, gen_id) GROUP BY a.run_id""")}
     summary = layer_summary(t)
     types: dict[str, list[LayerTypeFacts]] = {}
     for r in t.records(f"""

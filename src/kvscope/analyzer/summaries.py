@@ -15,6 +15,7 @@ from kvscope.analyzer.engine import Engine
 STEP_RANGES = "_kvscope_step_ranges"
 LAYER_SUMMARY = "_kvscope_layer_summary"
 STEP_FITS = "_kvscope_step_fits"
+DECODE_FITS = "_kvscope_decode_step_fits"
 GENERATION_SCORES = "_kvscope_generation_scores"
 
 
@@ -89,7 +90,7 @@ def layer_summary(t: Engine, decode_only: bool = False) -> str:
     least-squares sums per bucket (which add up to the whole curve's) and the values at the
     bucket's last step; a second, tiny aggregation combines the three buckets. `decode_only` fits
     steps ≥ 1: at step 0 a dynamic sliding layer's cache is a view of the whole prompt's storage
-    (see growth_curve.decode_step_fits), a drop to the window at step 1 that a fit reads as
+    (see decode_step_fits), a drop to the window at step 1 that a fit reads as
     curvature when the generation is short.
     """
     ranges = step_ranges(t)
@@ -155,6 +156,29 @@ def step_fits(t: Engine) -> str:
             max(s.kv_bytes) AS peak_kv_bytes
           FROM steps s JOIN (SELECT run_id, gen_id, min(seq_len) AS seq_lo, max(seq_len) AS seq_hi
                              FROM steps GROUP BY run_id, gen_id) r
+            ON s.run_id = r.run_id AND s.gen_id = r.gen_id
+          GROUP BY s.run_id, s.gen_id
+        ), fit AS (SELECT agg.*, {FIT_DERIVED} FROM agg)
+        SELECT fit.*, {R2_QUAD} AS r2_quad FROM fit
+    """)
+
+
+def decode_step_fits(t: Engine) -> str:
+    """One row per (run, generation): fit of the step totals (kv_bytes) on seq_len, decode steps only.
+
+    At step 0 a dynamic sliding layer's cache is a view of the freshly concatenated prefill, so its
+    storage holds the whole prompt until the next step (transformers 4.56+): on an H200 recording of
+    a gpt-oss-20b twin with a 200-token prompt the step total drops 1.5 MB from step 0 to step 1,
+    which a fit over every step reads as a convex curve (marginal rate x1.56) on a healthy run.
+    """
+    x, y = "CAST(s.seq_len AS DOUBLE)", "CAST(s.kv_bytes AS DOUBLE)"
+    return t.cached_table(DECODE_FITS, f"""
+        WITH d AS (SELECT * FROM steps WHERE step >= 1), agg AS (
+          SELECT s.run_id, s.gen_id,
+            {fit_aggregates(x, y, ("r.seq_lo", "r.seq_hi"))},
+            max(s.seq_len) AS max_seq_len, arg_max(s.kv_bytes, s.step) AS last_kv_bytes
+          FROM d s JOIN (SELECT run_id, gen_id, min(seq_len) AS seq_lo, max(seq_len) AS seq_hi
+                         FROM d GROUP BY run_id, gen_id) r
             ON s.run_id = r.run_id AND s.gen_id = r.gen_id
           GROUP BY s.run_id, s.gen_id
         ), fit AS (SELECT agg.*, {FIT_DERIVED} FROM agg)

@@ -24,12 +24,11 @@ from typing import Any
 from kvscope.analyzer.engine import Engine
 from kvscope.analyzer.findings import Finding, human_bytes, layer_list
 from kvscope.analyzer.registry import Detector
-from kvscope.analyzer.summaries import FIT_DERIVED, R2_QUAD, fit_aggregates, layer_summary
+from kvscope.analyzer.summaries import FIT_DERIVED, R2_QUAD, decode_step_fits, fit_aggregates, layer_summary
 from kvscope.schema.layer_types import constant_types_sql
 
 NAME = "growth_curve"
 OUTSIDE_FITS = "_kvscope_outside_fits"
-DECODE_FITS = "_kvscope_decode_step_fits"
 
 
 @dataclass(frozen=True)
@@ -168,29 +167,6 @@ def judge(m: Measured, cfg: Config) -> list[Finding]:
     if cfg.check_outside:
         findings.extend(_outside(m, cfg))
     return findings
-
-
-def decode_step_fits(t: Engine) -> str:
-    """One row per (run, generation): fit of the step totals (kv_bytes) on seq_len, decode steps only.
-
-    At step 0 a dynamic sliding layer's cache is a view of the freshly concatenated prefill, so its
-    storage holds the whole prompt until the next step (transformers 4.56+): on an H200 recording of
-    a gpt-oss-20b twin with a 200-token prompt the step total drops 1.5 MB from step 0 to step 1,
-    which a fit over every step reads as a convex curve (marginal rate x1.56) on a healthy run.
-    """
-    x, y = "CAST(s.seq_len AS DOUBLE)", "CAST(s.kv_bytes AS DOUBLE)"
-    return t.cached_table(DECODE_FITS, f"""
-        WITH d AS (SELECT * FROM steps WHERE step >= 1), agg AS (
-          SELECT s.run_id, s.gen_id,
-            {fit_aggregates(x, y, ("r.seq_lo", "r.seq_hi"))},
-            max(s.seq_len) AS max_seq_len, arg_max(s.kv_bytes, s.step) AS last_kv_bytes
-          FROM d s JOIN (SELECT run_id, gen_id, min(seq_len) AS seq_lo, max(seq_len) AS seq_hi
-                         FROM d GROUP BY run_id, gen_id) r
-            ON s.run_id = r.run_id AND s.gen_id = r.gen_id
-          GROUP BY s.run_id, s.gen_id
-        ), fit AS (SELECT agg.*, {FIT_DERIVED} FROM agg)
-        SELECT fit.*, {R2_QUAD} AS r2_quad FROM fit
-    """)
 
 
 def outside_fits(t: Engine) -> str:
