@@ -11,7 +11,8 @@ import pytest
 
 from kvscope.trace import writer as writer_module
 from kvscope.trace.compact import compact_trace
-from kvscope.trace.reader import check_invariants, open_trace
+from kvscope.trace.invariants import check_invariants
+from kvscope.trace.reader import open_trace
 from kvscope.trace.synth import SynthSpec, build_synthetic_trace
 from kvscope.trace.writer import TraceWriter
 

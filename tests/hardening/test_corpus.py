@@ -131,7 +131,8 @@ def test_compact_on_hostile_trace(name: str, built: dict[str, tuple[object, Path
 
 def test_in_memory_and_duckdb_checks_agree(built: dict[str, tuple[object, Path]]) -> None:
     """The checks across rows give the same errors in DuckDB and in memory (hosts without duckdb)."""
-    from kvscope.trace.reader import InvariantReport, _check_in_memory, check_invariants, open_trace
+    from kvscope.trace.invariants import InvariantReport, _check_in_memory, check_invariants
+    from kvscope.trace.reader import open_trace
 
     compared = 0
     for name in ("base", "null_run_id", "stray_run_id", "duplicate_run_rows", "negative_kv_bytes",

@@ -13,7 +13,8 @@ from hardening_helpers import one_line_error
 
 from kvscope.schema.tables import TABLES
 from kvscope.trace import reader
-from kvscope.trace.reader import PartInfo, check_invariants, decode_part, open_trace
+from kvscope.trace.invariants import check_invariants, decode_part
+from kvscope.trace.reader import PartInfo, open_trace
 from kvscope.trace.writer import TraceWriter, write_options
 
 Cli = Callable[..., tuple[int, str, str]]

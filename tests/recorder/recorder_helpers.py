@@ -153,7 +153,8 @@ def trace_rows(path: Any, table: str, keys: list[str]) -> list[dict]:
 
 def assert_same_recording(first: Any, second: Any) -> list[dict]:
     """Both traces are valid and have the same steps and layers rows; returns the layers rows."""
-    from kvscope.trace.reader import check_invariants, open_trace
+    from kvscope.trace.invariants import check_invariants
+    from kvscope.trace.reader import open_trace
 
     for path in (first, second):
         assert check_invariants(open_trace(path)).ok

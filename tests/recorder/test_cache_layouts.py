@@ -21,7 +21,8 @@ from recorder_helpers import (
 )
 
 import kvscope
-from kvscope.trace.reader import check_invariants, open_trace
+from kvscope.trace.invariants import check_invariants
+from kvscope.trace.reader import open_trace
 
 FAMILIES = ["gpt_neox", "gemma2", "gemma3_text", "gpt_oss", "glm4_moe", "deepseek_v3", "llama"]
 

@@ -15,7 +15,8 @@ from recorder_helpers import TF_VERSION, prompt_ids, tiny_model
 import kvscope
 from kvscope.recorder import cache_walk, steps
 from kvscope.trace.inspect import inspect_trace
-from kvscope.trace.reader import check_invariants, open_trace
+from kvscope.trace.invariants import check_invariants
+from kvscope.trace.reader import open_trace
 
 NEW = 6
 FAILING = {2, 3}

@@ -13,7 +13,8 @@ from recorder_helpers import prompt_ids, tiny_model
 
 import kvscope
 from kvscope.recorder.devices import layer_devices
-from kvscope.trace.reader import check_invariants, open_trace
+from kvscope.trace.invariants import check_invariants
+from kvscope.trace.reader import open_trace
 
 MIB = 1 << 20
 NEW = 6

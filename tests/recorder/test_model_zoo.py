@@ -18,7 +18,8 @@ from recorder_helpers import StateCounter
 
 import kvscope
 from kvscope.schema.layer_types import CONSTANT_IN_TOKENS
-from kvscope.trace.reader import check_invariants, open_trace
+from kvscope.trace.invariants import check_invariants
+from kvscope.trace.reader import open_trace
 
 NEW = 6
 GENERATIONS = 2

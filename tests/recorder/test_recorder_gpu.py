@@ -10,7 +10,8 @@ import torch
 from recorder_helpers import NEW_TOKENS, IndependentCounter, prompt_ids, tiny_model
 
 import kvscope
-from kvscope.trace.reader import check_invariants, open_trace
+from kvscope.trace.invariants import check_invariants
+from kvscope.trace.reader import open_trace
 
 pytestmark = [
     pytest.mark.gpu,

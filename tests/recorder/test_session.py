@@ -13,7 +13,8 @@ from recorder_helpers import NEW_TOKENS, PROMPT_TOKENS, cache_layer_tensors, out
 
 import kvscope
 from kvscope.errors import UsageError
-from kvscope.trace.reader import check_invariants, open_trace
+from kvscope.trace.invariants import check_invariants
+from kvscope.trace.reader import open_trace
 
 
 def _generate(model: torch.nn.Module, new_tokens: int = NEW_TOKENS, **kwargs: Any) -> Any:

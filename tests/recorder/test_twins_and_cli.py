@@ -12,7 +12,8 @@ from recorder_helpers import TF_VERSION, TINY_CONFIGS
 from kvscope.cli.main import main as kvscope
 from kvscope.errors import UsageError
 from kvscope.recorder.prompt_set import load_prompts
-from kvscope.trace.reader import check_invariants, open_trace
+from kvscope.trace.invariants import check_invariants
+from kvscope.trace.reader import open_trace
 from kvscope.twins import kv_geometry, list_twins, load_twin, shrink_config
 
 SHIPPED = {"pythia-1.4b", "gemma-3-4b", "gpt-oss-20b", "gpt-oss-120b", "glm-4.5-air", "glm-4.7-flash",

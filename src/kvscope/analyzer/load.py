@@ -22,7 +22,8 @@ from kvscope.errors import TraceError, UsageError
 from kvscope.schema.tables import TABLES
 from kvscope.trace.duck import Scratch, duck_type, execute_one, first_line, lock_down, quote_ident, view_sql
 from kvscope.trace.duck import connect as duck_connect
-from kvscope.trace.reader import Trace, check_invariants, find_traces, open_trace
+from kvscope.trace.invariants import check_invariants
+from kvscope.trace.reader import Trace, find_traces, open_trace
 
 __all__ = ["LoadedTraces", "duck_type", "load_opened", "load_traces", "view_sql"]
 

@@ -12,7 +12,8 @@ import pyarrow.compute as pc
 
 from kvscope.errors import TraceError
 from kvscope.schema.tables import TABLES
-from kvscope.trace.reader import MAX_JSON_CHARS, Trace, check_invariants, open_trace
+from kvscope.trace.invariants import MAX_JSON_CHARS, check_invariants
+from kvscope.trace.reader import Trace, open_trace
 
 RUN_FIELDS = (
     "run_id", "model_name", "model_type", "num_layers", "dtype", "device", "gpu_name", "driver_version",

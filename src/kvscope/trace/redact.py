@@ -30,7 +30,8 @@ import pyarrow.parquet as pq
 
 from kvscope.errors import UsageError
 from kvscope.schema.tables import META_REPLACES, TABLES
-from kvscope.trace.reader import check_invariants, open_trace, shown
+from kvscope.trace.invariants import check_invariants
+from kvscope.trace.reader import open_trace, shown
 from kvscope.trace.writer import write_part
 
 META_REDACTED = b"kvscope.redacted"
