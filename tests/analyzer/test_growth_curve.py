@@ -93,6 +93,22 @@ def test_the_verdicts_growth_rate_is_read_over_decode_steps(tmp_path: Path) -> N
     assert facts.bytes_per_token == pytest.approx(2048.0)
 
 
+def test_the_verdicts_growth_rate_is_per_sequence(tmp_path: Path) -> None:
+    # a batch of 3: the cache grows 3 x 2 KiB per step; the rate quoted is the sequence's 2 KiB
+    from analyzer_helpers import layer_rows, run_row, step_rows, write_part
+
+    from kvscope.analyzer import load_traces
+    from kvscope.analyzer.run_facts import run_facts
+
+    seq = list(range(64, 128))
+    write_part(tmp_path, "run", run_row(layer_types=["full_attention"]))
+    write_part(tmp_path, "layers", layer_rows("r1", 0, list(range(len(seq))), 0, [3 * 2048 * s for s in seq], seq))
+    write_part(tmp_path, "steps", step_rows("r1", 0, seq, [3 * 2048 * s for s in seq], batch=3))
+    with load_traces([tmp_path]) as tables:
+        (facts,) = run_facts(tables)
+    assert facts.bytes_per_token == pytest.approx(2048.0) and facts.batch_size == 3
+
+
 def test_thresholds_are_config_fields(tmp_path: Path) -> None:
     seq = list(range(10, 50))
     kv = {0: [100 * s + (s - 10) ** 2 for s in seq]}

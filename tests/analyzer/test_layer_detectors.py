@@ -150,3 +150,21 @@ def test_cache_density_gives_gemma4_full_layers_their_own_geometry(tmp_path: Pat
     (g,) = detect(_last_step_trace(tmp_path / "wrong", wrong, config, "gemma4_text"), "cache_density")
     assert {r["layer_type"]: r["measured"] / r["expected"] for r in g.evidence["by_layer_type"]} == {
         "full_attention": 2.0, "sliding_attention": 1.0}
+
+
+def test_a_prefill_only_generation_is_judged_without_the_sliding_layers_prompt_view(tmp_path: Path) -> None:
+    # recorded on the CPU: a gpt-oss-20b twin (8 kv heads x 64, float32: 4,096 bytes per token per
+    # layer), a 200-token prompt and one new token: the generation ends at its prefill, where each
+    # sliding layer (window 128) keeps 127 tokens as a view of the whole prompt's storage
+    from analyzer_helpers import layer_rows, merge, run_row, step_rows, write_part
+
+    config = {"num_attention_heads": 64, "num_key_value_heads": 8, "head_dim": 64, "torch_dtype": "float32"}
+    write_part(tmp_path, "run", run_row(config=config, layer_types=["sliding_attention", "full_attention"] * 2,
+                                        dtype="float32", model_type="gpt_oss"))
+    layers = [layer_rows("r1", 0, [0], layer, [200 * 4096], [127 if layer % 2 == 0 else 200],
+                         "sliding_attention" if layer % 2 == 0 else "full_attention", "float32")
+              for layer in range(4)]
+    write_part(tmp_path, "layers", merge(*layers))
+    write_part(tmp_path, "steps", step_rows("r1", 0, [200], [4 * 200 * 4096]))
+    (f,) = detect(tmp_path, "cache_density")
+    assert (f.severity, f.value, f.threshold) == ("info", 4096.0, 4096.0)  # was a warning: 1.25x (5.01 KiB)

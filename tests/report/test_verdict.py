@@ -170,3 +170,17 @@ def test_an_oom_event_makes_the_forecast_ran_out(tmp_path: Path) -> None:
     assert run is not None and run.severity == "critical" and run.headline == "OOM forecast: ran out"
     oom = run.aspect("oom")
     assert oom.status == "critical" and oom.text.startswith("ran out of memory (1 OOM): ")
+
+
+def test_a_run_mixing_static_and_dynamic_generations_is_not_called_static() -> None:
+    from kvscope.analyzer.run_facts import LayerTypeFacts
+
+    facts = RunFacts(run_id="r", model_name="m", generations=4, steps=200, batch_size=3, peak_kv_bytes=18 << 20,
+                     bytes_per_token=36 * 1024.0, preallocated_generations=(2,),
+                     layer_types=(LayerTypeFacts("full_attention", 3, 4096.0, 200, 1 << 20, True),))
+    kv = build_verdict([], [facts]).worst.aspect("kv_cache")
+    assert kv.label == "static and dynamic"
+    assert kv.text.startswith("static and dynamic: a preallocated cache in generation 2, growing in the others "
+                              "(36.00 KiB per token of context per sequence)")
+    every = build_verdict([], [RunFacts(**{**facts.__dict__, "preallocated_generations": (0, 1, 2, 3)})])
+    assert every.worst.aspect("kv_cache").label == "static"

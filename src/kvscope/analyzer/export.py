@@ -161,7 +161,7 @@ def prometheus_text(t: LoadedTraces, findings: Sequence[Finding], facts: Sequenc
             out.add("kv_cache_layer_type_bytes", "KV cache bytes of the layers of one type at the run's last step.",
                     {**base, "layer_type": layer_type}, kv)
         out.add("kv_cache_peak_bytes", "Largest KV cache of the run (steps.kv_bytes).", base, f.peak_kv_bytes)
-        out.add("kv_cache_per_token_bytes", "Bytes the KV cache grows by per token of context (median slope).", base,
+        out.add("kv_cache_per_token_bytes", "Bytes the KV cache grows by per token of context and sequence (median slope over decode steps).", base,
                 f.bytes_per_token)
         out.add("context_tokens", "Tokens of context at the run's last step.", base, row.get("seq_len"))
         out.add("allocated_bytes", "PyTorch allocated bytes at the run's last step.", base, row.get("allocated_bytes"))

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from kvscope.analyzer.engine import Engine
-from kvscope.analyzer.summaries import decode_step_fits, layer_summary, step_fits
+from kvscope.analyzer.summaries import decode_step_fits, layer_summary, step_fits, step_ranges
 
 
 @dataclass(frozen=True)
@@ -52,8 +52,9 @@ class RunFacts:
     max_context: int | None = None
     batch_size: int | None = None
     peak_kv_bytes: int | None = None
-    bytes_per_token: float | None = None  # median slope of steps.kv_bytes on seq_len
+    bytes_per_token: float | None = None  # median slope of steps.kv_bytes on seq_len (decode steps), per sequence
     flat_generations: int = 0  # generations whose KV bytes never changed
+    preallocated_generations: tuple[int, ...] = ()  # generations with a preallocated (static) layer
     layer_types: tuple[LayerTypeFacts, ...] = ()
     mean_fragmentation: float | None = None
     max_unused_bytes: int | None = None  # reserved − allocated, at most
@@ -102,11 +103,15 @@ def run_facts(t: Engine) -> list[RunFacts]:
     # the growth rate over decode steps (a sliding layer's prefill view holds the whole prompt at
     # step 0: over every step, short generations after long prompts read as shrinking caches);
     # generations without decode steps fall back to the fit over all their steps
+    # per sequence (a batch of 3 grows 3x per step: a median over mixed batches would mean nothing)
     fits = {r["run_id"]: r for r in t.records(f"""
         SELECT a.run_id,
-               coalesce(median(d.slope) FILTER (WHERE d.vyy > 0), median(a.slope) FILTER (WHERE a.vyy > 0)) AS slope,
+               coalesce(median(d.slope / b.batch_size) FILTER (WHERE d.vyy > 0),
+                        median(a.slope / b.batch_size) FILTER (WHERE a.vyy > 0)) AS slope,
                count(*) FILTER (WHERE coalesce(d.vyy, a.vyy, 0) = 0) AS flat
-        FROM {step_fits(t)} a LEFT JOIN {decode_step_fits(t)} d USING (run_id, gen_id) GROUP BY a.run_id""")}
+        FROM {step_fits(t)} a LEFT JOIN {decode_step_fits(t)} d USING (run_id, gen_id)
+          JOIN {step_ranges(t)} b USING (run_id, gen_id)
+        GROUP BY a.run_id""")}
     summary = layer_summary(t)
     types: dict[str, list[LayerTypeFacts]] = {}
     for r in t.records(f"""
@@ -117,6 +122,8 @@ def run_facts(t: Engine) -> list[RunFacts]:
         FROM {summary} GROUP BY run_id, layer_type ORDER BY run_id, layer_type"""):
         types.setdefault(r["run_id"], []).append(LayerTypeFacts(
             str(r["layer_type"]), int(r["layers"]), r["bpt"], r["max_stored"], r["max_kv"], bool(r["prealloc"])))
+    prealloc_gens: dict[str, tuple[int, ...]] = {r["run_id"]: tuple(sorted(r["gens"])) for r in t.records(f"""
+        SELECT run_id, list(DISTINCT gen_id) AS gens FROM {summary} WHERE capacity_tokens IS NOT NULL GROUP BY run_id""")}
     retention: dict[str, list[GenerationMemory]] = {}
     for r in t.records("""
         SELECT run_id, gen_id,
@@ -145,6 +152,7 @@ def run_facts(t: Engine) -> list[RunFacts]:
             generations=int(st.get("generations") or 0), steps=int(st.get("steps") or 0),
             max_context=num(st, "max_context"), batch_size=num(st, "batch_size"), peak_kv_bytes=num(st, "peak_kv"),
             bytes_per_token=num(fit, "slope"), flat_generations=int(fit.get("flat") or 0),
+            preallocated_generations=prealloc_gens.get(run_id, ()),
             layer_types=tuple(types.get(run_id, [])), mean_fragmentation=num(st, "mean_frag"),
             max_unused_bytes=num(st, "max_unused"), max_inactive_split_bytes=num(st, "max_split"),
             alloc_retries=num(st, "retries"), peak_allocated_bytes=num(st, "peak_alloc"),

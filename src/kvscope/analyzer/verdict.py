@@ -208,13 +208,18 @@ def _kv_aspect(facts: RunFacts, fs: list[Finding]) -> Aspect:
     saturated = [f for f in growth if f.metric == "saturated_tokens"]
     density = [f for f in fs if f.detector == "cache_density"]
     status = _status_of([f for f in fs if aspect_of(f) == "kv_cache"])
-    per_tok = (f"{human_bytes(facts.bytes_per_token)} per token of context" if facts.bytes_per_token
+    per_seq = " per sequence" if facts.batch_size and facts.batch_size > 1 else ""
+    per_tok = (f"{human_bytes(facts.bytes_per_token)} per token of context{per_seq}" if facts.bytes_per_token
                else "no growth measured")
     types = ", ".join(f"{lt.layers} {lt.layer_type} layer{'s' if lt.layers != 1 else ''} of "
                       f"{human_bytes(lt.bytes_per_token) if lt.bytes_per_token else '-'} per token" for lt in
                       facts.layer_types)
     peak = f"{human_bytes(facts.peak_kv_bytes)} at most" if facts.peak_kv_bytes is not None else ""
-    prealloc = any(lt.preallocated for lt in facts.layer_types)
+    static_gens = facts.preallocated_generations
+    # static when every generation preallocated its cache (or none grew); a run that mixes static and
+    # dynamic generations is said to, never "static whatever the context"
+    prealloc = bool(static_gens) and len(static_gens) >= max(facts.generations, 1)
+    mixed = bool(static_gens) and not prealloc
     unseen = [f for f in fs if f.detector == "cache_seen" and f.metric == "no_cache_steps"]
     if unseen and len({f.gen_id for f in unseen}) >= max(facts.generations, 1):
         # Nothing was found to count: a "0 B" cache would read as healthy (or static) here.
@@ -239,6 +244,11 @@ def _kv_aspect(facts: RunFacts, fs: list[Finding]) -> Aspect:
             label = f"static, {worst.value:.1f}x the tokens held"
             text += (f"; capacity for {worst.value:.1f}x the tokens it holds "
                      f"({human_bytes(worst.evidence.get('wasted_bytes'))} never used)")
+    elif mixed:
+        label = "static and dynamic"
+        gens = span_text(list(static_gens))
+        text = (f"static and dynamic: a preallocated cache in generation{'s' if len(static_gens) > 1 else ''} {gens}, "
+                f"growing in the others ({per_tok}); {peak}; {types}")
     elif saturated:
         window = int(max(f.value for f in saturated))
         sliding = {t for f in saturated for t in f.evidence.get("layer_types", [])}

@@ -90,6 +90,10 @@ def measure(t: Engine) -> Measured:
             LEFT JOIN {layer_geo} o ON s.run_id = o.run_id AND s.layer = o.layer
           WHERE greatest(coalesce(s.capacity_tokens, s.stored_tokens), 0) > 0
             AND s.layer_type NOT IN {constant_types_sql()}
+            -- a generation that ended at its prefill: a dynamic layer that kept fewer tokens than the
+            -- prompt (a sliding window) is a view of the whole prompt's storage until the next step,
+            -- so its bytes per stored token overstate the geometry (gpt-oss-20b, 200-token prompt: 1.25x)
+            AND NOT (s.last_step = 0 AND s.capacity_tokens IS NULL AND s.stored_tokens < s.last_seq_len)
     """
     rows = t.records(f"""
         WITH x AS ({x_sql})
