@@ -147,20 +147,7 @@ def layer_summary(t: Engine, decode_only: bool = False) -> str:
 
 def step_fits(t: Engine) -> str:
     """One row per (run, generation): growth fit of the step totals (kv_bytes) on seq_len."""
-    x, y = "CAST(s.seq_len AS DOUBLE)", "CAST(s.kv_bytes AS DOUBLE)"
-    return t.cached_table(STEP_FITS, f"""
-        WITH agg AS (
-          SELECT s.run_id, s.gen_id,
-            {fit_aggregates(x, y, ("r.seq_lo", "r.seq_hi"))},
-            max(s.seq_len) AS max_seq_len, arg_max(s.kv_bytes, s.step) AS last_kv_bytes,
-            max(s.kv_bytes) AS peak_kv_bytes
-          FROM steps s JOIN (SELECT run_id, gen_id, min(seq_len) AS seq_lo, max(seq_len) AS seq_hi
-                             FROM steps GROUP BY run_id, gen_id) r
-            ON s.run_id = r.run_id AND s.gen_id = r.gen_id
-          GROUP BY s.run_id, s.gen_id
-        ), fit AS (SELECT agg.*, {FIT_DERIVED} FROM agg)
-        SELECT fit.*, {R2_QUAD} AS r2_quad FROM fit
-    """)
+    return _step_total_fits(t, STEP_FITS, first_step=0)
 
 
 def decode_step_fits(t: Engine) -> str:
@@ -171,12 +158,17 @@ def decode_step_fits(t: Engine) -> str:
     a gpt-oss-20b twin with a 200-token prompt the step total drops 1.5 MB from step 0 to step 1,
     which a fit over every step reads as a convex curve (marginal rate x1.56) on a healthy run.
     """
+    return _step_total_fits(t, DECODE_FITS, first_step=1)
+
+
+def _step_total_fits(t: Engine, name: str, first_step: int) -> str:
     x, y = "CAST(s.seq_len AS DOUBLE)", "CAST(s.kv_bytes AS DOUBLE)"
-    return t.cached_table(DECODE_FITS, f"""
-        WITH d AS (SELECT * FROM steps WHERE step >= 1), agg AS (
+    return t.cached_table(name, f"""
+        WITH d AS (SELECT * FROM steps WHERE step >= {int(first_step)}), agg AS (
           SELECT s.run_id, s.gen_id,
             {fit_aggregates(x, y, ("r.seq_lo", "r.seq_hi"))},
-            max(s.seq_len) AS max_seq_len, arg_max(s.kv_bytes, s.step) AS last_kv_bytes
+            max(s.seq_len) AS max_seq_len, arg_max(s.kv_bytes, s.step) AS last_kv_bytes,
+            max(s.kv_bytes) AS peak_kv_bytes
           FROM d s JOIN (SELECT run_id, gen_id, min(seq_len) AS seq_lo, max(seq_len) AS seq_hi
                          FROM d GROUP BY run_id, gen_id) r
             ON s.run_id = r.run_id AND s.gen_id = r.gen_id
@@ -184,7 +176,6 @@ def decode_step_fits(t: Engine) -> str:
         ), fit AS (SELECT agg.*, {FIT_DERIVED} FROM agg)
         SELECT fit.*, {R2_QUAD} AS r2_quad FROM fit
     """)
-
 
 _MEMORY = """
     SELECT run_id, gen_id,
