@@ -164,7 +164,30 @@ def test_a_prefill_only_generation_is_judged_without_the_sliding_layers_prompt_v
     layers = [layer_rows("r1", 0, [0], layer, [200 * 4096], [127 if layer % 2 == 0 else 200],
                          "sliding_attention" if layer % 2 == 0 else "full_attention", "float32")
               for layer in range(4)]
+    for rows in layers[::2]:  # the sliding layers' tensors are 127-token views: their logical bytes
+        rows["k_bytes"], rows["v_bytes"] = [127 * 2048], [127 * 2048]
     write_part(tmp_path, "layers", merge(*layers))
     write_part(tmp_path, "steps", step_rows("r1", 0, [200], [4 * 200 * 4096]))
     (f,) = detect(tmp_path, "cache_density")
     assert (f.severity, f.value, f.threshold) == ("info", 4096.0, 4096.0)  # was a warning: 1.25x (5.01 KiB)
+
+
+def test_a_hybrid_layers_recurrent_state_is_not_counted_as_kv(tmp_path: Path) -> None:
+    # recorded on the CPU (falcon_h1, tiny): a hybrid layer's unique bytes hold K, V and the mamba
+    # state (12,800 bytes, constant); K and V alone are 2 x 2 heads x 16 x float32 = 256 B per token
+    from analyzer_helpers import layer_rows, merge, run_row, step_rows, write_part
+
+    config = {"num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 16, "torch_dtype": "float32"}
+    write_part(tmp_path, "run", run_row(config=config, layer_types=["hybrid"] * 2, dtype="float32",
+                                        model_type="falcon_h1"))
+    tokens = list(range(5, 29))
+    layers = []
+    for layer in range(2):
+        rows = layer_rows("r1", 0, list(range(len(tokens))), layer, [256 * 2 * t + 12_800 for t in tokens],
+                          tokens, "hybrid", "float32")
+        rows["k_bytes"] = rows["v_bytes"] = [128 * 2 * t for t in tokens]  # batch 2
+        layers.append(rows)
+    write_part(tmp_path, "layers", merge(*layers))
+    write_part(tmp_path, "steps", step_rows("r1", 0, tokens, [2 * (512 * t + 12_800) for t in tokens], batch=2))
+    (f,) = detect(tmp_path, "cache_density")
+    assert (f.severity, f.value, f.threshold) == ("info", 256.0, 256.0)  # was a warning: 1.89x (485 B)

@@ -105,7 +105,7 @@ def layer_summary(t: Engine, decode_only: bool = False) -> str:
     return t.cached_table(LAYER_SUMMARY + ("_decode" if decode_only else ""), f"""
         WITH lrows AS (
           SELECT l.run_id, l.gen_id, l.layer, l.step, l.kv_bytes, l.stored_tokens, l.layer_type, l.k_dtype,
-            l.capacity_tokens, l.aliased,
+            l.capacity_tokens, l.aliased, l.k_bytes + l.v_bytes AS logical_bytes,
             CAST(l.step - coalesce({lo}, 0) AS DOUBLE) AS x, CAST(l.kv_bytes AS DOUBLE) AS y,
             CASE WHEN r.lo IS NULL THEN 0
                  WHEN l.step <= {lo} + (r.hi - {lo}) * 0.25 THEN 1
@@ -116,7 +116,7 @@ def layer_summary(t: Engine, decode_only: bool = False) -> str:
           SELECT run_id, gen_id, layer, qt, count(*) AS n, {sums},
             min(x) AS x_lo, max(x) AS x_hi, max(step) AS last_step,
             arg_max({{'kv_bytes': kv_bytes, 'stored_tokens': stored_tokens, 'capacity_tokens': capacity_tokens,
-                     'aliased': aliased}}, step) AS last,
+                     'aliased': aliased, 'logical_bytes': logical_bytes}}, step) AS last,
             any_value(layer_type) AS layer_type, any_value(k_dtype) AS k_dtype
           FROM lrows GROUP BY run_id, gen_id, layer, qt
         ), g AS (
@@ -128,6 +128,7 @@ def layer_summary(t: Engine, decode_only: bool = False) -> str:
         ), c AS (
           SELECT run_id, gen_id, layer, n, x_lo, x_hi, last_step, layer_type, k_dtype, last.kv_bytes AS kv_bytes,
             last.stored_tokens AS stored_tokens, last.capacity_tokens AS capacity_tokens, last.aliased AS aliased,
+            last.logical_bytes AS logical_bytes,
             sx / n AS x_mean, sy / n AS y_mean, {_quarter_slope(1)} AS slope_first, {_quarter_slope(2)} AS slope_last,
             {_centred()}
           FROM g

@@ -81,8 +81,12 @@ def measure(t: Engine) -> Measured:
     geo, layer_geo, sources = geometry_table(t)
     x_sql = f"""
           SELECT s.run_id, s.gen_id, s.layer, s.layer_type, s.k_dtype, s.aliased,
-            CAST(s.kv_bytes AS DOUBLE) / s.batch_size / greatest(coalesce(s.capacity_tokens, s.stored_tokens), 1)
-              AS measured,
+            -- a dynamic layer is judged by the smaller of its unique and its logical K/V bytes: unique
+            -- bytes beyond the tensors' own are a hybrid layer's recurrent state (falcon_h1, zamba2:
+            -- constant in the tokens) or, at the prefill, a sliding layer's view of the whole prompt
+            CAST(CASE WHEN s.capacity_tokens IS NULL THEN least(s.kv_bytes, coalesce(s.logical_bytes, s.kv_bytes))
+                      ELSE s.kv_bytes END AS DOUBLE) / s.batch_size
+              / greatest(coalesce(s.capacity_tokens, s.stored_tokens), 1) AS measured,
             CAST(coalesce(o.elems, g.elems) * coalesce(g.cfg_bytes, {dtype_bytes_sql('s.k_dtype')}) AS DOUBLE)
               AS expected, g.latent,
             g.cfg_bytes IS NULL AS dtype_from_trace
@@ -90,10 +94,6 @@ def measure(t: Engine) -> Measured:
             LEFT JOIN {layer_geo} o ON s.run_id = o.run_id AND s.layer = o.layer
           WHERE greatest(coalesce(s.capacity_tokens, s.stored_tokens), 0) > 0
             AND s.layer_type NOT IN {constant_types_sql()}
-            -- a generation that ended at its prefill: a dynamic layer that kept fewer tokens than the
-            -- prompt (a sliding window) is a view of the whole prompt's storage until the next step,
-            -- so its bytes per stored token overstate the geometry (gpt-oss-20b, 200-token prompt: 1.25x)
-            AND NOT (s.last_step = 0 AND s.capacity_tokens IS NULL AND s.stored_tokens < s.last_seq_len)
     """
     rows = t.records(f"""
         WITH x AS ({x_sql})
