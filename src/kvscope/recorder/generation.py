@@ -34,6 +34,16 @@ class GenerationRecord:
     post_empty_cache: Reading = _NO_READING
     extra: dict[str, Any] = field(default_factory=dict)
 
+    def take_steps(self, steps: Any, last_kv_bytes: int, layers: int) -> None:
+        """What the hook recorded of this generation (a steps.GenerationSteps)."""
+        self.prompt_tokens = steps.prompt_tokens
+        self.batch_size = steps.batch_size
+        self.cache_class = steps.cache_class or "none"
+        self.steps = steps.step
+        self.final_seq_len = steps.seq_len
+        self.last_kv_bytes = last_kv_bytes
+        self.layers_recorded = layers
+
     def to_row(self, run_id: str) -> dict[str, Any]:
         row: dict[str, Any] = {
             "run_id": run_id, "gen_id": self.gen_id, "prompt_id": self.prompt_id,

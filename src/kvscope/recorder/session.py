@@ -44,7 +44,7 @@ from kvscope.recorder.options import RecordOptions
 from kvscope.recorder.rows import EVENT_COLUMNS
 from kvscope.recorder.run_flags import merge_run_options
 from kvscope.recorder.run_info import run_metadata
-from kvscope.recorder.steps import SamplePolicy, StepRecorder
+from kvscope.recorder.steps import GenerationSteps, SamplePolicy, StepRecorder
 from kvscope.recorder.telemetry import AllocatorProbe
 from kvscope.recorder.writer_process import WriterProcess
 from kvscope.trace.writer import TraceWriter
@@ -311,29 +311,23 @@ class Recording:
     def _end_generation(self, record: GenerationRecord, output: Any, args: tuple, kwargs: dict[str, Any]) -> None:
         record.ended_ns = time.perf_counter_ns() - self.origin_ns
         self._generating = False
-        steps = self.steps
+        steps, gen = self.steps, self.steps.gen
         reading = self.allocator.read()
         record.post_return = (reading.allocated if reading else None, reading.reserved if reading else None,
                               self.nvml.used())
         # NVML: the boundary reads here; the writer adds the highest reading it polled meanwhile.
         record.peak = (reading.peak_allocated if reading else None, reading.peak_reserved if reading else None,
                        _max_or_none(record.baseline[2], record.post_return[2]))
-        record.prompt_tokens = steps.prompt_tokens
-        record.batch_size = steps.batch_size
-        record.cache_class = steps.cache_class or "none"
-        record.steps = steps.step
-        record.last_kv_bytes = steps.last_kv_bytes()
-        record.final_seq_len = steps.seq_len
-        record.layers_recorded = steps.last.get("layers", 0)
-        if steps.step and not steps.cache_seen and not steps.failed_steps:
-            self._no_cache(record, steps)
-        record.new_tokens, record.eos_reached = generated_tokens(self.model, output, args, kwargs, steps.step,
-                                                                 steps.prompt_tokens)
+        record.take_steps(gen, steps.last_kv_bytes(), steps.last.get("layers", 0))
+        if gen.step and not gen.cache_seen and not gen.failed_steps:
+            self._no_cache(record, gen)
+        record.new_tokens, record.eos_reached = generated_tokens(self.model, output, args, kwargs, gen.step,
+                                                                 gen.prompt_tokens)
         if self.options.store_prompts and record.prompt_text is None:
             ids = kwargs.get("input_ids", args[0] if args else None)
             if isinstance(ids, torch.Tensor):
                 record.prompt_text = json.dumps(ids[0].tolist())
-        self._write_events(steps.events, record.gen_id)
+        self._write_events(gen.events, record.gen_id)
         self._write_head_stats()
         self._write_devices(record.gen_id, layers=True)
         # No wait: generate returns while the writer thread writes the last parts (settle() and the
@@ -342,7 +336,7 @@ class Recording:
         self.writer.send(GenerationWindow(record.gen_id, record.started_ns, record.ended_ns))
         self._pending = record
 
-    def _no_cache(self, record: GenerationRecord, steps: StepRecorder) -> None:
+    def _no_cache(self, record: GenerationRecord, steps: GenerationSteps) -> None:
         """No cache object or recurrent state found at any step: the trace would show 0 bytes and no
         layers as if the model held nothing. Say so: a warning, a `no_cache` event, and at the end of
         the block `cache_seen: false` in the run's options."""
@@ -358,7 +352,7 @@ class Recording:
 
     def _abort_generation(self, record: GenerationRecord, exc: BaseException) -> None:
         self._generating = False
-        steps = self.steps
+        steps, gen = self.steps, self.steps.gen
         last = steps.last
         reading = last.pop("allocator", None)
         last["allocator"] = reading._asdict() if reading is not None else None
@@ -367,8 +361,8 @@ class Recording:
         if is_oom:
             detail["allocator_now"] = self.allocator.snapshot() if self.allocator.enabled else None
             detail["nvml_used_bytes"] = self.nvml.used()
-        self._write_events(steps.events, record.gen_id)
-        self._event("oom" if is_oom else "error", record.gen_id, steps.step, detail)
+        self._write_events(gen.events, record.gen_id)
+        self._event("oom" if is_oom else "error", record.gen_id, gen.step, detail)
         self._write_head_stats()
         self._write_devices(record.gen_id, layers=True)
         self.writer.send(GenerationWindow(record.gen_id, record.started_ns, time.perf_counter_ns() - self.origin_ns))

@@ -12,7 +12,7 @@ from __future__ import annotations
 import time
 import warnings
 from collections.abc import Container
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -70,6 +70,27 @@ class _AllLayers:
 ALL_LAYERS = _AllLayers()
 
 
+@dataclass
+class GenerationSteps:
+    """What the hook learns about one generation: begun fresh for each, read by the session at its end."""
+
+    gen_id: int
+    step: int = 0  # steps recorded so far (the next step's index)
+    seq_len: int = 0  # tokens in context after the last step
+    batch_size: int = 1
+    prompt_tokens: int = 0
+    cache_class: str | None = None
+    events: list[dict[str, Any]] = field(default_factory=list)
+    cache_seen: bool = False  # a cache (or recurrent state) was found at some step
+    failed_steps: int = 0  # steps whose cache could not be read (`_cache_read_failed`)
+    failure: dict[str, Any] | None = None  # the generation's one error event for those steps
+    cache_attr: str | None = None  # the output attribute that carries the cache
+    last_measured: Any = None
+    last_t_ns: int = 0
+    last_reading: Any = None
+    carry_ns: int = 0  # hand-over time booked into the next step's recorder_ns
+
+
 class StepRecorder:
     """Records the steps of one generation at a time; the session owns its lifecycle."""
 
@@ -98,21 +119,7 @@ class StepRecorder:
         self.begin(-1)
 
     def begin(self, gen_id: int) -> None:
-        self.gen_id = gen_id
-        self.step = 0
-        self.seq_len = 0
-        self.batch_size = 1
-        self.prompt_tokens = 0
-        self.cache_class: str | None = None
-        self._last_measured: Any = None
-        self._last_t_ns = 0
-        self._last_reading: Any = None
-        self._carry_ns = 0
-        self._cache_attr: str | None = None  # the output attribute that carries the cache
-        self.events: list[dict[str, Any]] = []
-        self.cache_seen = False  # a cache (or recurrent state) was found at some step of this generation
-        self.failed_steps = 0  # steps whose cache could not be read (`_cache_read_failed`)
-        self._failure: dict[str, Any] | None = None
+        self.gen = GenerationSteps(gen_id)
         self.active = gen_id >= 0
         if self.active and self.discovery.modules:
             self.discovery.install()
@@ -139,36 +146,37 @@ class StepRecorder:
             return
         start = time.perf_counter_ns()
         batch, tokens = batch_and_tokens(args, kwargs)
-        step = self.step
+        gen = self.gen
+        step = gen.step
         if step == 0:
-            self.prompt_tokens = tokens
-            self.batch_size = batch
-        self.seq_len += tokens
-        gen_id, run_id = self.gen_id, self.run_id
+            gen.prompt_tokens = tokens
+            gen.batch_size = batch
+        gen.seq_len += tokens
+        gen_id, run_id = gen.gen_id, self.run_id
         cache: Any = None
         try:  # whatever the cache holds, reading it never breaks the generation
-            cache, self._cache_attr = cache_from_output(output, self._cache_attr)
+            cache, gen.cache_attr = cache_from_output(output, gen.cache_attr)
             if cache is None:
                 cache = self.discovery.cache if self.discovery.cache is not None else cache_from_kwargs(kwargs)
             elif step == 0 and self.discovery.installed:
                 self.discovery.remove()  # the output carries the cache: later steps need no attention hooks
             self.discovery.cache = None
             if step == 0:
-                self.cache_class = type(cache).__name__ if cache is not None else None
+                gen.cache_class = type(cache).__name__ if cache is not None else None
             if self.module_state is not None:
                 cache = self.module_state.read(cache)  # state kept on the model's modules (recurrent_gemma)
             sample_layers = self.samples.layers_at(step)
-            measured = measure_cache(cache, self.layout, self.seq_len, sample_layers, self.native) \
+            measured = measure_cache(cache, self.layout, gen.seq_len, sample_layers, self.native) \
                 if cache is not None else None
-            if not self.cache_seen:
+            if not gen.cache_seen:
                 if step == 0 and not self._module_state_searched and (
                         measured is None or not measured.layer_count or self.layout.model_type in MODULE_STATE_MODELS):
                     self._module_state_searched = True  # once per recording: the state lives on the same modules
                     self.module_state = ModuleState.find(module)
                     if self.module_state is not None:
                         cache = self.module_state.read(cache)
-                        measured = measure_cache(cache, self.layout, self.seq_len, sample_layers, self.native)
-                self.cache_seen = measured is not None and measured.layer_count > 0
+                        measured = measure_cache(cache, self.layout, gen.seq_len, sample_layers, self.native)
+                gen.cache_seen = measured is not None and measured.layer_count > 0
             if measured is not None and measured.sample_tensors:
                 if _in_flight(cache, measured.sample_tensors):
                     torch.cuda.synchronize()  # offloading moves layers on side streams: wait before copying
@@ -181,7 +189,7 @@ class StepRecorder:
             return
         if measured is not None:
             # Expanded into rows (and the step's unique bytes) by the writer, per batch.
-            self._layer_rows.append((run_id, gen_id, step, self.seq_len, measured))
+            self._layer_rows.append((run_id, gen_id, step, gen.seq_len, measured))
         del cache
         reading = self.allocator.read()
         if self.device_rows is not None:  # split over devices: each one's readings too
@@ -192,54 +200,57 @@ class StepRecorder:
         """A step whose cache could not be read: no steps or layers row (a half-read step would show
         wrong bytes), one `error` event per generation (counting the steps that failed), and the
         generation goes on."""
-        self.step = step + 1
-        self._last_measured = None
-        self.failed_steps += 1
-        if self._failure is None:
-            self._failure = {"source": "cache_walk", "exception": type(exc).__name__, "message": str(exc)[:2000],
-                             "first_step": step, "last_step": step, "failed_steps": 1}
-            self.events.append({"kind": "error", "step": step, "detail": self._failure})
-            warnings.warn(f"kvscope: could not read the cache at step {step} of generation {self.gen_id} "
+        gen = self.gen
+        gen.step = step + 1
+        gen.last_measured = None
+        gen.failed_steps += 1
+        if gen.failure is None:
+            gen.failure = {"source": "cache_walk", "exception": type(exc).__name__, "message": str(exc)[:2000],
+                           "first_step": step, "last_step": step, "failed_steps": 1}
+            gen.events.append({"kind": "error", "step": step, "detail": gen.failure})
+            warnings.warn(f"kvscope: could not read the cache at step {step} of generation {gen.gen_id} "
                           f"({type(exc).__name__}: {str(exc)[:200]}); that step's rows are skipped, "
                           "generation goes on (an error event says which steps).", RuntimeWarning, stacklevel=2)
         else:
-            self._failure["last_step"] = step
-            self._failure["failed_steps"] += 1
+            gen.failure["last_step"] = step
+            gen.failure["failed_steps"] += 1
 
     def _end_step(self, start: int, step: int, batch: int, measured: Any, reading: Any) -> None:
         """Buffer the step's row and hand a full batch to the writer."""
-        self._last_measured = measured
+        gen = self.gen
+        gen.last_measured = measured
         t_ns = start - self.origin_ns
-        self._last_t_ns, self._last_reading = t_ns, reading
-        self.step = step + 1
+        gen.last_t_ns, gen.last_reading = t_ns, reading
+        gen.step = step + 1
         # The reading's first six fields are rows.ALLOCATOR_COLUMNS.
         telemetry: tuple = NO_READING if reading is None else reading[:6]
         # The hand-over below is timed into the next step's recorder_ns (this row is already built).
-        spent = time.perf_counter_ns() - start + self._carry_ns
+        spent = time.perf_counter_ns() - start + gen.carry_ns
         # In rows.HOOK_STEP_COLUMNS order (tested); the writer fills in the rest of the row.
-        self._step_rows.append((self.run_id, self.gen_id, step, t_ns, self.seq_len, batch, *telemetry,
+        self._step_rows.append((self.run_id, gen.gen_id, step, t_ns, gen.seq_len, batch, *telemetry,
                                 self.nvml_total, spent))
-        self._carry_ns = 0
-        if self.step % self.flush_every == 0:
+        gen.carry_ns = 0
+        if gen.step % self.flush_every == 0:
             handover_start = time.perf_counter_ns()
             self._hand_over()
             self.writer.flush()
-            self._carry_ns = time.perf_counter_ns() - handover_start
+            gen.carry_ns = time.perf_counter_ns() - handover_start
 
     @property
     def last(self) -> dict[str, Any]:
         """The last recorded step's readings (for OOM events and the generation summary), built on
         demand rather than every step."""
-        if self.step == 0:
+        gen = self.gen
+        if gen.step == 0:
             return {}
-        measured = self._last_measured
-        return {"step": self.step - 1, "t_ns": self._last_t_ns, "seq_len": self.seq_len,
-                "allocator": self._last_reading, "layers": measured.layer_count if measured is not None else 0,
+        measured = gen.last_measured
+        return {"step": gen.step - 1, "t_ns": gen.last_t_ns, "seq_len": gen.seq_len,
+                "allocator": gen.last_reading, "layers": measured.layer_count if measured is not None else 0,
                 "kv_bytes": self.last_kv_bytes()}
 
     def last_kv_bytes(self) -> int:
         """Unique KV bytes of the last recorded step (computed on demand: the hook defers it)."""
-        measured = self._last_measured
+        measured = self.gen.last_measured
         return measured.kv_bytes if measured is not None else 0
 
     def _copy_samples(self, tensors: list[tuple[int, str, torch.Tensor]], step: int) -> None:
@@ -248,7 +259,7 @@ class StepRecorder:
             size = tensor.numel() * tensor.element_size()
             if policy.used_bytes + size > policy.max_bytes:
                 policy.exhausted = True
-                self.events.append({"kind": "samples_budget", "step": step,
+                self.gen.events.append({"kind": "samples_budget", "step": step,
                                     "detail": {"max_sample_bytes": policy.max_bytes, "used_bytes": policy.used_bytes}})
                 return
             offset = policy.used_bytes
@@ -259,7 +270,7 @@ class StepRecorder:
             else:
                 # A real copy: static caches are written in place, and the cache must not be pinned.
                 host = tensor.detach().clone(memory_format=torch.contiguous_format)
-            self._sample_rows.append((self.run_id, self.gen_id, step, layer, name, tuple(host.shape),
+            self._sample_rows.append((self.run_id, self.gen.gen_id, step, layer, name, tuple(host.shape),
                                       str(host.dtype).removeprefix("torch."), host))
         if tensors and tensors[0][2].is_cuda:
             self._sample_ready = torch.cuda.Event()
