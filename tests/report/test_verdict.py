@@ -177,7 +177,7 @@ def test_a_run_mixing_static_and_dynamic_generations_is_not_called_static() -> N
 
     facts = RunFacts(run_id="r", model_name="m", generations=4, steps=200, batch_size=3, peak_kv_bytes=18 << 20,
                      bytes_per_token=36 * 1024.0, preallocated_generations=(2,),
-                     layer_types=(LayerTypeFacts("full_attention", 3, 4096.0, 200, 1 << 20, True),))
+                     layer_types=(LayerTypeFacts("full_attention", 3, 4096.0, 200, 1 << 20),))
     kv = build_verdict([], [facts]).worst.aspect("kv_cache")
     assert kv.label == "static and dynamic"
     assert kv.text.startswith("static and dynamic: a preallocated cache in generation 2, growing in the others "

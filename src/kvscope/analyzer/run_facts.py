@@ -24,7 +24,6 @@ class LayerTypeFacts:
     bytes_per_token: float | None  # median over the layers, per sequence
     max_stored_tokens: int | None
     max_kv_bytes: int | None
-    preallocated: bool
 
 
 @dataclass(frozen=True)
@@ -100,10 +99,9 @@ def run_facts(t: Engine) -> list[RunFacts]:
         QUALIFY row_number() OVER (PARTITION BY run_id ORDER BY allocated_bytes DESC, t_ns DESC, gen_id DESC) = 1"""):
         steps.setdefault(r["run_id"], {}).update(non_kv=r["non_kv"], unused_at_peak=r["unused_at_peak"],
                                                  outside_torch=r["outside_torch"])
-    # the growth rate over decode steps (a sliding layer's prefill view holds the whole prompt at
-    # step 0: over every step, short generations after long prompts read as shrinking caches);
-    # generations without decode steps fall back to the fit over all their steps
-    # per sequence (a batch of 3 grows 3x per step: a median over mixed batches would mean nothing)
+    # The growth rate per sequence (a batch of 3 grows 3x per step) over decode steps (a sliding
+    # layer's prefill view holds the whole prompt at step 0: short generations after long prompts
+    # would read as shrinking caches); generations without decode steps fall back to all steps.
     fits = {r["run_id"]: r for r in t.records(f"""
         SELECT a.run_id,
                coalesce(median(d.slope / b.batch_size) FILTER (WHERE d.vyy > 0),
@@ -118,10 +116,10 @@ def run_facts(t: Engine) -> list[RunFacts]:
         SELECT run_id, layer_type, count(DISTINCT layer) AS layers,
           median(CAST(kv_bytes AS DOUBLE) / (greatest(batch_size, 1) * nullif(coalesce(capacity_tokens, stored_tokens), 0)))
             AS bpt,
-          max(stored_tokens) AS max_stored, max(kv_bytes) AS max_kv, bool_or(capacity_tokens IS NOT NULL) AS prealloc
+          max(stored_tokens) AS max_stored, max(kv_bytes) AS max_kv
         FROM {summary} GROUP BY run_id, layer_type ORDER BY run_id, layer_type"""):
         types.setdefault(r["run_id"], []).append(LayerTypeFacts(
-            str(r["layer_type"]), int(r["layers"]), r["bpt"], r["max_stored"], r["max_kv"], bool(r["prealloc"])))
+            str(r["layer_type"]), int(r["layers"]), r["bpt"], r["max_stored"], r["max_kv"]))
     prealloc_gens: dict[str, tuple[int, ...]] = {r["run_id"]: tuple(sorted(r["gens"])) for r in t.records(f"""
         SELECT run_id, list(DISTINCT gen_id) AS gens FROM {summary} WHERE capacity_tokens IS NOT NULL GROUP BY run_id""")}
     retention: dict[str, list[GenerationMemory]] = {}

@@ -178,6 +178,7 @@ def _step_total_fits(t: Engine, name: str, first_step: int) -> str:
         SELECT fit.*, {R2_QUAD} AS r2_quad FROM fit
     """)
 
+
 _MEMORY = """
     SELECT run_id, gen_id,
       peak_allocated_bytes - baseline_allocated_bytes AS alloc_growth,

@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
+
+if TYPE_CHECKING:
+    from kvscope.recorder.steps import GenerationSteps
 
 Reading = tuple[int | None, int | None, int | None]  # allocated, reserved, nvml_used
 _NO_READING: Reading = (None, None, None)
@@ -34,15 +37,15 @@ class GenerationRecord:
     post_empty_cache: Reading = _NO_READING
     extra: dict[str, Any] = field(default_factory=dict)
 
-    def take_steps(self, steps: Any, last_kv_bytes: int, layers: int) -> None:
-        """What the hook recorded of this generation (a steps.GenerationSteps)."""
-        self.prompt_tokens = steps.prompt_tokens
-        self.batch_size = steps.batch_size
-        self.cache_class = steps.cache_class or "none"
-        self.steps = steps.step
-        self.final_seq_len = steps.seq_len
-        self.last_kv_bytes = last_kv_bytes
-        self.layers_recorded = layers
+    def take_steps(self, gen: GenerationSteps) -> None:
+        """What the hook recorded of this generation."""
+        self.prompt_tokens = gen.prompt_tokens
+        self.batch_size = gen.batch_size
+        self.cache_class = gen.cache_class or "none"
+        self.steps = gen.step
+        self.final_seq_len = gen.seq_len
+        self.last_kv_bytes = gen.last_kv_bytes
+        self.layers_recorded = gen.last_layers
 
     def to_row(self, run_id: str) -> dict[str, Any]:
         row: dict[str, Any] = {

@@ -311,14 +311,14 @@ class Recording:
     def _end_generation(self, record: GenerationRecord, output: Any, args: tuple, kwargs: dict[str, Any]) -> None:
         record.ended_ns = time.perf_counter_ns() - self.origin_ns
         self._generating = False
-        steps, gen = self.steps, self.steps.gen
+        gen = self.steps.gen
         reading = self.allocator.read()
         record.post_return = (reading.allocated if reading else None, reading.reserved if reading else None,
                               self.nvml.used())
         # NVML: the boundary reads here; the writer adds the highest reading it polled meanwhile.
         record.peak = (reading.peak_allocated if reading else None, reading.peak_reserved if reading else None,
                        _max_or_none(record.baseline[2], record.post_return[2]))
-        record.take_steps(gen, steps.last_kv_bytes(), steps.last.get("layers", 0))
+        record.take_steps(gen)
         if gen.step and not gen.cache_seen and not gen.failed_steps:
             self._no_cache(record, gen)
         record.new_tokens, record.eos_reached = generated_tokens(self.model, output, args, kwargs, gen.step,
@@ -332,23 +332,23 @@ class Recording:
         self._write_devices(record.gen_id, layers=True)
         # No wait: generate returns while the writer thread writes the last parts (settle() and the
         # end of the `with` block wait for them, and report any write error).
-        steps.end(wait=False)
+        self.steps.end(wait=False)
         self.writer.send(GenerationWindow(record.gen_id, record.started_ns, record.ended_ns))
         self._pending = record
 
-    def _no_cache(self, record: GenerationRecord, steps: GenerationSteps) -> None:
+    def _no_cache(self, record: GenerationRecord, gen: GenerationSteps) -> None:
         """No cache object or recurrent state found at any step: the trace would show 0 bytes and no
         layers as if the model held nothing. Say so: a warning, a `no_cache` event, and at the end of
         the block `cache_seen: false` in the run's options."""
         self.no_cache_generations.append(record.gen_id)
         message = (f"kvscope: no cache seen in generation {record.gen_id} ({self.layout.model_type}, "
-                   f"{steps.step} steps): neither the model's outputs, its forward keywords nor its modules "
+                   f"{gen.step} steps): neither the model's outputs, its forward keywords nor its modules "
                    "held a cache or recurrent state the recorder can read, so the trace has no layer rows and "
                    "0 KV bytes for it (generate(use_cache=False), or a container kvscope does not know).")
         warnings.warn(message, RuntimeWarning, stacklevel=4)
-        steps.events.append({"kind": "no_cache", "step": None, "detail": {
-            "source": "cache_walk", "model_type": self.layout.model_type, "steps": steps.step,
-            "cache_class": steps.cache_class, "message": message}})
+        gen.events.append({"kind": "no_cache", "step": None, "detail": {
+            "source": "cache_walk", "model_type": self.layout.model_type, "steps": gen.step,
+            "cache_class": gen.cache_class, "message": message}})
 
     def _abort_generation(self, record: GenerationRecord, exc: BaseException) -> None:
         self._generating = False

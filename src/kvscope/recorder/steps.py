@@ -90,6 +90,15 @@ class GenerationSteps:
     last_reading: Any = None
     carry_ns: int = 0  # hand-over time booked into the next step's recorder_ns
 
+    @property
+    def last_kv_bytes(self) -> int:
+        """Unique KV bytes of the last recorded step (computed on demand: the hook defers it)."""
+        return self.last_measured.kv_bytes if self.last_measured is not None else 0
+
+    @property
+    def last_layers(self) -> int:
+        return self.last_measured.layer_count if self.last_measured is not None else 0
+
 
 class StepRecorder:
     """Records the steps of one generation at a time; the session owns its lifecycle."""
@@ -243,15 +252,8 @@ class StepRecorder:
         gen = self.gen
         if gen.step == 0:
             return {}
-        measured = gen.last_measured
         return {"step": gen.step - 1, "t_ns": gen.last_t_ns, "seq_len": gen.seq_len,
-                "allocator": gen.last_reading, "layers": measured.layer_count if measured is not None else 0,
-                "kv_bytes": self.last_kv_bytes()}
-
-    def last_kv_bytes(self) -> int:
-        """Unique KV bytes of the last recorded step (computed on demand: the hook defers it)."""
-        measured = self.gen.last_measured
-        return measured.kv_bytes if measured is not None else 0
+                "allocator": gen.last_reading, "layers": gen.last_layers, "kv_bytes": gen.last_kv_bytes}
 
     def _copy_samples(self, tensors: list[tuple[int, str, torch.Tensor]], step: int) -> None:
         policy = self.samples
