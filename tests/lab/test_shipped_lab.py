@@ -104,6 +104,9 @@ def test_the_published_claims_measured_on_the_twins(findings: list[dict]) -> Non
     assert [f["value"] for f in glm] == [1152.0] * 15  # MLA latents, every one of the 15 generations
     e2b = _one(findings, "twin:gemma-4-e2b", "layer_uniformity", "cv")
     assert all("of the model's 35: 20 KV-shared layers" in f["message"] for f in e2b)
+    e4b = [f for f in _one(findings, "twin:gemma-4-e4b", "layer_uniformity", "cv") if f["gen_id"] == 14]
+    modes = e4b[0]["evidence"]["modes"]  # at 4,095 tokens: 20 sliding layers hold W - 1 = 511 tokens
+    assert sorted((m["count"], round(m["bytes"] / 2**20, 2)) for m in modes) == [(4, 16.0), (20, 1.0)]
 
 
 def test_precision_and_recall_at_default_thresholds() -> None:
