@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import logging
 import math
 from pathlib import Path
 
@@ -15,7 +16,13 @@ from kvscope.cli.main import main as kvscope
 from kvscope.errors import UsageError
 from kvscope.ppl.evaluate import run_ppl, sliding_windows
 from kvscope.ppl.models import LoadedModel
-from kvscope.ppl.quantize import parse_variants, weight_bytes
+from kvscope.ppl.quantize import (
+    BNB_MATMUL_LOGGER,
+    OncePerMessage,
+    parse_variants,
+    quiet_repeated_bnb_warnings,
+    weight_bytes,
+)
 from kvscope.ppl.text import TextChunk
 
 VOCAB = 256
@@ -154,6 +161,21 @@ def test_bnb_variant_runs_on_cpu(tmp_path: Path) -> None:
     native, bnb = result.variants
     assert bnb.ppl != native.ppl and abs(bnb.delta_pct) < 5
     assert bnb.weight_bytes < 0.5 * native.weight_bytes
+
+
+def test_bitsandbytes_repeated_cast_warning_is_shown_once(caplog: pytest.LogCaptureFixture) -> None:
+    quiet_repeated_bnb_warnings()
+    quiet_repeated_bnb_warnings()  # a second variant run in the same process adds no second filter
+    logger = logging.getLogger(BNB_MATMUL_LOGGER)
+    assert sum(isinstance(f, OncePerMessage) for f in logger.filters) == 1
+    with caplog.at_level(logging.WARNING, logger=BNB_MATMUL_LOGGER):
+        for _ in range(3):  # what bitsandbytes logs on every bf16 matmul on CUDA
+            logger.warning("MatMul8bitLt: inputs will be cast from %s to float16 during quantization",
+                           torch.bfloat16)
+        logger.warning("another message")
+    assert [r.getMessage() for r in caplog.records] == [
+        "MatMul8bitLt: inputs will be cast from torch.bfloat16 to float16 during quantization",
+        "another message"]
 
 
 def test_weight_bytes_count_tied_storage_once() -> None:
