@@ -134,3 +134,25 @@ def test_prompt_files_accept_common_jsonl_shapes(tmp_path: Path) -> None:
     path.write_text('{"question": "no text here"}\n')
     with pytest.raises(UsageError, match='line 1 needs a string, or an object with a "text"'):
         load_prompts(path)
+
+
+def test_the_record_summary_is_read_from_the_written_trace(tmp_path: Path) -> None:
+    from kvscope.recorder.runner import RecordJob, read_summary, run_record
+
+    config = dict(TINY_CONFIGS["gpt_neox"], model_type="gpt_neox")
+    twin = tmp_path / "tiny.json"
+    twin.write_text(json.dumps({"name": "tiny-neox", "source": "tests", "dtype": "float32", "config": config}))
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text('{"id": "a", "text": "hello"}\n')
+    out = tmp_path / "trace"
+    first = run_record(RecordJob(out, twin=str(twin), prompts_file=str(prompts), max_new_tokens=3, device="cpu"))
+    second = run_record(RecordJob(out, twin=str(twin), prompts_file=str(prompts), max_new_tokens=5, device="cpu"))
+    runs = open_trace(out).read("run").to_pylist()
+    assert len(runs) == 2  # two runs in one trace: each summary is its own run's rows only
+    for result, new in ((first, 3), (second, 5)):
+        assert (result.num_layers, result.device, result.nvml_total) == (config["num_hidden_layers"], "cpu", None)
+        (gen,) = result.generations
+        assert (gen["prompt_id"], gen["prompt_tokens"], gen["new_tokens"]) == ("a", 5, new)
+        assert gen["final_seq_len"] == 5 + new - 1  # the last step's context (its own token not yet cached)
+        assert gen["layers_recorded"] == config["num_hidden_layers"] and gen["last_kv_bytes"] > 0
+    assert sorted(read_summary(out, run["run_id"]).generations[0]["new_tokens"] for run in runs) == [3, 5]

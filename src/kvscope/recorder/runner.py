@@ -44,16 +44,24 @@ class RecordResult:
     model_name: str
     num_layers: int
     device: str
-    generations: list[dict[str, Any]]  # `generation_summaries`: read back from the written trace
+    generations: list[dict[str, Any]]  # `generation_summaries`
     nvml_total: int | None
 
 
-def generation_summaries(trace: Path, run_id: str) -> list[dict[str, Any]]:
-    """Each generation's row as written, with its last step's kv_bytes and seq_len and the layers
-    recorded at that step (what the CLI's summary table shows)."""
+def read_summary(trace: Path, run_id: str) -> RecordResult:
+    """What the CLI's summary table shows, read back from the written trace (not from the session):
+    the run row's model, layers, device and NVML total, and each generation's row with its last
+    step's kv_bytes and seq_len and the layers recorded at that step."""
     from kvscope.trace.reader import open_trace
 
     opened = open_trace(trace)
+    (run,) = [r for r in opened.read("run", ["run_id", "model_name", "num_layers", "device", "nvml_total_bytes"])
+              .to_pylist() if r["run_id"] == run_id]
+    return RecordResult(trace, run["model_name"], run["num_layers"], run["device"],
+                        generation_summaries(opened, run_id), run["nvml_total_bytes"])
+
+
+def generation_summaries(opened: Any, run_id: str) -> list[dict[str, Any]]:
     steps = [r for r in opened.read("steps", ["run_id", "gen_id", "step", "kv_bytes", "seq_len"]).to_pylist()
              if r["run_id"] == run_id]
     last = {}
@@ -156,6 +164,5 @@ def run_record(job: RecordJob, progress: ProgressHook | None = None) -> RecordRe
             output = model.generate(ids, **kwargs)
             del output, ids  # the post-release reading needs the outputs gone
             rec.settle()
-        layout, nvml_total, run_id = rec.layout, rec.nvml.total, rec.run_id
-    return RecordResult(job.output, name, layout.num_layers, device, generation_summaries(job.output, run_id),
-                        nvml_total)
+        run_id = rec.run_id
+    return read_summary(job.output, run_id)
