@@ -58,10 +58,12 @@ VARIANTS = ("plain", "recorder", "recorder+samples64")
 # instead of 64, so each flush falls inside a hook-on block (step 4 of the 8th block of 8) and the
 # writer process's work that follows it is booked to "on", not to the next "off" block.
 # "recorder-all5-ab" is "recorder-all-ab" with the NVML poller at 5 ms instead of 1 ms.
+# "recorder-all-python-ab" is "recorder-all-ab" measured in Python (`native=False`): what a fresh
+# install records with, since native="auto" never compiles.
 OPTIONAL_VARIANTS = ("recorder-nvml-off", "recorder-thread-writer", "recorder-ab",
                      "recorder-python", "recorder-python-ab", "poller-ab", "poller5-ab", "poller01-ab",
-                     "recorder-full-ab", "recorder-all-ab", "recorder-all5-ab")
-ALL_AB_VARIANTS = ("recorder-all-ab", "recorder-all5-ab")  # hook, poller and flushes
+                     "recorder-full-ab", "recorder-all-ab", "recorder-all5-ab", "recorder-all-python-ab")
+ALL_AB_VARIANTS = ("recorder-all-ab", "recorder-all5-ab", "recorder-all-python-ab")  # hook, poller and flushes
 AB_BLOCK = 32
 AB_RATIOS: dict[str, list[float]] = {}  # block ratios of every run of each "-ab" variant
 AB_PHASES: dict[str, list[int]] = {}  # per run of each "-ab" variant: 0 if its first block was "on", 1 if "off"
@@ -324,7 +326,8 @@ def main() -> None:
     args = parser.parse_args()
     if args.smoke:
         args.rounds, args.new_tokens, args.prompt_tokens, args.device = 1, 40, 8, "cpu"
-        args.variants, args.skip_components, args.ab_block = ["recorder", "recorder-ab", "poller-ab"], True, 8
+        args.variants, args.skip_components, args.ab_block = ["recorder", "recorder-ab", "poller-ab",
+                                                             "recorder-all-python-ab"], True, 8
         args.out, USE_NATIVE = Path(tempfile.mkdtemp()) / "smoke.json", False
     began = time.perf_counter()
     AB_BLOCK = args.ab_block

@@ -283,3 +283,33 @@ def test_a_broken_cached_build_and_a_stale_lock_are_replaced(tmp_path: Path, mon
     os.utime(lock, (0, 0))
     module = native_fast_path.build()
     assert module.capture([_Layer(None, None)]) == b"" and not lock.exists()
+
+
+def test_cuda_without_a_cached_build_hints_the_build_once(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                         caplog: pytest.LogCaptureFixture) -> None:
+    import logging
+
+    from kvscope.recorder import session
+
+    monkeypatch.setenv("KVSCOPE_NATIVE_DIR", str(tmp_path / "cache"))
+    monkeypatch.setattr(native_fast_path, "_loaded", {})
+    monkeypatch.setattr(session, "_native_hint_given", False)
+    model = tiny_model("gpt_neox")
+
+    def hints() -> list[str]:
+        return [r.getMessage() for r in caplog.records if "python -m kvscope.recorder.native" in r.getMessage()]
+
+    with caplog.at_level(logging.INFO, logger="kvscope"):
+        with kvscope.record(model, tmp_path / "cpu"):  # on the CPU the Python path is the plan: no hint
+            pass
+        assert hints() == []
+        # what resolve() answers for a model on CUDA when no build is cached (this machine has no GPU)
+        real = native_fast_path.resolve
+        monkeypatch.setattr(native_fast_path, "resolve", lambda mode, on_cuda: real(mode, on_cuda=True))
+        for name in ("a", "b"):
+            with kvscope.record(model, tmp_path / name):
+                pass
+    assert hints() == ["kvscope: measuring each decode step in Python (about 1.2% of a step on an H200); "
+                       "`python -m kvscope.recorder.native` builds the C++ fast path once (about 0.4%)."]
+    options = json.loads(open_trace(tmp_path / "a").read("run").to_pylist()[0]["options"])
+    assert options["native"] is False and options["native_build"].startswith(native_fast_path.NO_CACHED_BUILD)

@@ -64,6 +64,19 @@ def _announce(message: str) -> None:
     log.info(message)
 
 
+_native_hint_given = False
+
+
+def _hint_native_build() -> None:
+    """Once per process: on CUDA without a cached build the per-step reads run in Python, which
+    costs more than the 1% the recorder is built for (benchmarks.md, H200)."""
+    global _native_hint_given
+    if not _native_hint_given:
+        _native_hint_given = True
+        _announce("kvscope: measuring each decode step in Python (about 1.2% of a step on an H200); "
+                  "`python -m kvscope.recorder.native` builds the C++ fast path once (about 0.4%).")
+
+
 OOM_ERRORS: tuple[type[BaseException], ...] = tuple(
     {getattr(torch, "OutOfMemoryError", torch.cuda.OutOfMemoryError), torch.cuda.OutOfMemoryError})
 Writer = WriterProcess | BackgroundWriter
@@ -106,6 +119,8 @@ class Recording:
         self.origin_ns = time.perf_counter_ns()
         self.layout = model_layout(self.model)
         self.native, native_build = native_fast_path.resolve(self.options.native, on_cuda=bool(self.layout.cuda_devices))
+        if native_build.startswith(native_fast_path.NO_CACHED_BUILD):
+            _hint_native_build()
         self.allocator = AllocatorProbe(self.layout.cuda_devices, self.native)
         self.nvml = NvmlProbe(self.layout.cuda_devices, self.options.nvml)
         self.compile_disabled = supports_disable_compile()
