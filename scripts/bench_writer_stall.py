@@ -20,11 +20,11 @@ from pathlib import Path
 import torch
 
 from kvscope.recorder.batch_writer import Steps
-from kvscope.recorder.flusher import BackgroundWriter
 from kvscope.recorder.measure import measure_cache
 from kvscope.recorder.model_layout import model_layout
 from kvscope.recorder.rows import HOOK_STEP_COLUMNS
 from kvscope.recorder.writer_process import WriterProcess
+from kvscope.recorder.writer_thread import BackgroundWriter
 from kvscope.trace.writer import TraceWriter
 from kvscope.twins import load_twin
 from kvscope.twins.build import build_twin

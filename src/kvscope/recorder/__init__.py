@@ -6,7 +6,7 @@ Where things happen, by file:
 - rows are made in `rows.py` (column orders, from the schema), `expand.py` (layer rows and step
   totals, per batch) and `generation.py` (the generations row);
 - rows are written by `batch_writer.py` (the messages and their handling), in the writer process
-  (`writer_process.py`, `writer_child.py`, over `helper_process.py`) or thread (`flusher.py`);
+  (`writer_process.py`, `writer_child.py`, over `helper_process.py`) or thread (`writer_thread.py`);
 - `session.py` is the `record` block, `options.py` its options, `runner.py` the `kvscope record` run.
 
 Imports torch and pyarrow only (never polars or duckdb: GPU hosts lack them). `record` and

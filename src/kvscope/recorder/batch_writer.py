@@ -2,7 +2,7 @@
 which turns them into Parquet parts. No torch.
 
 Both writers run a `BatchWriter`: the writer process (`writer_process.py`, the default) and the
-writer thread (`flusher.BackgroundWriter`). NVML, where it is read, is polled by a thread of the
+writer thread (`writer_thread.BackgroundWriter`). NVML, where it is read, is polled by a thread of the
 writer (`nvml.NvmlPolling`) and fills each step's `nvml_used_bytes` and each generation's peak.
 """
 
@@ -81,10 +81,6 @@ class NvmlConfig:
     devices: tuple[str, ...]
     origin_ns: int
     interval_s: float
-
-    @property
-    def description(self) -> str:
-        return f"polled every {self.interval_s * 1e3:g} ms"
 
     def start(self) -> NvmlPolling:
         return NvmlPolling(list(self.devices), self.origin_ns, self.interval_s)

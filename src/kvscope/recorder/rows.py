@@ -22,5 +22,3 @@ ALLOCATOR_AT = HOOK_STEP_COLUMNS.index(ALLOCATOR_COLUMNS[0])  # where the readin
 LAYER_COLUMNS = tuple(TABLES["layers"].column_names[3:])  # after run_id, gen_id, step
 EVENT_COLUMNS = tuple(TABLES["events"].column_names)
 SAMPLE_COLUMNS = tuple(TABLES["kv_samples"].column_names)
-# The memory points of a generations row, each with allocated, reserved and nvml_used bytes.
-MEMORY_POINTS = ("baseline", "peak", "post_return", "post_release", "post_empty_cache")

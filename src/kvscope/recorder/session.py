@@ -35,7 +35,6 @@ from kvscope.recorder.devices import (
     DeviceRows,
     layer_devices,
 )
-from kvscope.recorder.flusher import BackgroundWriter
 from kvscope.recorder.generation import GenerationRecord, generated_tokens, supports_disable_compile
 from kvscope.recorder.hooks import AttentionDiscovery
 from kvscope.recorder.model_layout import attention_modules, attention_parameters, model_layout
@@ -47,6 +46,7 @@ from kvscope.recorder.run_info import run_metadata
 from kvscope.recorder.steps import GenerationSteps, SamplePolicy, StepRecorder
 from kvscope.recorder.telemetry import AllocatorProbe
 from kvscope.recorder.writer_process import WriterProcess
+from kvscope.recorder.writer_thread import BackgroundWriter
 from kvscope.trace.writer import TraceWriter
 
 # Where a finished recording says what it wrote and what to run next (INFO). Without any logging

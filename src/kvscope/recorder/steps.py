@@ -19,12 +19,12 @@ import torch
 
 from kvscope.recorder.batch_writer import Steps
 from kvscope.recorder.cache_walk import MODULE_STATE_MODELS, ModuleState
-from kvscope.recorder.flusher import BackgroundWriter, Samples
 from kvscope.recorder.hooks import AttentionDiscovery, batch_and_tokens, cache_from_kwargs, cache_from_output
 from kvscope.recorder.measure import measure_cache
 from kvscope.recorder.model_layout import ModelLayout
 from kvscope.recorder.rows import ALLOCATOR_COLUMNS
 from kvscope.recorder.telemetry import AllocatorProbe
+from kvscope.recorder.writer_thread import BackgroundWriter, Samples
 
 NO_READING = (None,) * len(ALLOCATOR_COLUMNS)
 

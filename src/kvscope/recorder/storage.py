@@ -13,7 +13,7 @@ import torch
 
 from kvscope.recorder.spans import Span, StorageKey, covered_bytes, spans_overlap, union_bytes
 
-__all__ = ["Span", "StorageKey", "covered_bytes", "dtype_name", "flatten_tensors", "logical_bytes", "spans_overlap",
+__all__ = ["Span", "StorageKey", "covered_bytes", "dtype_name", "flatten_tensors", "spans_overlap",
            "tensor_span", "union_bytes"]
 
 
@@ -35,11 +35,6 @@ def tensor_span(tensor: torch.Tensor) -> Span:
     for size, stride in zip(tensor.shape, tensor.stride(), strict=True):
         last += (size - 1) * stride
     return key, start, start + (last + 1) * tensor.element_size()
-
-
-def logical_bytes(tensor: torch.Tensor) -> int:
-    """Bytes the tensor's elements would take if it were contiguous."""
-    return tensor.numel() * tensor.element_size()
 
 
 def flatten_tensors(value: object, depth: int = 0) -> list[torch.Tensor]:

@@ -55,7 +55,7 @@ def stop_idle_writers() -> None:
 
 
 class WriterProcess:
-    """Same interface as `flusher.BackgroundWriter`: `send` messages, `flush`, `close`."""
+    """Same interface as `writer_thread.BackgroundWriter`: `send` messages, `flush`, `close`."""
 
     kind = "process"
 
