@@ -1,49 +1,19 @@
-"""The fault lab: plant each memory condition for real in a twin, record it, and label the trace.
+"""The lab's scenarios: each condition planted by real code in a twin, and each healthy control.
 
-`run_lab(out, device=...)` records one trace per scenario under `out/<scenario>/` with the
-recorder (`kvscope.record`), labels each run (`run.labels`: lab scenario, planted or control, the
-detectors that should flag it) and writes `out/labels.csv` for `kvscope tune` (one row per run
-and detector: should that detector warn about that run?). Conditions, each planted by real code:
-
-- kept_caches: every generation's `past_key_values` kept in a list (one per request, growing);
-- kept_scores: `output_scores` / `output_logits` kept after each generation;
-- kept_attentions: `output_attentions=True` kept inside generate (superlinear outside the cache);
-- copied_keys: a logits processor that keeps a copy of four layers' keys each step;
-- cache_copy_callback: a logits processor that keeps a copy of the whole cache each step;
-- interleaved_growth: a logits processor allocating a growing buffer each step, interleaved with
-  the cache's own growing allocations (fragmentation);
-- oom_fraction: a real OOM under `torch.cuda.set_per_process_memory_fraction`;
-- static_compiled: a static cache with generate's compile left on (pools it keeps: info);
-- preallocated: a static cache preallocated far beyond the tokens used;
-- float32_layer: one layer's cache stored in float32 in a bfloat16 model;
-- window_not_honoured: a cache without sliding layers for a model that declares them;
-- dead_head: a kv head whose k/v projections are zero;
-and healthy controls: dynamic generations over new prompt lengths (first-generation warm-up), a
-static cache sized to fit, a run that never calls settle(), a run under a memory fraction that
-fits, and outputs with scores dropped before settling.
-
-The analyser never imports this module (it imports torch). Conditions that only CUDA can plant
-(allocator pools, fractions, compile) are skipped elsewhere with the reason in the result.
+A scenario is a function `(model, settings, recording) -> notes` that generates inside the
+recording; `SCENARIOS` lists them with the detectors that must flag each (`kvscope.lab` says what
+each one plants). `kvscope.lab.runner` records and labels them.
 """
 
 from __future__ import annotations
 
-import csv
 import gc
-import json
-import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
-from pathlib import Path
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 
-from kvscope.errors import UsageError
-
-# Detectors that the lab's scenarios are about: labels.csv has a row per run for each.
-LAB_DETECTORS = ("growth_curve", "post_eos", "fragmentation", "oom_event", "oom_forecast", "preallocation_waste",
-                 "layer_anomaly", "layer_uniformity", "dead_heads")
 LAB_VOCAB = 32000  # larger than the shrunk twins' 512: kept logits weigh what real ones do (128 KiB a step)
 
 
@@ -62,20 +32,6 @@ class LabSettings:
     @property
     def cuda(self) -> bool:
         return self.device.startswith("cuda")
-
-
-@dataclass
-class LabResult:
-    """One scenario: where its trace is, its labels, or why it was skipped."""
-
-    name: str
-    planted: bool
-    expected: tuple[str, ...]
-    trace: Path | None = None
-    run_id: str | None = None
-    skipped: str | None = None
-    seconds: float = 0.0
-    notes: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -235,7 +191,7 @@ def _interleaved(model: Any, s: LabSettings, rec: Any) -> None:
     _with_processor(model, s, rec, lambda cache: _GrowingBuffer(model.device, 1 << 20))
 
 
-def _oom(model: Any, s: LabSettings, rec: Any, lab: dict[str, Any]) -> dict[str, Any]:
+def oom_under_fraction(model: Any, s: LabSettings, rec: Any, lab: dict[str, Any]) -> dict[str, Any]:
     notes: dict[str, Any] = {"limit_bytes": lab.get("limit_bytes")}
     rec.next_prompt("lab-oom")
     try:  # a batch of 32 long sequences under the cap: the cache outgrows it
@@ -310,7 +266,7 @@ def _window_not_honoured(model: Any, s: LabSettings, rec: Any) -> None:
         rec.settle()
 
 
-def _zero_head(model: Any, layer: int, head: int) -> None:
+def zero_head(model: Any, layer: int, head: int) -> None:
     attn = model.model.layers[layer].self_attn
     dim = attn.head_dim
     with torch.no_grad():
@@ -349,7 +305,7 @@ SCENARIOS: tuple[Scenario, ...] = (
              "a buffer 1 MiB larger each step, allocated between the cache's own growing tensors",
              _interleaved, needs_cuda=True),
     Scenario("oom_fraction", True, ("oom_event", "oom_forecast"),
-             "batch 32, up to 2048 new tokens under set_per_process_memory_fraction: a real OOM", _oom, needs_cuda=True),
+             "batch 32, up to 2048 new tokens under set_per_process_memory_fraction: a real OOM", oom_under_fraction, needs_cuda=True),
     Scenario("preallocated", True, ("preallocation_waste",), "a static cache of 8x the tokens used",
              _static(lambda s, tokens: 8 * (tokens + s.new_tokens)), cpu_detectable=True),
     Scenario("float32_layer", True, ("layer_anomaly",), "one full layer's cache stored in float32",
@@ -379,103 +335,3 @@ SCENARIOS: tuple[Scenario, ...] = (
 
 def scenario_names() -> list[str]:
     return [s.name for s in SCENARIOS]
-
-
-def _fraction_for(extra_bytes: int, device: torch.device) -> tuple[float, int]:
-    """A per-process memory fraction that leaves `extra_bytes` above what is reserved now."""
-    index = device.index if device.index is not None else torch.cuda.current_device()
-    total = torch.cuda.get_device_properties(index).total_memory
-    limit = torch.cuda.memory_reserved(index) + extra_bytes
-    return limit / total, int(limit / total * total)
-
-
-def run_scenario(scenario: Scenario, out: Path, settings: LabSettings) -> LabResult:
-    """Plant one scenario in a fresh twin, record it to `out/<name>`, and label the run."""
-    from kvscope.recorder.session import Recording
-
-    result = LabResult(scenario.name, scenario.planted, scenario.expected)
-    if scenario.needs_cuda and not settings.cuda:
-        result.skipped = f"{scenario.name} needs CUDA (allocator pools, memory fractions or compile): skipped on " \
-                         f"{settings.device}"
-        return result
-    started = time.perf_counter()
-    model = build_model(settings, scenario.attn_implementation)
-    if scenario.name == "dead_head":
-        _zero_head(model, 1, 1)
-    path = out / scenario.name
-    lab: dict[str, Any] = {}
-    options: dict[str, Any] = {"lab": scenario.name}
-    fraction_set = False
-    if scenario.name in ("oom_fraction", "healthy_fraction") and settings.cuda:
-        gc.collect()
-        torch.cuda.empty_cache()
-        extra = (256 << 20) if scenario.name == "oom_fraction" else (2 << 30)
-        fraction, limit = _fraction_for(extra, model.device)
-        torch.cuda.set_per_process_memory_fraction(fraction, model.device)
-        fraction_set = True
-        lab["limit_bytes"] = limit
-        options["memory_limit_bytes"] = limit  # for a torch that cannot report the fraction
-        options["memory_fraction"] = fraction
-    labels = {"lab": scenario.name, "planted": "yes" if scenario.planted else "no",
-              "expected": ",".join(scenario.expected), "condition": scenario.description,
-              "lab_device": settings.device}
-    try:
-        with Recording(model, path, labels=labels, model_name=f"{settings.twin} (lab twin)", options=options,
-                       head_stats_every=scenario.head_stats_every, writer=settings.writer) as rec:
-            if scenario.run is _oom:
-                notes = _oom(model, settings, rec, lab)
-            else:
-                notes = scenario.run(model, settings, rec)
-            result.run_id = rec.run_id
-    finally:
-        if fraction_set:
-            torch.cuda.set_per_process_memory_fraction(1.0, model.device)
-    result.trace, result.notes = path, dict(notes or {})
-    result.seconds = time.perf_counter() - started
-    del model
-    gc.collect()
-    if settings.cuda:
-        torch.cuda.empty_cache()
-    return result
-
-
-def write_labels(results: list[LabResult], path: Path) -> Path:
-    """labels.csv for `kvscope tune`: per recorded run and lab detector, whether it should warn."""
-    with path.open("w", newline="") as fh:
-        writer = csv.writer(fh)
-        writer.writerow(["run_id", "gen_id", "expected", "detector", "scenario"])
-        for r in results:
-            if r.run_id is None:
-                continue
-            for det in LAB_DETECTORS:
-                writer.writerow([r.run_id, "", int(det in r.expected), det, r.name])
-    return path
-
-
-def run_lab(out: str | Path, settings: LabSettings | None = None, only: list[str] | None = None,
-            progress: Callable[[LabResult], None] | None = None) -> list[LabResult]:
-    """Record every scenario (or those named in `only`) under `out`; write labels.csv and lab.json."""
-    settings = settings or LabSettings()
-    unknown = sorted(set(only or []) - set(scenario_names()))
-    if unknown:
-        raise UsageError(f"unknown lab scenario(s) {', '.join(unknown)}; known: {', '.join(scenario_names())}.")
-    if settings.cuda and not torch.cuda.is_available():
-        raise UsageError(f"--device {settings.device} but CUDA is not available here; use --device cpu.")
-    root = Path(out)
-    root.mkdir(parents=True, exist_ok=True)
-    results = []
-    for scenario in SCENARIOS:
-        if only and scenario.name not in only:
-            continue
-        if (root / scenario.name).exists():
-            raise UsageError(f"{root / scenario.name} exists: give an empty output directory.")
-        result = run_scenario(scenario, root, settings)
-        results.append(result)
-        if progress is not None:
-            progress(result)
-    write_labels(results, root / "labels.csv")
-    (root / "lab.json").write_text(json.dumps([{
-        "scenario": r.name, "planted": r.planted, "expected": list(r.expected), "run_id": r.run_id,
-        "trace": r.trace.name if r.trace else None, "skipped": r.skipped, "seconds": round(r.seconds, 2),
-        "notes": r.notes} for r in results], indent=1, default=str))
-    return results
