@@ -313,3 +313,12 @@ def test_cuda_without_a_cached_build_hints_the_build_once(tmp_path: Path, monkey
                        "`python -m kvscope.recorder.native` builds the C++ fast path once (about 0.4%)."]
     options = json.loads(open_trace(tmp_path / "a").read("run").to_pylist()[0]["options"])
     assert options["native"] is False and options["native_build"].startswith(native_fast_path.NO_CACHED_BUILD)
+    # `kvscope record` quiets the end-of-block line (it prints its own table), not the hint
+    from kvscope.cli.main import main as cli
+
+    caplog.clear()
+    monkeypatch.setattr(session, "_native_hint_given", False)
+    with caplog.at_level(logging.INFO, logger="kvscope"):
+        assert cli(["record", "--twin", "pythia-1.4b", "--shrink", "--limit", "1", "--max-new-tokens", "2",
+                    "--device", "cpu", "-o", str(tmp_path / "cli")]) == 0
+    assert len(hints()) == 1
