@@ -75,12 +75,18 @@ def test_builtin_prompts_are_fifteen_graded() -> None:
     assert len({p.id for p in prompts}) == 15
 
 
-def test_record_cli_with_a_twin_config_file(tmp_path: Path) -> None:
+def _tiny_twin(tmp_path: Path, prompt_lines: str) -> tuple[dict, Path, Path]:
+    """A twin config file of a tiny gpt_neox and a prompts file: (config, twin file, prompts file)."""
     config = dict(TINY_CONFIGS["gpt_neox"], model_type="gpt_neox")
     twin = tmp_path / "tiny.json"
     twin.write_text(json.dumps({"name": "tiny-neox", "source": "tests", "dtype": "float32", "config": config}))
     prompts = tmp_path / "prompts.jsonl"
-    prompts.write_text('{"id": "a", "text": "hello"}\n{"id": "b", "text": "a longer prompt"}\n')
+    prompts.write_text(prompt_lines)
+    return config, twin, prompts
+
+
+def test_record_cli_with_a_twin_config_file(tmp_path: Path) -> None:
+    _, twin, prompts = _tiny_twin(tmp_path, '{"id": "a", "text": "hello"}\n{"id": "b", "text": "a longer prompt"}\n')
     out = tmp_path / "trace"
     code = kvscope(["record", "--twin", str(twin), "--prompts", str(prompts), "--max-new-tokens", "6",
                     "--device", "cpu", "--label", "k=v", "-o", str(out)])
@@ -139,11 +145,7 @@ def test_prompt_files_accept_common_jsonl_shapes(tmp_path: Path) -> None:
 def test_the_record_summary_is_read_from_the_written_trace(tmp_path: Path) -> None:
     from kvscope.recorder.runner import RecordJob, read_summary, run_record
 
-    config = dict(TINY_CONFIGS["gpt_neox"], model_type="gpt_neox")
-    twin = tmp_path / "tiny.json"
-    twin.write_text(json.dumps({"name": "tiny-neox", "source": "tests", "dtype": "float32", "config": config}))
-    prompts = tmp_path / "prompts.jsonl"
-    prompts.write_text('{"id": "a", "text": "hello"}\n')
+    config, twin, prompts = _tiny_twin(tmp_path, '{"id": "a", "text": "hello"}\n')
     out = tmp_path / "trace"
     first = run_record(RecordJob(out, twin=str(twin), prompts_file=str(prompts), max_new_tokens=3, device="cpu"))
     second = run_record(RecordJob(out, twin=str(twin), prompts_file=str(prompts), max_new_tokens=5, device="cpu"))
