@@ -216,6 +216,17 @@ def evaluate_variant(model: torch.nn.Module, ids: torch.Tensor, windows: list[Wi
     return nll_sum, scored, seconds
 
 
+def _kv_bytes_per_token_layer(trace: Path, run_id: str) -> float | None:
+    """The first generation's last step, as written: its KV bytes per token of context per layer."""
+    from kvscope.recorder.runner import generation_summaries  # like Recording: imported when evaluating
+    from kvscope.trace.reader import open_trace
+
+    first = next(iter(generation_summaries(open_trace(trace), run_id)), None)
+    if first is None or not first["final_seq_len"] or not first["layers_recorded"]:
+        return None
+    return first["last_kv_bytes"] / first["final_seq_len"] / first["layers_recorded"]
+
+
 def run_ppl(loaded: LoadedModel, chunk: TextChunk, variants: list[Variant], *, window: int, stride: int,
             device: str = "cpu", output: Path | None = None, labels: dict[str, str] | None = None,
             progress: PplProgress | None = None, record_options: dict[str, Any] | None = None) -> PplResult:
@@ -262,7 +273,7 @@ def run_ppl(loaded: LoadedModel, chunk: TextChunk, variants: list[Variant], *, w
                 ppl = math.exp(nll_sum / scored)
                 rec.mark("ppl", variant=variant.name, ppl=ppl, nll_sum=nll_sum, scored_tokens=scored,
                          seconds=seconds)
-                first = rec.generations[0] if rec.generations else None
+                run_id = rec.run_id
             if cuda:
                 peak: int | None = torch.cuda.max_memory_allocated(device)
                 kind = "cuda peak allocated"
@@ -270,8 +281,7 @@ def run_ppl(loaded: LoadedModel, chunk: TextChunk, variants: list[Variant], *, w
                 growth = resident.growth() if resident is not None else None
                 peak = weights + growth if growth is not None else None
                 kind = "weights + CPU resident growth"
-            kv = (first.last_kv_bytes / first.final_seq_len / first.layers_recorded
-                  if first is not None and first.final_seq_len and first.layers_recorded else None)
+            kv = _kv_bytes_per_token_layer(trace, run_id)
             result.variants.append(VariantResult(
                 variant.name, variant.description, ppl, nll_sum, scored, seconds,
                 scored / seconds if seconds > 0 else float("inf"), weights, peak, kind, kv,

@@ -27,9 +27,6 @@ class GenerationRecord:
     started_ns: int = 0
     ended_ns: int = 0
     steps: int = 0
-    last_kv_bytes: int = 0
-    final_seq_len: int = 0
-    layers_recorded: int = 0
     baseline: Reading = _NO_READING
     peak: Reading = _NO_READING
     post_return: Reading = _NO_READING
@@ -43,9 +40,6 @@ class GenerationRecord:
         self.batch_size = gen.batch_size
         self.cache_class = gen.cache_class or "none"
         self.steps = gen.step
-        self.final_seq_len = gen.seq_len
-        self.last_kv_bytes = gen.last_kv_bytes
-        self.layers_recorded = gen.last_layers
 
     def to_row(self, run_id: str) -> dict[str, Any]:
         row: dict[str, Any] = {

@@ -17,6 +17,7 @@ from kvscope.errors import UsageError
 from kvscope.recorder.options import RecordOptions
 from kvscope.recorder.prompt_set import Prompt, load_prompts
 from kvscope.recorder.session import Recording
+from kvscope.trace.reader import Trace, open_trace
 
 ProgressHook = Callable[[str, int, int], None]  # (event, prompt index, value)
 
@@ -52,8 +53,6 @@ def read_summary(trace: Path, run_id: str) -> RecordResult:
     """What the CLI's summary table shows, read back from the written trace (not from the session):
     the run row's model, layers, device and NVML total, and each generation's row with its last
     step's kv_bytes and seq_len and the layers recorded at that step."""
-    from kvscope.trace.reader import open_trace
-
     opened = open_trace(trace)
     (run,) = [r for r in opened.read("run", ["run_id", "model_name", "num_layers", "device", "nvml_total_bytes"])
               .to_pylist() if r["run_id"] == run_id]
@@ -61,7 +60,7 @@ def read_summary(trace: Path, run_id: str) -> RecordResult:
                         generation_summaries(opened, run_id), run["nvml_total_bytes"])
 
 
-def generation_summaries(opened: Any, run_id: str) -> list[dict[str, Any]]:
+def generation_summaries(opened: Trace, run_id: str) -> list[dict[str, Any]]:
     steps = [r for r in opened.read("steps", ["run_id", "gen_id", "step", "kv_bytes", "seq_len"]).to_pylist()
              if r["run_id"] == run_id]
     last = {}
