@@ -20,7 +20,7 @@ import torch
 
 from kvscope.kernels.online import HeadStatsCollector
 from kvscope.ppl.models import load_model
-from kvscope.recorder.prompt_set import load_prompts
+from kvscope.workload.prompt_set import load_prompts
 
 
 def light_fractions(mass: torch.Tensor, cuts: tuple[float, ...]) -> dict[float, list[float]]:

@@ -11,10 +11,10 @@ from recorder_helpers import TF_VERSION, TINY_CONFIGS
 
 from kvscope.cli.main import main as kvscope
 from kvscope.errors import UsageError
-from kvscope.recorder.prompt_set import load_prompts
 from kvscope.trace.invariants import check_invariants
 from kvscope.trace.reader import open_trace
 from kvscope.twins import kv_geometry, list_twins, load_twin, shrink_config
+from kvscope.workload.prompt_set import load_prompts
 
 SHIPPED = {"pythia-1.4b", "gemma-3-4b", "gpt-oss-20b", "gpt-oss-120b", "glm-4.5-air", "glm-4.7-flash",
            "deepseek-v2-lite", "gemma-4-e2b", "gemma-4-e4b", "gemma-4-26b-a4b", "gemma-4-31b"}
@@ -132,7 +132,7 @@ def test_record_cli_with_a_local_model_directory(tmp_path: Path) -> None:
 
 def test_prompt_files_accept_common_jsonl_shapes(tmp_path: Path) -> None:
     from kvscope.errors import UsageError
-    from kvscope.recorder.prompt_set import load_prompts
+    from kvscope.workload.prompt_set import load_prompts
 
     path = tmp_path / "prompts.jsonl"
     path.write_text('{"id": "a", "text": "one"}\n{"prompt_id": "b", "prompt": "two"}\n\n"three"\n')
@@ -143,7 +143,8 @@ def test_prompt_files_accept_common_jsonl_shapes(tmp_path: Path) -> None:
 
 
 def test_the_record_summary_is_read_from_the_written_trace(tmp_path: Path) -> None:
-    from kvscope.recorder.runner import RecordJob, read_summary, run_record
+    from kvscope.trace.summary import read_summary
+    from kvscope.workload.record_run import RecordJob, run_record
 
     config, twin, prompts = _tiny_twin(tmp_path, '{"id": "a", "text": "hello"}\n')
     out = tmp_path / "trace"

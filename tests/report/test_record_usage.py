@@ -34,12 +34,12 @@ def prompts(tmp_path: Path) -> Path:
 
 def _usage_error(args: list[str], capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch,
                  match: str) -> None:
-    import kvscope.recorder.runner as runner
+    import kvscope.ppl.models as models
 
     def never(*a: object, **k: object) -> None:
         raise AssertionError("the model was loaded before the mistake was found")
 
-    monkeypatch.setattr(runner, "load_model", never)
+    monkeypatch.setattr(models, "load_model", never)
     assert main(["record", *args]) == 2
     # kvscope's own output is one line (importing transformers may log torch warnings of its own before it)
     ours = [line for line in capsys.readouterr().err.strip().splitlines() if line.startswith("kvscope")]

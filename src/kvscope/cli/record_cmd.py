@@ -65,7 +65,7 @@ def check_options(model: str | None, twin: str | None, dtype: str | None, device
     if dtype is not None and dtype.removeprefix("torch.") not in MODEL_DTYPES:
         raise UsageError(f"--dtype {dtype}: a model runs in one of bfloat16, float16, float32 "
                          "(integer and float8 dtypes are cache or weight storage formats).")
-    if model is not None and twin is None:
+    if model is not None and twin is None and not model.startswith("builtin:"):  # load_model checks those
         path = Path(model)
         if path.suffix == ".gguf":
             if not path.is_file():
@@ -143,12 +143,13 @@ def record_command(model: str | None, output: Path, twin: str | None, shrink: bo
                    sample_kv_every: int, head_stats_every: int, labels: tuple[str, ...], append: bool,
                    native_mode: str, sample_layers: str | None, max_sample_bytes: int, flush_every: int, writer: str,
                    nvml_mode: str, nvml_interval_ms: float, store_prompts: bool) -> int:
-    """Record the KV cache of MODEL (a local Hugging Face model directory or a .gguf file) or of --twin."""
+    """Record the KV cache of MODEL (a local Hugging Face model directory, a .gguf file or builtin:smollm2)
+    or of --twin."""
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     from kvscope.recorder.options import RecordOptions
-    from kvscope.recorder.runner import RecordJob, run_record
+    from kvscope.workload.record_run import RecordJob, run_record
 
     if shrink and twin is None:
         raise UsageError("--shrink applies to --twin models only.")

@@ -218,8 +218,8 @@ def evaluate_variant(model: torch.nn.Module, ids: torch.Tensor, windows: list[Wi
 
 def _kv_bytes_per_token_layer(trace: Path, run_id: str) -> float | None:
     """The first generation's last step, as written: its KV bytes per token of context per layer."""
-    from kvscope.recorder.runner import generation_summaries  # like Recording: imported when evaluating
     from kvscope.trace.reader import open_trace
+    from kvscope.trace.summary import generation_summaries  # like Recording: imported when evaluating
 
     first = next(iter(generation_summaries(open_trace(trace), run_id)), None)
     if first is None or not first["final_seq_len"] or not first["layers_recorded"]:

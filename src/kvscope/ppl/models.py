@@ -101,7 +101,7 @@ def load_gguf(path: Path, dtype: torch.dtype | None = None) -> tuple[torch.nn.Mo
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     kwargs: dict[str, Any] = {"gguf_file": path.name}
     if dtype is not None:
-        kwargs["dtype"] = dtype
+        kwargs[_dtype_keyword()] = dtype
     verbosity = hf_logging.get_verbosity()
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()  # its tqdm bars would interleave with kvscope's
@@ -175,9 +175,19 @@ def _vocab(model: torch.nn.Module) -> int:
     return int(config.vocab_size)
 
 
+def _dtype_keyword() -> str:
+    """`from_pretrained`'s dtype keyword: `dtype` since transformers 4.56, `torch_dtype` before."""
+    import transformers
+
+    major, minor = (int(part) for part in transformers.__version__.split(".")[:2])
+    return "dtype" if (major, minor) >= (4, 56) else "torch_dtype"
+
+
 def load_model(model: str | None, *, twin: str | None = None, shrink: bool = False, dtype: str | None = None,
-               on_convert: Callable[[Path, Path], None] | None = None) -> LoadedModel:
-    """A model on the CPU, in eval mode, with its tokenizer (twins: the byte-level ids)."""
+               on_convert: Callable[[Path, Path], None] | None = None, device: str = "cpu",
+               attn_implementation: str | None = None) -> LoadedModel:
+    """A model on `device`, in eval mode, with its tokenizer (twins: the byte-level ids); `kvscope ppl`
+    and `kvscope record` load through here."""
     from kvscope.twins.build import torch_dtype
 
     if (model is None) == (twin is None):
@@ -190,7 +200,8 @@ def load_model(model: str | None, *, twin: str | None = None, shrink: bool = Fal
         from kvscope.twins.build import BYTE_TOKENIZER, build_twin, byte_token_ids
 
         spec = load_twin(twin)
-        built = build_twin(shrink_config(spec) if shrink else spec, dtype=dtype, device="cpu")
+        built = build_twin(shrink_config(spec) if shrink else spec, dtype=dtype, device=device,
+                           attn_implementation=attn_implementation)
         vocab = _vocab(built)
         return LoadedModel(built, lambda text: byte_token_ids(text, vocab), str(built.config.name_or_path),
                            BYTE_TOKENIZER, vocab, is_twin=True)
@@ -213,6 +224,9 @@ def load_model(model: str | None, *, twin: str | None = None, shrink: bool = Fal
         if path.suffix.lower() != ".gguf":
             raise UsageError(f"{model}: a file that is not .gguf; give a model directory or a .gguf file.")
         loaded, tokenizer = load_gguf(path, target)
+        if attn_implementation:
+            loaded.set_attn_implementation(attn_implementation)
+        loaded = loaded.to(device)
         return LoadedModel(loaded, _tokenizer_encoder(tokenizer), path.name,
                            f"{type(tokenizer).__name__} from {path.name}", _vocab(loaded))
     if not path.is_dir():
@@ -229,8 +243,11 @@ def load_model(model: str | None, *, twin: str | None = None, shrink: bool = Fal
 
     hf_logging.disable_progress_bar()  # its tqdm bar would interleave with kvscope's
     try:
-        loaded = AutoModelForCausalLM.from_pretrained(path, dtype=target if target is not None else "auto").eval()
+        kwargs: dict[str, Any] = {_dtype_keyword(): target if target is not None else "auto"}
+        if attn_implementation:
+            kwargs["attn_implementation"] = attn_implementation
+        loaded = AutoModelForCausalLM.from_pretrained(path, **kwargs).to(device).eval()
     finally:
         hf_logging.enable_progress_bar()
-    return LoadedModel(loaded, _tokenizer_encoder(tokenizer), name, f"{type(tokenizer).__name__} from {path.name}",
+    return LoadedModel(loaded, _tokenizer_encoder(tokenizer), name, f"{type(tokenizer).__name__} from {path}",
                        _vocab(loaded))

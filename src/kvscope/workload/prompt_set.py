@@ -23,7 +23,7 @@ def load_prompts(path: str | Path | None = None, limit: int | None = None) -> li
     or "prompt_id", or one JSON string per line), or the built-in 15 structured prompts of graded
     lengths (24 to 6144 characters)."""
     if path is None:
-        text = (resources.files("kvscope.recorder") / "prompts" / BUILTIN).read_text()
+        text = (resources.files("kvscope.workload") / "prompts" / BUILTIN).read_text()
         source = f"built-in {BUILTIN}"
     else:
         try:
