@@ -113,7 +113,7 @@ def test_no_message_a_recording_sends_makes_the_writer_import_torch(tmp_path: Pa
     import io
     import pickle
 
-    from kvscope.recorder import helper_process
+    from kvscope.recorder import writer_process
 
     foreign: set[tuple[str, str, str]] = set()
 
@@ -123,15 +123,15 @@ def test_no_message_a_recording_sends_makes_the_writer_import_torch(tmp_path: Pa
                 foreign.add((self.message, module, name))
             return super().find_class(module, name)
 
-    original = helper_process.HelperProcess.send
+    original = writer_process.ChildProcess.send
 
-    def send(self: helper_process.HelperProcess, message: object) -> None:
+    def send(self: writer_process.ChildProcess, message: object) -> None:
         unpickler = Checking(io.BytesIO(pickle.dumps(message, protocol=pickle.HIGHEST_PROTOCOL)))
         unpickler.message = type(message).__name__
         unpickler.load()
         original(self, message)
 
-    monkeypatch.setattr(helper_process.HelperProcess, "send", send)
+    monkeypatch.setattr(writer_process.ChildProcess, "send", send)
     _record(tiny_model("gpt_neox"), tmp_path / "t", "process")
     assert open_trace(tmp_path / "t").num_rows("steps") == NEW_TOKENS + 3
     assert not foreign, foreign
@@ -168,7 +168,7 @@ def test_the_child_gets_kvscope_on_its_path_but_never_a_site_packages_directory(
         monkeypatch: pytest.MonkeyPatch) -> None:
     import site
 
-    from kvscope.recorder.helper_process import child_pythonpath
+    from kvscope.recorder.writer_process import child_pythonpath
 
     root = str(Path(kvscope.__file__).resolve().parents[1])
     monkeypatch.setenv("PYTHONPATH", "/somewhere/else")

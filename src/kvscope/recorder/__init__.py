@@ -6,13 +6,13 @@ Where things happen, by file:
 - rows are made in `rows.py` (column orders, from the schema), `expand.py` (layer rows and step
   totals, per batch) and `generation.py` (the generations row);
 - rows are written by `batch_writer.py` (the messages and their handling), in the writer process
-  (`writer_process.py`, `writer_child.py`, over `helper_process.py`) or thread (`writer_thread.py`);
+  (`writer_process.py`, `writer_child.py`) or thread (`writer_thread.py`);
 - `session.py` is the `record` block and `options.py` its options (`kvscope record`'s generate loop is
   `kvscope.workload`).
 
 Imports torch and pyarrow only (never polars or duckdb: GPU hosts lack them). `record` and
 `Recording` are imported lazily, so the writer process can import the torch-free modules of this
-package (`batch_writer`, `nvml`, `rows`, `facts`, `spans`, `expand`, `helper_process`) without torch.
+package (`batch_writer`, `nvml`, `rows`, `facts`, `spans`, `expand`, `writer_process`) without torch.
 """
 
 from __future__ import annotations

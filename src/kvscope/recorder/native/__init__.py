@@ -128,7 +128,7 @@ def build() -> ModuleType:
         module = _cached(name)
         if module is not None:
             return module
-        from kvscope.recorder.helper_process import child_pythonpath
+        from kvscope.recorder.writer_process import child_pythonpath
 
         env = dict(os.environ, PYTHONPATH=child_pythonpath() or "")
         result = subprocess.run([sys.executable, "-m", "kvscope.recorder.native"], capture_output=True, text=True,
