@@ -54,3 +54,21 @@ def test_record_takes_a_gguf_file(tmp_path: Path, capsys: pytest.CaptureFixture[
     assert per_token == {2 * 3 * 64 * 4}  # a real tokenizer's ids, the model's own KV geometry
     assert main(["record", str(tmp_path / "missing.gguf"), "-o", str(tmp_path / "t2")]) == 2
     assert "no such GGUF file" in capsys.readouterr().err
+
+
+def test_record_takes_the_builtin_model_and_a_folder_of_one_gguf_file(tmp_path: Path) -> None:
+    """`kvscope record` loads through `kvscope ppl`'s loader: builtin:smollm2 and a folder holding one
+    .gguf file record the same model as the file itself."""
+    from kvscope.cli.main import main
+    from kvscope.trace.reader import open_trace
+
+    folder = tmp_path / "folder"
+    folder.mkdir()
+    (folder / SMOLLM2_GGUF).symlink_to(smollm2_gguf())
+    for source, out in (("builtin:smollm2", tmp_path / "builtin"), (str(folder), tmp_path / "from-folder")):
+        assert main(["record", source, "-o", str(out), "--device", "cpu", "--limit", "1", "--max-new-tokens", "2",
+                     "--writer", "thread", "--nvml", "off"]) == 0, source
+        (run,) = open_trace(out).read("run").to_pylist()
+        assert run["num_layers"] == 30 and run["model_name"].startswith("SmolLM2-135M-Instruct"), run["model_name"]
+        per_token = {r["kv_bytes"] // r["stored_tokens"] for r in open_trace(out).read("layers").to_pylist()}
+        assert per_token == {2 * 3 * 64 * 4}

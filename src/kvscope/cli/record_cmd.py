@@ -73,7 +73,9 @@ def check_options(model: str | None, twin: str | None, dtype: str | None, device
         elif not path.is_dir():
             raise UsageError(f"{model}: not a local model directory or .gguf file (for a twin, use --twin NAME).")
         elif not (path / "config.json").is_file():
-            raise UsageError(f"{model}: has no config.json, so it is not a Hugging Face model directory.")
+            if len(list(path.glob("*.gguf"))) != 1:  # a folder holding one GGUF file loads as that file
+                raise UsageError(f"{model}: has no config.json, so it is not a Hugging Face model directory "
+                                 "(nor a folder of one .gguf file).")
         elif not any((path / name).is_file() for name in TOKENIZER_FILES):
             raise UsageError(f"{model}: has no tokenizer ({', '.join(TOKENIZER_FILES[:3])}, ...); save the "
                              "tokenizer into the model directory (tokenizer.save_pretrained) or use --twin.")

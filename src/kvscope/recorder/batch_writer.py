@@ -19,71 +19,55 @@ from kvscope.recorder.rows import HOOK_STEP_COLUMNS
 from kvscope.trace.writer import TraceWriter
 
 
+# The messages, in the order a block sends them. Frozen dataclasses: small, typed, picklable
+# without torch (the writer process must never import it).
 @dataclass(frozen=True)
-class Open:
-    """Start writing the trace at `path` (a writer process serves one block after another)."""
-
+class Open:  # start writing the trace at `path` (a writer process serves one block after another)
     path: str
 
 
 @dataclass(frozen=True)
-class Rows:
-    """Rows of any table, as tuples in the order of `names`."""
-
+class Rows:  # rows of any table, as tuples in the order of `names`
     table: str
     names: tuple[str, ...]
     rows: list[tuple]
 
 
 @dataclass(frozen=True)
-class Steps:
-    """`steps` rows in `rows.HOOK_STEP_COLUMNS` order and the measured layers of those steps,
-    `(run_id, gen_id, step, seq_len, measured)`, expanded together."""
-
+class Steps:  # `steps` rows (rows.HOOK_STEP_COLUMNS) and their layers, (run_id, gen_id, step, seq_len, measured)
     rows: list[tuple]
     layers: list[tuple]
 
 
 @dataclass(frozen=True)
-class GenerationWindow:
-    """A generation started (`ended_ns` None) or ended: the window of its NVML peak."""
-
+class GenerationWindow:  # a generation started (`ended_ns` None) or ended: the window of its NVML peak
     gen_id: int
     started_ns: int
     ended_ns: int | None = None
 
 
 @dataclass(frozen=True)
-class Flush:
-    """Write every buffered table as a new part."""
+class Flush:  # write every buffered table as a new part
+    pass
 
 
 @dataclass(frozen=True)
-class Sync:
-    """Answer `Reply(seq)` once everything before it is handled (with the first error since the last)."""
-
+class Sync:  # answer Reply(seq) once everything before it is handled, with the first error since the last
     seq: int
 
 
 @dataclass(frozen=True)
-class Close:
-    """Flush, compact when asked, stop polling NVML and answer `Reply(seq)`: the block's trace is done."""
-
+class Close:  # flush, compact when asked, stop polling NVML, answer Reply(seq)
     seq: int
     compact: bool = True
 
 
 @dataclass(frozen=True)
-class NvmlConfig:
-    """Where the writer's polling thread reads NVML: device UUIDs (or "fake"), every `interval_s`."""
-
+class NvmlConfig:  # where the writer's polling thread reads NVML: device UUIDs (or "fake"), every interval_s
     run_id: str
     devices: tuple[str, ...]
     origin_ns: int
     interval_s: float
-
-    def start(self) -> NvmlPolling:
-        return NvmlPolling(list(self.devices), self.origin_ns, self.interval_s)
 
 
 class BatchWriter:
@@ -140,7 +124,7 @@ class BatchWriter:
     def _start_polling(self, config: NvmlConfig) -> NvmlPolling | None:
         """The polling thread, or None with an `error` event saying why (NVML readings are then null)."""
         try:
-            return config.start()
+            return NvmlPolling(list(config.devices), config.origin_ns, config.interval_s)
         except Exception as exc:  # noqa: BLE001 - the trace goes on without polled readings
             detail = {"source": "nvml_polling", "exception": type(exc).__name__, "message": str(exc)[:2000]}
             self.writer.extend("events", {"run_id": [config.run_id], "gen_id": [None], "step": [None],

@@ -310,7 +310,8 @@ def _check_in_memory(trace: Trace, report: InvariantReport) -> None:
         orphans = layer_keys.join(_keys(steps, ["run_id", "gen_id", "step"]), ["run_id", "gen_id", "step"],
                                   join_type="left anti")
         if len(orphans):
-            first = orphans.slice(0, 1).to_pylist()[0]
+            # a join's output order is not its inputs' (threads): the first by (gen_id, step), as in DuckDB
+            first = orphans.sort_by([("gen_id", "ascending"), ("step", "ascending")]).slice(0, 1).to_pylist()[0]
             report.errors.append(
                 f"layers: {len(orphans)} (gen_id, step) pair(s) have no steps row, first gen {first['gen_id']} "
                 f"step {first['step']}."
@@ -318,7 +319,7 @@ def _check_in_memory(trace: Trace, report: InvariantReport) -> None:
     if len(steps):
         gens = trace.read("generations", ["run_id", "gen_id"])
         missing = _keys(steps, ["run_id", "gen_id"]).join(gens, ["run_id", "gen_id"], join_type="left anti")
-        for row in missing.to_pylist():
+        for row in missing.sort_by([("run_id", "ascending"), ("gen_id", "ascending")]).to_pylist():
             report.warnings.append(
                 f"generation {row['gen_id']} of run {row['run_id']} has steps but no generations row "
                 "(the recording was interrupted before it ended)."

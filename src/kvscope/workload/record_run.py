@@ -68,7 +68,8 @@ def run_record(job: RecordJob, progress: ProgressHook | None = None) -> RunSumma
                "prompts": job.prompts_file or "built-in"}
     hook = progress or (lambda event, index, value: None)
     hook("start", 0, len(prompts))
-    record_options = replace(job.options, model_name=job.options.model_name or loaded.name,
+    name = loaded.name.removesuffix(".gguf")  # a trace names a GGUF model by its file's stem
+    record_options = replace(job.options, model_name=job.options.model_name or name,
                              tokenizer=job.options.tokenizer or loaded.tokenizer,
                              extra={**job.options.extra, **options})
     with Recording(model, job.output, record_options) as rec:
