@@ -215,11 +215,11 @@ def parse_cpus(text: str) -> set[int]:
 
 def component_costs(model: torch.nn.Module, ids: torch.Tensor, new_tokens: int, repeats: int = 500) -> dict:
     """Median µs of each part of the per-step hook, on the cache of a finished generation."""
-    from kvscope.recorder.expand import expand_steps
+    from kvscope.recorder.allocator import AllocatorProbe
+    from kvscope.recorder.layer_rows import expand_steps
     from kvscope.recorder.measure import measure_cache
     from kvscope.recorder.model_layout import model_layout
     from kvscope.recorder.nvml import NvmlProbe
-    from kvscope.recorder.telemetry import AllocatorProbe
 
     out = model.generate(ids, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
                          attention_mask=torch.ones_like(ids), return_dict_in_generate=True)

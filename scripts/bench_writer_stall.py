@@ -20,9 +20,9 @@ from pathlib import Path
 import torch
 
 from kvscope.recorder.batch_writer import Steps
+from kvscope.recorder.columns import HOOK_STEP_COLUMNS
 from kvscope.recorder.measure import measure_cache
 from kvscope.recorder.model_layout import model_layout
-from kvscope.recorder.rows import HOOK_STEP_COLUMNS
 from kvscope.recorder.writer_process import WriterProcess
 from kvscope.recorder.writer_thread import BackgroundWriter
 from kvscope.trace.writer import TraceWriter

@@ -11,7 +11,7 @@ from typing import Any
 from recorder_helpers import prompt_ids, tiny_model
 
 import kvscope
-from kvscope.recorder.telemetry import AllocatorProbe, AllocatorReading
+from kvscope.recorder.allocator import AllocatorProbe, AllocatorReading
 from kvscope.trace.reader import open_trace
 
 

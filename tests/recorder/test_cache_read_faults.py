@@ -13,7 +13,8 @@ import torch
 from recorder_helpers import TF_VERSION, prompt_ids, tiny_model
 
 import kvscope
-from kvscope.recorder import cache_walk, steps
+from kvscope.recorder import cache_walk
+from kvscope.recorder import step_hook as steps
 from kvscope.trace.inspect import inspect_trace
 from kvscope.trace.invariants import check_invariants
 from kvscope.trace.reader import open_trace

@@ -7,7 +7,7 @@ import torch
 from recorder_helpers import CacheOfLayers as _Cache
 from recorder_helpers import dynamic_layer as _dynamic
 
-from kvscope.recorder.expand import expand_steps
+from kvscope.recorder.layer_rows import expand_steps
 from kvscope.recorder.measure import FastStep, StepMeasure, measure_cache
 from kvscope.recorder.model_layout import ModelLayout
 

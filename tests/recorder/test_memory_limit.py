@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from kvscope.recorder.telemetry import _mps_limit_bytes, memory_limit
+from kvscope.recorder.allocator import _mps_limit_bytes, memory_limit
 
 GIB = 1 << 30
 

@@ -204,7 +204,7 @@ def test_the_native_option_is_validated(tmp_path: Path) -> None:
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_native_allocator_counters_are_the_stats_call_s(native: object) -> None:
-    from kvscope.recorder.telemetry import AllocatorProbe
+    from kvscope.recorder.allocator import AllocatorProbe
 
     held = torch.empty(3 << 20, dtype=torch.uint8, device="cuda")
     torch.cuda.synchronize()

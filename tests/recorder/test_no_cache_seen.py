@@ -68,7 +68,7 @@ def test_a_seen_cache_sets_no_flag(tmp_path: Path) -> None:
 
 
 def test_unreadable_steps_are_a_finding(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from kvscope.recorder import steps
+    from kvscope.recorder import step_hook as steps
 
     model = tiny_model("llama")
     real = steps.measure_cache

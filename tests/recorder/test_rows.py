@@ -1,4 +1,4 @@
-"""The hook's rows are schema columns in schema order (`recorder/rows.py` derives every order)."""
+"""The hook's rows are schema columns in schema order (`recorder/columns.py` derives every order)."""
 
 from __future__ import annotations
 
@@ -8,16 +8,16 @@ from typing import Any
 from recorder_helpers import PROMPT_TOKENS, prompt_ids, tiny_model
 
 import kvscope
+from kvscope.recorder.allocator import AllocatorReading
 from kvscope.recorder.batch_writer import Steps
-from kvscope.recorder.facts import LAYER_FIELDS
-from kvscope.recorder.rows import (
+from kvscope.recorder.columns import (
     ALLOCATOR_AT,
     ALLOCATOR_COLUMNS,
     HOOK_STEP_COLUMNS,
     LAYER_COLUMNS,
     WRITER_STEP_COLUMNS,
 )
-from kvscope.recorder.telemetry import AllocatorReading
+from kvscope.recorder.facts import LAYER_FIELDS
 from kvscope.schema.tables import TABLES
 
 

@@ -1,9 +1,9 @@
 """The recorder: hooks on a Hugging Face model's generate() that write KV-cache traces.
 
 Where things happen, by file:
-- a step's reading is taken in `steps.py` (the forward hook), from the cache (`measure.py`,
-  `cache_walk.py`, `native/`) and the allocator (`telemetry.py`); NVML in `nvml.py`;
-- rows are made in `rows.py` (column orders, from the schema), `expand.py` (layer rows and step
+- a step's reading is taken in `step_hook.py` (the forward hook), from the cache (`measure.py`,
+  `cache_walk.py`, `native/`) and the allocator (`allocator.py`); NVML in `nvml.py`;
+- rows are made in `columns.py` (column orders, from the schema), `layer_rows.py` (layer rows and step
   totals, per batch) and `generation.py` (the generations row);
 - rows are written by `batch_writer.py` (the messages and their handling), in the writer process
   (`writer_process.py`, `writer_child.py`) or thread (`writer_thread.py`);
@@ -12,7 +12,7 @@ Where things happen, by file:
 
 Imports torch and pyarrow only (never polars or duckdb: GPU hosts lack them). `record` and
 `Recording` are imported lazily, so the writer process can import the torch-free modules of this
-package (`batch_writer`, `nvml`, `rows`, `facts`, `spans`, `expand`, `writer_process`) without torch.
+package (`batch_writer`, `nvml`, `columns`, `facts`, `spans`, `layer_rows`, `writer_process`) without torch.
 """
 
 from __future__ import annotations

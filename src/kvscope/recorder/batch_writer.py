@@ -13,9 +13,9 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-from kvscope.recorder.expand import expand_steps
+from kvscope.recorder.columns import HOOK_STEP_COLUMNS
+from kvscope.recorder.layer_rows import expand_steps
 from kvscope.recorder.nvml import NvmlPolling
-from kvscope.recorder.rows import HOOK_STEP_COLUMNS
 from kvscope.trace.writer import TraceWriter
 
 
@@ -34,7 +34,7 @@ class Rows:  # rows of any table, as tuples in the order of `names`
 
 
 @dataclass(frozen=True)
-class Steps:  # `steps` rows (rows.HOOK_STEP_COLUMNS) and their layers, (run_id, gen_id, step, seq_len, measured)
+class Steps:  # `steps` rows (columns.HOOK_STEP_COLUMNS) and their layers, (run_id, gen_id, step, seq_len, measured)
     rows: list[tuple]
     layers: list[tuple]
 

@@ -20,8 +20,8 @@ from typing import Any, Protocol
 
 import torch
 
+from kvscope.recorder.allocator import AllocatorProbe
 from kvscope.recorder.nvml import NvmlProbe
-from kvscope.recorder.telemetry import AllocatorProbe
 
 # device, allocated, reserved, inactive_split, nvml_used, nvml_total (bytes; None where unread)
 DeviceReading = tuple[str, int | None, int | None, int | None, int | None, int | None]

@@ -1,7 +1,7 @@
 """What the hook hands to the writer, and how it is decoded: plain data, no torch.
 
 The writer process (`writer_process.py`) unpickles these objects and expands them, so this
-module, `spans.py` and `expand.py` import neither torch nor the recorder's session.
+module, `spans.py` and `layer_rows.py` import neither torch nor the recorder's session.
 """
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ from array import array
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
-from kvscope.recorder.rows import LAYER_COLUMNS
+from kvscope.recorder.columns import LAYER_COLUMNS
 from kvscope.recorder.spans import Span, StorageKey, covered_bytes, union_bytes
 
 LATENT = "latent"  # the layer type of MLA layers that cache latents
@@ -128,7 +128,7 @@ def decode_facts(flat: list[int], plan: LayerPlan) -> list[Fact]:
 @dataclass(slots=True)
 class FastStep:
     """One step of a cache whose layers are all plain/static: raw facts per layer, expanded into
-    rows later and vectorised (`expand.py`), so the hook does as little Python as possible.
+    rows later and vectorised (`layer_rows.py`), so the hook does as little Python as possible.
 
     `facts` is one flat list of ints (records described at `SHAPE_END`): ints are not tracked by
     the garbage collector, so a buffered step holds a few tracked objects rather than three per

@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 if TYPE_CHECKING:
-    from kvscope.recorder.steps import GenerationSteps
+    from kvscope.recorder.step_hook import GenerationSteps
 
 Reading = tuple[int | None, int | None, int | None]  # allocated, reserved, nvml_used
 _NO_READING: Reading = (None, None, None)

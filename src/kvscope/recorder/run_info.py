@@ -9,9 +9,9 @@ from typing import Any
 
 import torch
 
+from kvscope.recorder.allocator import memory_limit
 from kvscope.recorder.model_layout import ModelLayout, text_config
 from kvscope.recorder.nvml import NvmlProbe
-from kvscope.recorder.telemetry import memory_limit
 from kvscope.schema.metadata import TraceMetadata
 
 

@@ -25,7 +25,9 @@ import torch
 
 from kvscope.errors import RecordingError, UsageError
 from kvscope.recorder import native as native_fast_path
+from kvscope.recorder.allocator import AllocatorProbe
 from kvscope.recorder.batch_writer import GenerationWindow, NvmlConfig, Rows
+from kvscope.recorder.columns import EVENT_COLUMNS
 from kvscope.recorder.devices import (
     BASELINE_STEP,
     DEVICE_STEP_COLUMNS,
@@ -40,11 +42,9 @@ from kvscope.recorder.hooks import AttentionDiscovery
 from kvscope.recorder.model_layout import attention_modules, attention_parameters, model_layout
 from kvscope.recorder.nvml import NvmlProbe
 from kvscope.recorder.options import RecordOptions
-from kvscope.recorder.rows import EVENT_COLUMNS
 from kvscope.recorder.run_flags import merge_run_options
 from kvscope.recorder.run_info import run_metadata
-from kvscope.recorder.steps import GenerationSteps, SamplePolicy, StepRecorder
-from kvscope.recorder.telemetry import AllocatorProbe
+from kvscope.recorder.step_hook import GenerationSteps, SamplePolicy, StepRecorder
 from kvscope.recorder.writer_process import WriterProcess
 from kvscope.recorder.writer_thread import BackgroundWriter
 from kvscope.trace.writer import TraceWriter

@@ -23,7 +23,7 @@ import torch
 
 from kvscope.errors import RecordingError
 from kvscope.recorder.batch_writer import BatchWriter, Flush
-from kvscope.recorder.rows import SAMPLE_COLUMNS
+from kvscope.recorder.columns import SAMPLE_COLUMNS
 from kvscope.schema.tables import TABLES
 from kvscope.trace.writer import TraceWriter
 

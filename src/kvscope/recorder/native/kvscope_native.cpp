@@ -147,7 +147,7 @@ PyObject* capture(PyObject* /*self*/, PyObject* layers) {
 
 constexpr int kReadingFields = 8;
 
-// One device's allocator counters in telemetry.AllocatorReading order. 0: read; 1: this torch has
+// One device's allocator counters in allocator.AllocatorReading order. 0: read; 1: this torch has
 // no device-allocator API or the allocator is not initialised; -1: a C++ error (message in `error`).
 int read_allocator(long device, long long* values, std::string& error) {
 #if __has_include(<c10/core/CachingDeviceAllocator.h>)
@@ -184,7 +184,7 @@ PyObject* reading_tuple(const long long* v) {
 }
 
 // allocator_stats(device: int) -> tuple of 8 ints, or None where this torch has no device allocator API.
-// The order of telemetry.AllocatorReading: allocated, reserved, active, inactive_split (bytes, current),
+// The order of allocator.AllocatorReading: allocated, reserved, active, inactive_split (bytes, current),
 // alloc_retries, num_ooms, peak allocated, peak reserved.
 PyObject* allocator_stats(PyObject* /*self*/, PyObject* arg) {
   const long device = PyLong_AsLong(arg);

@@ -17,13 +17,13 @@ from typing import Any
 
 import torch
 
+from kvscope.recorder.allocator import AllocatorProbe
 from kvscope.recorder.batch_writer import Steps
 from kvscope.recorder.cache_walk import MODULE_STATE_MODELS, ModuleState
+from kvscope.recorder.columns import ALLOCATOR_COLUMNS
 from kvscope.recorder.hooks import AttentionDiscovery, batch_and_tokens, cache_from_kwargs, cache_from_output
 from kvscope.recorder.measure import measure_cache
 from kvscope.recorder.model_layout import ModelLayout
-from kvscope.recorder.rows import ALLOCATOR_COLUMNS
-from kvscope.recorder.telemetry import AllocatorProbe
 from kvscope.recorder.writer_thread import BackgroundWriter, Samples
 
 NO_READING = (None,) * len(ALLOCATOR_COLUMNS)
@@ -231,11 +231,11 @@ class StepRecorder:
         t_ns = start - self.origin_ns
         gen.last_t_ns, gen.last_reading = t_ns, reading
         gen.step = step + 1
-        # The reading's first six fields are rows.ALLOCATOR_COLUMNS.
+        # The reading's first six fields are columns.ALLOCATOR_COLUMNS.
         telemetry: tuple = NO_READING if reading is None else reading[:6]
         # The hand-over below is timed into the next step's recorder_ns (this row is already built).
         spent = time.perf_counter_ns() - start + gen.carry_ns
-        # In rows.HOOK_STEP_COLUMNS order (tested); the writer fills in the rest of the row.
+        # In columns.HOOK_STEP_COLUMNS order (tested); the writer fills in the rest of the row.
         self._step_rows.append((self.run_id, gen.gen_id, step, t_ns, gen.seq_len, batch, *telemetry,
                                 self.nvml_total, spent))
         gen.carry_ns = 0

@@ -13,7 +13,7 @@ from typing import Any, NamedTuple
 import torch
 
 
-class AllocatorReading(NamedTuple):  # a tuple: built every step; fields 0-5 are rows.ALLOCATOR_COLUMNS
+class AllocatorReading(NamedTuple):  # a tuple: built every step; fields 0-5 are columns.ALLOCATOR_COLUMNS
     allocated: int
     reserved: int
     active: int
