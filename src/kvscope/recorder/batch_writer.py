@@ -103,7 +103,7 @@ class BatchWriter:
         if table == "generations" and self.nvml is not None:
             # The polled peak of each generation, with the boundary reads the recording took.
             columns["peak_nvml_used_bytes"] = [
-                _max_or_none(given, self.nvml.peak(gen_id))
+                max_or_none(given, self.nvml.peak(gen_id))
                 for gen_id, given in zip(columns["gen_id"], columns["peak_nvml_used_bytes"], strict=True)]
         self.writer.extend(table, columns)
 
@@ -137,6 +137,6 @@ class BatchWriter:
             self.nvml.close()
 
 
-def _max_or_none(*values: int | None) -> int | None:
+def max_or_none(*values: int | None) -> int | None:
     present = [v for v in values if v is not None]
     return max(present) if present else None

@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
 from kvscope.recorder.columns import LAYER_COLUMNS
-from kvscope.recorder.spans import Span, StorageKey, covered_bytes, union_bytes
+from kvscope.recorder.spans import Span, covered_bytes, union_bytes
 
 LATENT = "latent"  # the layer type of MLA layers that cache latents
 
@@ -21,27 +21,13 @@ LAYER_FIELDS = LAYER_COLUMNS
 
 @dataclass
 class StepMeasure:
-    """One step's layer rows and totals."""
+    """One step's layer rows (general walk) and the storage spans of every layer."""
 
     rows: list[tuple] = field(default_factory=list)
     logical_bytes: int = 0
     # (layer, name, tensor) to copy, set by the hook and dropped before the step is handed over
     sample_tensors: list[tuple[int, str, Any]] | None = field(default_factory=list)
-    # Spans per storage; while no storage has two spans, the total is a plain sum.
-    _by_storage: dict[StorageKey, list[tuple[int, int]]] = field(default_factory=dict)
-    _plain_total: int = 0
-    _overlapping: bool = False
-
-    def add_spans(self, spans: list[Span]) -> None:
-        by_storage = self._by_storage
-        for key, start, end in spans:
-            ranges = by_storage.get(key)
-            if ranges is None:
-                by_storage[key] = [(start, end)]
-                self._plain_total += end - start
-            else:
-                ranges.append((start, end))
-                self._overlapping = True
+    spans: list[Span] = field(default_factory=list)
 
     @property
     def layer_count(self) -> int:
@@ -49,10 +35,9 @@ class StepMeasure:
 
     @property
     def kv_bytes(self) -> int:
-        """All layers' unique bytes: spans merged per storage, so shared layers count once."""
-        if not self._overlapping:
-            return self._plain_total
-        return union_bytes((key, s, e) for key, ranges in self._by_storage.items() for s, e in ranges)
+        """All layers' unique bytes: spans merged per storage, so shared layers count once (read by
+        the writer, off the hook)."""
+        return union_bytes(self.spans)
 
 
 @dataclass(frozen=True)

@@ -77,9 +77,7 @@ def _layer_row(out: StepMeasure, layout: ModelLayout, seq_len: int, index: int, 
         _dtype(keys.dtype), _dtype(values.dtype if values is not None else keys.dtype),
         k_bytes, v_bytes, kv_bytes, aliased, stored, capacity,
     ))
-    out.add_spans(k_spans)
-    out.add_spans(v_spans)
-    out.add_spans(extra_spans)
+    out.spans += k_spans + v_spans + extra_spans
     out.logical_bytes += k_bytes + v_bytes
 
 

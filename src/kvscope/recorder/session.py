@@ -26,7 +26,7 @@ import torch
 from kvscope.errors import RecordingError, UsageError
 from kvscope.recorder import native as native_fast_path
 from kvscope.recorder.allocator import AllocatorProbe
-from kvscope.recorder.batch_writer import GenerationWindow, NvmlConfig, Rows
+from kvscope.recorder.batch_writer import GenerationWindow, NvmlConfig, Rows, max_or_none
 from kvscope.recorder.columns import EVENT_COLUMNS
 from kvscope.recorder.devices import (
     BASELINE_STEP,
@@ -334,7 +334,7 @@ class Recording:
                               self.nvml.used())
         # NVML: the boundary reads here; the writer adds the highest reading it polled meanwhile.
         record.peak = (reading.peak_allocated if reading else None, reading.peak_reserved if reading else None,
-                       _max_or_none(record.baseline[2], record.post_return[2]))
+                       max_or_none(record.baseline[2], record.post_return[2]))
         record.take_steps(gen)
         if gen.step and not gen.cache_seen and not gen.failed_steps:
             self._no_cache(record, gen)
@@ -413,11 +413,6 @@ class Recording:
         row = (self.run_id, gen_id, step, time.perf_counter_ns() - self.origin_ns, kind,
                json.dumps(detail, default=str))
         self.writer.send(Rows("events", EVENT_COLUMNS, [row]))
-
-
-def _max_or_none(*values: int | None) -> int | None:
-    present = [v for v in values if v is not None]
-    return max(present) if present else None
 
 
 def record(model: torch.nn.Module, path: str | Path, options: RecordOptions | None = None,
