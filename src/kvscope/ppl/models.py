@@ -104,6 +104,7 @@ def load_gguf(path: Path, dtype: torch.dtype | None = None) -> tuple[torch.nn.Mo
         kwargs[_dtype_keyword()] = dtype
     verbosity = hf_logging.get_verbosity()
     hf_logging.set_verbosity_error()
+    bars = hf_logging.is_progress_bar_enabled()
     hf_logging.disable_progress_bar()  # its tqdm bars would interleave with kvscope's
     try:
         with _shared_gguf_parsing():
@@ -111,7 +112,8 @@ def load_gguf(path: Path, dtype: torch.dtype | None = None) -> tuple[torch.nn.Mo
             tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
     finally:
         hf_logging.set_verbosity(verbosity)
-        hf_logging.enable_progress_bar()
+        if bars:  # turned back on only if it was on (HF_HUB_DISABLE_PROGRESS_BARS=1 warns otherwise)
+            hf_logging.enable_progress_bar()
     return model.eval(), tokenizer
 
 
@@ -241,6 +243,7 @@ def load_model(model: str | None, *, twin: str | None = None, shrink: bool = Fal
                          "(tokenizer.save_pretrained) or use --twin.") from None
     from transformers.utils import logging as hf_logging
 
+    bars = hf_logging.is_progress_bar_enabled()
     hf_logging.disable_progress_bar()  # its tqdm bar would interleave with kvscope's
     try:
         kwargs: dict[str, Any] = {_dtype_keyword(): target if target is not None else "auto"}
@@ -248,6 +251,7 @@ def load_model(model: str | None, *, twin: str | None = None, shrink: bool = Fal
             kwargs["attn_implementation"] = attn_implementation
         loaded = AutoModelForCausalLM.from_pretrained(path, **kwargs).to(device).eval()
     finally:
-        hf_logging.enable_progress_bar()
+        if bars:  # turned back on only if it was on (HF_HUB_DISABLE_PROGRESS_BARS=1 warns otherwise)
+            hf_logging.enable_progress_bar()
     return LoadedModel(loaded, _tokenizer_encoder(tokenizer), name, f"{type(tokenizer).__name__} from {path}",
                        _vocab(loaded))
