@@ -99,3 +99,24 @@ def test_loaded_traces_sql_has_column_names(pair: dict[str, Path]) -> None:
         assert t.rows(query) == [("odd", 128), ("r0", 128)]  # tuples, for code that unpacks
         with pytest.raises(UsageError, match="to must be"):
             t.sql(query, to="pandas")
+
+
+def test_an_output_file_that_cannot_be_written_is_a_usage_error(pair: dict[str, Path], tmp_path: Path,
+                                                                capsys: pytest.CaptureFixture[str]) -> None:
+    """-o inside a path whose 'folder' is a file: one line, exit 2, for every command that writes a file
+    (it was an internal error, exit 3, for report and export); nothing half-written is left."""
+    trace = str(pair["r0"])
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    target = str(blocker / "out")
+    for args in (["report", trace, "-o", target], ["export", trace, "--perfetto", "-o", target],
+                 ["sql", trace, "SELECT 1 AS a", "-o", target], ["sql", trace, "SELECT 1 AS a", "--format", "csv",
+                                                                 "-o", target]):
+        assert main(args) == 2, args
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and err[0].startswith(f"kvscope: error: -o {target}: cannot write it"), (args, err)
+    assert main(["report", trace, "-o", str(tmp_path / "no-such-folder" / "r.html")]) == 2
+    assert "does not exist" in capsys.readouterr().err
+    assert main(["sql", trace, "SELECT 1 AS a", "-o", str(tmp_path)]) == 2
+    assert "is a directory" in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a-file", "odd", "r0", "r40"]

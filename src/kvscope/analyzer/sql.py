@@ -109,8 +109,11 @@ def run_query(paths: Sequence[str], query: str, fmt: str, output: str | None, li
             import pyarrow.parquet as pq
 
             assert output is not None
-            pq.write_table(pa.Table.from_pylist([dict(zip(columns, r, strict=True)) for r in rows]), output,
-                           compression="zstd")
+            try:
+                pq.write_table(pa.Table.from_pylist([dict(zip(columns, r, strict=True)) for r in rows]), output,
+                               compression="zstd")
+            except OSError as exc:
+                raise UsageError(f"{output}: cannot write the result ({exc.strerror or exc}).") from exc
             return None
     elif master is not None:
         raise UsageError("--master is for --engine spark only.")
@@ -133,8 +136,7 @@ def run_query(paths: Sequence[str], query: str, fmt: str, output: str | None, li
         return buffer.getvalue()
     if fmt == "json":
         return json.dumps([dict(zip(columns, (_plain(v) for v in row), strict=True)) for row in rows], indent=2, default=str)
-    _print_table(columns, rows, limit, output)
-    return None
+    return _print_table(columns, rows, limit, output)
 
 
 def _cell(v: Any) -> str:
@@ -154,7 +156,7 @@ def _cell(v: Any) -> str:
     return f"{v:,.0f}" if abs(v) >= 1000 else f"{v:.4g}"
 
 
-def _print_table(columns: list[str], rows: list[tuple[Any, ...]], limit: int, output: str | None) -> None:
+def _print_table(columns: list[str], rows: list[tuple[Any, ...]], limit: int, output: str | None) -> str | None:
     from rich.console import Console
     from rich.table import Table
     from rich.text import Text
@@ -173,11 +175,12 @@ def _print_table(columns: list[str], rows: list[tuple[Any, ...]], limit: int, ou
                          min_width=max(min(len(name), 10), widest))
     for row in cells:
         table.add_row(*(Text(c) for c in row))
-    if output is not None:
-        with open(output, "w", encoding="utf-8") as handle:
-            Console(file=handle, width=200).print(table)
-        return
+    if output is not None:  # the caller writes it
+        buffer = io.StringIO()
+        Console(file=buffer, width=200).print(table)
+        return buffer.getvalue()
     console = Console()
     console.print(table)
     more = f" (first {limit} shown)" if len(rows) > limit else ""
     console.print(f"{len(rows)} row(s){more}", highlight=False)
+    return None

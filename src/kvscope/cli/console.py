@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
+from pathlib import Path
 from typing import Any
 
 import click
@@ -52,3 +54,29 @@ def engine_options(command: Any) -> Any:
     return click.option("--engine", type=click.Choice(["duckdb", "spark"]), default="duckdb", show_default=True,
                         help="Where the measure SQL runs: DuckDB in this process, or Spark SQL "
                              "(pip install 'kvscope[spark]'); the findings are the same.")(command)
+
+
+def check_output_file(output: str | os.PathLike[str]) -> Path:
+    """An `-o FILE` checked before any work: not a directory, in a folder that exists and is writable."""
+    out = Path(output)
+    if out.is_dir():
+        raise UsageError(f"-o {output}: is a directory; name the file to write.")
+    if not out.parent.exists():
+        raise UsageError(f"-o {output}: the folder {out.parent} does not exist.")
+    if not os.access(out.parent, os.W_OK):
+        raise UsageError(f"-o {output}: the folder {out.parent} is not writable.")
+    return out
+
+
+def write_output_file(output: str | os.PathLike[str], text: str) -> None:
+    """Write `text` beside `output` and rename it into place (no half-written file); an error writing
+    it is the user's to fix (a full disk, a read-only place), so a UsageError, not an internal one."""
+    out = Path(output)
+    tmp = out.with_name(f".{out.name}.tmp")
+    try:
+        tmp.write_text(text, encoding="utf-8")
+        tmp.replace(out)
+    except OSError as exc:
+        with contextlib.suppress(OSError):
+            tmp.unlink(missing_ok=True)
+        raise UsageError(f"-o {output}: cannot write it ({exc.strerror or exc}).") from None

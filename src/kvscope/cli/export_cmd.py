@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import click
 
+from kvscope.cli.console import check_output_file, write_output_file
 from kvscope.errors import EXIT_OK, UsageError
 
 
@@ -32,11 +32,7 @@ def export_command(traces: tuple[str, ...], fmt: str | None, output: str | None,
     if fmt is None:
         raise UsageError("say what to export: --perfetto or --prometheus.")
     if output is not None:
-        out = Path(output)
-        if out.is_dir():
-            raise UsageError(f"-o {output}: is a directory; name the file to write.")
-        if not out.parent.exists():
-            raise UsageError(f"-o {output}: the folder {out.parent} does not exist.")
+        check_output_file(output)
     with load_traces(traces, threads=threads) as tables:
         if fmt == "perfetto":
             text = json.dumps(perfetto_trace(tables), separators=(",", ":"), allow_nan=False) + "\n"
@@ -45,8 +41,6 @@ def export_command(traces: tuple[str, ...], fmt: str | None, output: str | None,
     if output is None:
         click.echo(text, nl=False)
     else:
-        tmp = Path(output).with_name(f".{Path(output).name}.tmp")
-        tmp.write_text(text, encoding="utf-8")
-        tmp.replace(output)
+        write_output_file(output, text)
         click.echo(f"wrote {output}" + (" (open it in ui.perfetto.dev)" if fmt == "perfetto" else ""), err=True)
     return EXIT_OK

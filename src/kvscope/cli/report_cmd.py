@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import click
 
+from kvscope.cli.console import check_output_file, write_output_file
 from kvscope.errors import EXIT_OK, UsageError
 
 
@@ -35,20 +34,14 @@ def report_command(traces: tuple[str, ...], output: str, detectors: tuple[str, .
 
     if not traces:
         raise UsageError("give at least one trace (or a folder of traces) to report on.")
-    out = Path(output)
-    if out.exists() and out.is_dir():
-        raise UsageError(f"-o {output}: is a directory; name the HTML file to write.")
-    if not out.parent.exists():
-        raise UsageError(f"-o {output}: the folder {out.parent} does not exist.")
+    out = check_output_file(output)
     chosen = select(detectors)
     configs = parse_overrides(overrides, chosen)
     with load_traces(traces, threads=threads) as tables:
         findings = analyze(tables, chosen, configs)
         verdict = verdict_of(tables, findings)
         page = build_report(tables, findings, verdict, title)
-    tmp = out.with_name(f".{out.name}.tmp")
-    tmp.write_text(page, encoding="utf-8")
-    tmp.replace(out)
+    write_output_file(out, page)
     runs = len(verdict.runs)
     click.echo(f"wrote {out} ({len(page.encode()) / (1 << 20):.1f} MiB, {runs} run{'s' if runs != 1 else ''}, "
                f"{len(findings)} finding(s)); open it in a browser, no network needed.", err=True)

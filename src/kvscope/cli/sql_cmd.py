@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from kvscope.cli.console import engine_options
+from kvscope.cli.console import check_output_file, engine_options, write_output_file
 from kvscope.errors import EXIT_OK, UsageError
 
 
@@ -36,12 +36,13 @@ def sql_command(traces: tuple[str, ...], query: str, fmt: str, output: str | Non
         raise UsageError("give at least one trace before the query.")
     if fmt == "parquet" and output is None:
         raise UsageError("--format parquet needs -o FILE.")
+    if output is not None:
+        check_output_file(output)
     text = run_query(list(traces), query, fmt, output, limit, unsafe=unsafe, validate=not no_validate,
                      engine=engine, master=master)
     if text is not None:
         if output is not None:
-            with open(output, "w", encoding="utf-8") as handle:
-                handle.write(text)
+            write_output_file(output, text)
         else:
             click.echo(text, nl=not text.endswith("\n"))
     return EXIT_OK
