@@ -120,3 +120,19 @@ def test_an_output_file_that_cannot_be_written_is_a_usage_error(pair: dict[str, 
     assert main(["sql", trace, "SELECT 1 AS a", "-o", str(tmp_path)]) == 2
     assert "is a directory" in capsys.readouterr().err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a-file", "odd", "r0", "r40"]
+
+
+def test_an_output_folder_that_cannot_be_created_is_a_usage_error(pair: dict[str, Path], tmp_path: Path,
+                                                                  capsys: pytest.CaptureFixture[str]) -> None:
+    """record, ppl, lab and redact write folders: one below a file is a one-line exit 2 before any work
+    (it was an internal error, exit 3), and nothing is created."""
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    target = str(blocker / "out")
+    for args in (["record", "--twin", "pythia-1.4b", "--shrink", "-o", target, "--device", "cpu"],
+                 ["ppl", "--twin", "pythia-1.4b", "--shrink", "-o", target, "--device", "cpu"],
+                 ["lab", "-o", target], ["redact", str(pair["r0"]), "-o", target]):
+        assert main(args) == 2, args
+        err = [line for line in capsys.readouterr().err.strip().splitlines() if line.startswith("kvscope")]
+        assert len(err) == 1 and f"{blocker} is a file, not a folder" in err[0], (args, err)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a-file", "odd", "r0", "r40"]

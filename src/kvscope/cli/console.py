@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import os
 import sys
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -80,3 +81,17 @@ def write_output_file(output: str | os.PathLike[str], text: str) -> None:
         with contextlib.suppress(OSError):
             tmp.unlink(missing_ok=True)
         raise UsageError(f"-o {output}: cannot write it ({exc.strerror or exc}).") from None
+
+
+def check_output_folder(output: str | os.PathLike[str]) -> None:
+    """An `-o FOLDER` checked before any work: the nearest folder that exists on its path takes a new
+    folder (tried with a probe folder, removed at once: permission bits alone do not say so for root
+    or a read-only or pseudo file system)."""
+    out = Path(output)
+    base = next((p for p in (out, *out.parents) if p.exists()), Path.cwd())
+    if not base.is_dir():
+        raise UsageError(f"-o {output}: {base} is a file, not a folder.")
+    try:
+        os.rmdir(tempfile.mkdtemp(prefix=".kvscope-probe-", dir=base))
+    except OSError as exc:
+        raise UsageError(f"-o {output}: cannot create a folder in {base} ({exc.strerror or exc}).") from None

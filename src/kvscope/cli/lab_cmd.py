@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import click
 
+from kvscope.cli.console import check_output_folder
 from kvscope.errors import EXIT_OK
 
 
@@ -36,6 +37,7 @@ def lab_command(output: str | None, device: str, twin: str, dtype: str, layers: 
         return EXIT_OK
     if output is None:
         raise UsageError("give an output directory: kvscope lab -o DIR (or --list).")
+    check_output_folder(output)
     try:
         lengths = tuple(int(x) for x in prompt_tokens.split(",") if x.strip())
     except ValueError as exc:

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import click
 
-from kvscope.cli.console import human_bytes, parse_labels, stdout_console
+from kvscope.cli.console import check_output_folder, human_bytes, parse_labels, stdout_console
 from kvscope.errors import EXIT_OK, UsageError
 
 # Parameter dtypes a model can be recorded in (integer and float8 dtypes are storage formats, not
@@ -54,6 +54,7 @@ def check_output(output: Path, append: bool) -> None:
                          "or name a new directory.")
     if output.is_dir() and not is_trace_dir(output) and any(output.iterdir()):
         raise UsageError(f"-o {output}: is a directory with other files in it, not a trace; name a new directory.")
+    check_output_folder(output)
 
 
 def check_options(model: str | None, twin: str | None, dtype: str | None, device: str | None,

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import click
 
+from kvscope.cli.console import check_output_folder
 from kvscope.errors import EXIT_OK
 
 
@@ -23,6 +26,8 @@ def redact_command(trace: str, output: str, labels: tuple[str, ...], all_labels:
     from kvscope.trace.redact import redact_trace
     from kvscope.trace.text import clean
 
+    if not Path(output).exists():  # an existing one is checked by redact_trace (new or empty)
+        check_output_folder(output)
     out = redact_trace(trace, output, labels=labels, all_labels=all_labels, keep_host=keep_host,
                        keep_paths=keep_paths, keep_prompt_ids=keep_prompt_ids, keep_samples=keep_samples)
     click.echo(f"redacted copy written to {clean(out, 400)}")
