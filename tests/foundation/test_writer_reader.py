@@ -52,7 +52,7 @@ def test_round_trip_and_compaction(tmp_path: Path) -> None:
     report = check_invariants(trace)
     assert report.errors == []
     assert report.warnings == ["generation 0 of run r1 has steps but no generations row "
-                               "(the recording was interrupted before it ended)."]
+                               "(generate raised, see the events, or the recording was interrupted before it ended)."]
 
 
 def test_metadata_round_trip(tmp_path: Path) -> None:

@@ -263,7 +263,7 @@ def _check_with_duckdb(con: Any, trace: Trace, report: InvariantReport, ident: A
         for run_id, gen_id in missing[:20]:
             report.warnings.append(
                 f"generation {gen_id} of run {clean(run_id, 80)} has steps but no generations row "
-                "(the recording was interrupted before it ended)."
+                "(generate raised, see the events, or the recording was interrupted before it ended)."
             )
         if len(missing) > 20:
             report.warnings.append("more generations have steps but no generations row (first 20 listed).")
@@ -322,7 +322,7 @@ def _check_in_memory(trace: Trace, report: InvariantReport) -> None:
         for row in missing.sort_by([("run_id", "ascending"), ("gen_id", "ascending")]).to_pylist():
             report.warnings.append(
                 f"generation {row['gen_id']} of run {row['run_id']} has steps but no generations row "
-                "(the recording was interrupted before it ended)."
+                "(generate raised, see the events, or the recording was interrupted before it ended)."
             )
 
 
