@@ -76,10 +76,9 @@ def _ids(model: Any, tokens: int, seed: int) -> torch.Tensor:
 
 def _cache_keyword() -> str:
     """generate's name for a cache passed in: `cache` from transformers 5.24, else `past_key_values`."""
-    import transformers
+    from kvscope.twins.build import transformers_at_least
 
-    major, minor = (int(p) for p in transformers.__version__.split(".")[:2])
-    return "cache" if (major, minor) >= (5, 24) else "past_key_values"
+    return "cache" if transformers_at_least(5, 24) else "past_key_values"
 
 
 def _generate(model: Any, ids: torch.Tensor, settings: LabSettings, **kwargs: Any) -> Any:

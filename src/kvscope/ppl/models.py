@@ -179,10 +179,9 @@ def _vocab(model: torch.nn.Module) -> int:
 
 def _dtype_keyword() -> str:
     """`from_pretrained`'s dtype keyword: `dtype` since transformers 4.56, `torch_dtype` before."""
-    import transformers
+    from kvscope.twins.build import transformers_at_least
 
-    major, minor = (int(part) for part in transformers.__version__.split(".")[:2])
-    return "dtype" if (major, minor) >= (4, 56) else "torch_dtype"
+    return "dtype" if transformers_at_least(4, 56) else "torch_dtype"
 
 
 def load_model(model: str | None, *, twin: str | None = None, shrink: bool = False, dtype: str | None = None,

@@ -121,7 +121,7 @@ class Recording:
         self.origin_ns = time.perf_counter_ns()
         self.layout = model_layout(self.model)
         self.native, native_build = native_fast_path.resolve(self.options.native, on_cuda=bool(self.layout.cuda_devices))
-        if native_build.startswith(native_fast_path.NO_CACHED_BUILD):
+        if native_build == native_fast_path.NO_CACHED_BUILD:
             _hint_native_build()
         self.allocator = AllocatorProbe(self.layout.cuda_devices, self.native)
         self.nvml = NvmlProbe(self.layout.cuda_devices, self.options.nvml)

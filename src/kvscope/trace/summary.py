@@ -10,6 +10,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import pyarrow as pa
+import pyarrow.compute as pc
+
 from kvscope.trace.reader import Trace, open_trace
 
 
@@ -34,20 +37,21 @@ def read_summary(trace: Path, run_id: str) -> RunSummary:
 
 def generation_summaries(opened: Trace, run_id: str) -> list[dict[str, Any]]:
     """Each generation's row with its last step's kv_bytes (`last_kv_bytes`) and seq_len
-    (`final_seq_len`) and the layers recorded at that step (`layers_recorded`)."""
-    steps = [r for r in opened.read("steps", ["run_id", "gen_id", "step", "kv_bytes", "seq_len"]).to_pylist()
-             if r["run_id"] == run_id]
-    last = {}
-    for row in sorted(steps, key=lambda r: (r["gen_id"], r["step"])):
-        last[row["gen_id"]] = row
-    layers: dict[tuple[int, int], int] = {}
-    for row in opened.read("layers", ["run_id", "gen_id", "step"]).to_pylist():
-        if row["run_id"] == run_id:
-            layers[(row["gen_id"], row["step"])] = layers.get((row["gen_id"], row["step"]), 0) + 1
+    (`final_seq_len`) and the layers recorded at that step (`layers_recorded`). Grouped in Arrow:
+    a long run has millions of layer rows."""
+    steps = _of_run(opened.read("steps", ["run_id", "gen_id", "step", "kv_bytes", "seq_len"]), run_id)
+    last_step = steps.group_by("gen_id").aggregate([("step", "max")]).rename_columns(["gen_id", "step"])
+    last = {r["gen_id"]: r for r in steps.join(last_step, ["gen_id", "step"], join_type="inner").to_pylist()}
+    layers = _of_run(opened.read("layers", ["run_id", "gen_id", "step", "layer"]), run_id)
+    counts = {(r["gen_id"], r["step"]): r["layer_count"]
+              for r in layers.group_by(["gen_id", "step"]).aggregate([("layer", "count")]).to_pylist()}
     summaries = []
-    for row in sorted((r for r in opened.read("generations").to_pylist() if r["run_id"] == run_id),
-                      key=lambda r: r["gen_id"]):
+    for row in sorted(_of_run(opened.read("generations"), run_id).to_pylist(), key=lambda r: r["gen_id"]):
         step = last.get(row["gen_id"], {})
         summaries.append({**row, "last_kv_bytes": step.get("kv_bytes") or 0, "final_seq_len": step.get("seq_len") or 0,
-                          "layers_recorded": layers.get((row["gen_id"], step.get("step")), 0)})
+                          "layers_recorded": counts.get((row["gen_id"], step.get("step")), 0)})
     return summaries
+
+
+def _of_run(table: pa.Table, run_id: str) -> pa.Table:
+    return table.filter(pc.equal(table["run_id"], run_id))

@@ -13,6 +13,14 @@ BYTE_OFFSET = 3  # keeps the commonest special ids (0-2) out of prompts
 BYTE_TOKENIZER = f"byte-level: utf-8 byte + {BYTE_OFFSET}, modulo vocab_size (twin, no tokenizer)"
 
 
+def transformers_at_least(major: int, minor: int) -> bool:
+    """Whether the installed transformers is `major.minor` or later (keywords were renamed across releases)."""
+    import transformers
+
+    found = tuple(int(part) for part in transformers.__version__.split(".")[:2])
+    return found >= (major, minor)
+
+
 def torch_dtype(name: str) -> torch.dtype:
     value = getattr(torch, name.removeprefix("torch."), None)
     if not isinstance(value, torch.dtype):

@@ -71,7 +71,7 @@ def find_ninja() -> str | None:
     return shutil.which("ninja") or (str(beside) if beside.is_file() else None)
 
 
-NO_CACHED_BUILD = "python (no cached build"  # how `resolve` starts saying that "auto" found none
+NO_CACHED_BUILD = "python (no cached build: python -m kvscope.recorder.native builds it)"  # "auto" found none
 STALE_LOCK_S = 600  # a build takes ~15 s: a lock this old was left by a build that was killed
 
 
@@ -164,7 +164,7 @@ def resolve(mode: str | bool, on_cuda: bool) -> tuple[ModuleType | None, str]:
         return None, "python (CPU)"
     module = load_built()
     if module is None:
-        return None, NO_CACHED_BUILD + ": python -m kvscope.recorder.native builds it)"
+        return None, NO_CACHED_BUILD
     return module, "cached build"
 
 
