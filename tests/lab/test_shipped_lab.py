@@ -123,3 +123,31 @@ def test_precision_and_recall_at_default_thresholds() -> None:
     assert {n: fn for n, (_, _, fn) in scores.items()} == dict.fromkeys(LAB_DETECTORS, 0)
     assert {n: fp for n, (_, fp, _) in scores.items() if fp} == {"fragmentation": 1}
     assert scores["post_eos"][0] == 4 and scores["growth_curve"][0] == 3
+
+
+# What each planted run's headline must name (the words a user reads first).
+HEADLINE_NAMES = {
+    "cache_copy_callback": "outside cache: grows", "copied_keys": "outside cache: grows",
+    "kept_attentions": "outside cache: grows", "dead_head": "KV cache: dead KV heads in layer 1",
+    "float32_layer": "KV cache: odd layer 13", "window_not_honoured": "KV cache: sliding window not honoured",
+    "interleaved_growth": "fragmentation: high", "kept_caches": "retention: leak: live tensors",
+    "kept_scores": "retention: leak: live tensors", "static_kept_by_kwargs": "retention: leak: live tensors",
+    "preallocated": "KV cache: static, 6.6x the tokens held", "oom_fraction": "OOM forecast: ran out",
+}
+
+
+def test_each_headline_names_the_planted_condition_and_controls_are_healthy() -> None:
+    import kvscope
+
+    labels = _labels()
+    verdict = kvscope.analyze([LAB, LAB / "twins"]).verdict
+    headlines = {r.run_id: r.headline for r in verdict.runs}
+    for run_id, label in labels.items():
+        if label["kind"] == "planted":
+            assert HEADLINE_NAMES[label["scenario"]] in headlines[run_id], (label["scenario"], headlines[run_id])
+        else:
+            assert headlines[run_id] == "healthy", (label["scenario"], headlines[run_id])
+    # critical first: the OOM leads the fragmentation it came with, the leak the static cache's waste
+    by_scenario = {label["scenario"]: headlines[run_id] for run_id, label in labels.items()}
+    assert by_scenario["oom_fraction"].startswith("OOM forecast: ran out")
+    assert by_scenario["preallocated"].startswith("retention: leak")

@@ -184,3 +184,21 @@ def test_a_run_mixing_static_and_dynamic_generations_is_not_called_static() -> N
                               "(36.00 KiB per token of context per sequence)")
     every = build_verdict([], [RunFacts(**{**facts.__dict__, "preallocated_generations": (0, 1, 2, 3)})])
     assert every.worst.aspect("kv_cache").label == "static"
+
+
+def test_a_warning_about_the_cache_is_named_in_the_headline_not_hidden_behind_its_growth() -> None:
+    facts = RunFacts("r", "m", generations=2, steps=10, bytes_per_token=1024.0, peak_kv_bytes=1 << 20)
+    dead = Finding("dead_heads", "warning", "r", None, 1, "dead_kv_heads", 1, 0.05, "kv head 1 of layer 1 is dead.")
+    run = build_verdict([dead], [facts]).worst
+    kv = run.aspect("kv_cache")
+    assert (kv.status, kv.label) == ("warning", "dead KV heads in layer 1 (linear)")
+    assert kv.text.startswith("linear: 1.00 KiB per token") and kv.text.endswith("; dead KV heads in layer 1")
+    assert run.headline == "KV cache: dead KV heads in layer 1 (linear)"
+    odd = [Finding("layer_anomaly", "warning", "r", g, layer, "robust_z", 9.0, 3.5, "odd.")
+           for g in (0, 1) for layer in (3, 5)]
+    window = Finding("layer_uniformity", "warning", "r", 0, None, "unsaturated_sliding_layers", 4, 0, "not honoured.")
+    kv = build_verdict([*odd, window], [facts]).worst.aspect("kv_cache")
+    assert kv.label == "odd layers 3, 5, sliding window not honoured (linear)"
+    assert kv.text.endswith("; odd layer(s) 3, 5; sliding window not honoured")
+    healthy = build_verdict([Finding("dead_heads", "info", "r", None, 1, "dead_kv_heads", 0, 0.05, "none.")], [facts])
+    assert healthy.worst.aspect("kv_cache").label == "healthy linear" and healthy.worst.headline == "healthy"

@@ -162,7 +162,57 @@ def _kv_aspect(facts: RunFacts, fs: list[Finding]) -> Aspect:
     odd = [f for f in fs if f.detector == "layer_anomaly" and f.at_least("warning")]
     if odd:
         text += f"; odd layer(s) {span_text([f.layer for f in odd if f.layer is not None])}"
+    causes = _kv_causes(fs, label)
+    if causes:
+        # The shape of the growth is not what needs action: the flagged cause leads, the shape follows.
+        shape = "linear" if label == "healthy linear" else label
+        label = f"{label}, {', '.join(causes)}" if superlinear or "x the tokens" in label else \
+            f"{', '.join(causes)} ({shape})"
+        if text.startswith("healthy linear"):
+            text = text.removeprefix("healthy ")
+        said = ("odd ", "x the geometry's", "capacity ")  # the text above already says these
+        text += "".join(f"; {c}" for c in causes if not any(w in c for w in said))
     return Aspect("kv_cache", status, label, text)
+
+
+def _layers_of(found: list[Finding]) -> str:
+    layers = sorted({f.layer for f in found if f.layer is not None})
+    return f" in layer{'s' if len(layers) > 1 else ''} {span_text(layers)}" if layers else ""
+
+
+def _kv_causes(fs: list[Finding], label: str) -> list[str]:
+    """Short names of the warnings about the cache that its growth label does not already say
+    (a dead head, an odd layer, a window not honoured...), so the headline names what needs action."""
+    flagged = [f for f in fs if aspect_of(f) == "kv_cache" and f.at_least("warning")]
+    causes: dict[str, None] = {}
+    for f in sorted(flagged, key=lambda f: -f.rank):
+        key = (f.detector, f.metric)
+        if f.detector == "growth_curve" or (f.detector == "preallocation_waste" and "x the tokens" in label) or \
+                (f.detector == "cache_seen" and label == "no cache seen"):
+            continue  # the label says it
+        mine = [g for g in flagged if (g.detector, g.metric) == key]
+        if key == ("dead_heads", "dead_kv_heads"):
+            cause = f"dead KV heads{_layers_of(mine)}"
+        elif f.detector == "layer_anomaly":
+            cause = f"odd{_layers_of(mine).removeprefix(' in')}"
+        elif key == ("layer_uniformity", "unsaturated_sliding_layers"):
+            cause = "sliding window not honoured"
+        elif f.detector == "cache_density":
+            cause = f"{max(g.evidence.get('ratio') or 0 for g in mine):.2f}x the geometry's bytes per token"
+        elif f.detector == "mla_latent":
+            cause = "MLA latents not cached"
+        elif f.detector == "preallocation_waste":
+            cause = f"capacity {max(g.value for g in mine):.1f}x the tokens held"
+        elif key == ("cache_seen", "no_cache_steps"):
+            cause = f"no cache seen in {_gens([g.gen_id for g in mine])}"
+        elif key == ("cache_seen", "unreadable_cache_steps"):
+            cause = f"cache unreadable in {_gens([g.gen_id for g in mine])}"
+        elif f.detector == "device_memory":
+            cause = "one device holds more of the cache"
+        else:
+            cause = f"{f.detector} {f.metric}"
+        causes[cause] = None
+    return list(causes)
 
 
 def _positive_sum(values: Iterable[int | None]) -> int:

@@ -132,7 +132,8 @@ def run_verdict(facts: RunFacts, findings: Sequence[Finding]) -> RunVerdict:
     info = tuple(g for g in groups if g.severity == "info")
     worst = max((f.rank for f in fs), default=0)
     severity = ("info", "warning", "critical")[worst]
-    serious = [a for a in aspects if a.status in ("warning", "critical")]
+    # what needs action, the most serious first (critical before warning, then in aspect order)
+    serious = sorted((a for a in aspects if a.status in ("warning", "critical")), key=lambda a: a.status != "critical")
     if serious:
         headline = ", ".join(f"{a.title}: {a.label}" for a in serious)
     elif action:
