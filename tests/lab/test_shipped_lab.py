@@ -127,8 +127,8 @@ def test_precision_and_recall_at_default_thresholds() -> None:
 
 # What each planted run's headline must name (the words a user reads first).
 HEADLINE_NAMES = {
-    "cache_copy_callback": "outside cache: grows", "copied_keys": "outside cache: grows",
-    "kept_attentions": "outside cache: grows", "dead_head": "KV cache: dead KV heads in layer 1",
+    "cache_copy_callback": "outside cache: grows superlinearly, +", "copied_keys": "outside cache: grows superlinearly, +",
+    "kept_attentions": "outside cache: grows superlinearly, +", "dead_head": "KV cache: dead KV heads in layer 1",
     "float32_layer": "KV cache: odd layer 13", "window_not_honoured": "KV cache: sliding window not honoured",
     "interleaved_growth": "fragmentation: high", "kept_caches": "retention: leak: live tensors",
     "kept_scores": "retention: leak: live tensors", "static_kept_by_kwargs": "retention: leak: live tensors",

@@ -306,7 +306,9 @@ def _outside_aspect(facts: RunFacts, fs: list[Finding]) -> Aspect:
     flagged = [f for f in mine if f.at_least("warning")]
     if flagged:
         worst = max(flagged, key=lambda f: f.rank)
-        label = f"grows: {label}"
+        grown = [f.evidence["outside_grown_bytes"] for f in flagged if f.evidence.get("outside_grown_bytes")]
+        # what grew during a generation, not the memory beside the cache at the peak (weights included)
+        label = f"grows superlinearly, +{human_bytes(max(grown))} in a generation" if grown else f"grows: {label}"
         text = f"{worst.message} ({text})"
     return Aspect("outside_cache", status, label, text)
 
