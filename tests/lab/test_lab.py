@@ -120,3 +120,30 @@ def test_the_cuda_conditions_on_a_gpu(tmp_path: Path) -> None:
     with load_traces([out]) as tables:
         limits = dict(tables.rows("SELECT json_extract_string(labels, '$.lab'), memory_limit_bytes FROM run"))
     assert limits["oom_fraction"] > 0 and limits["healthy_fraction"] > limits["oom_fraction"]
+
+
+@pytest.mark.slow
+def test_a_twin_without_sliding_layers_or_separate_projections_plants_what_it_can(tmp_path: Path) -> None:
+    """GPT-NeoX (pythia): one fused query_key_value and no declared layer types. The dead head is
+    planted in the fused projection's K and V rows; the unhonoured window is skipped, with why."""
+    with pytest.MonkeyPatch.context() as env:
+        env.setenv("TRITON_INTERPRET", "0")
+        results = run_lab(tmp_path, LabSettings(device="cpu", twin="pythia-1.4b", layers=3, prompt_tokens=(24,),
+                                                new_tokens=20), ["dead_head", "float32_layer", "window_not_honoured"])
+    skipped = {r.name: r.skipped for r in results}
+    assert skipped == {"float32_layer": None, "dead_head": None,
+                       "window_not_honoured": "window_not_honoured needs declared sliding-window layers; "
+                                              "gpt_neox declares none"}
+    assert _warnings(tmp_path) == {"dead_head": {"dead_heads"}, "float32_layer": {"layer_anomaly"}}
+
+
+def test_zero_head_zeroes_the_k_and_v_rows_of_a_fused_projection_only() -> None:
+    from kvscope.lab.scenarios import build_model, zero_head
+
+    model = build_model(LabSettings(device="cpu", twin="pythia-1.4b", layers=2, dtype="float32"))
+    fused = model.gpt_neox.layers[1].attention.query_key_value
+    dim = model.gpt_neox.layers[1].attention.head_size
+    zero_head(model, 1, 1)
+    rows = fused.weight.abs().sum(dim=1).reshape(-1, 3, dim)  # per head: q, k, v rows
+    assert (rows[1, 1:] == 0).all() and (rows[1, 0] > 0).all()  # head 1's K and V zero, its Q kept
+    assert (rows[0] > 0).all() and (rows[2:] > 0).all()  # every other head untouched

@@ -21,6 +21,7 @@ from kvscope.lab.scenarios import (
     build_model,
     oom_under_fraction,
     scenario_names,
+    unfit,
     zero_head,
 )
 
@@ -62,6 +63,10 @@ def run_scenario(scenario: Scenario, out: Path, settings: LabSettings) -> LabRes
         return result
     started = time.perf_counter()
     model = build_model(settings, scenario.attn_implementation)
+    result.skipped = unfit(scenario.name, model)
+    if result.skipped is not None:
+        del model
+        return result
     if scenario.name == "dead_head":
         zero_head(model, 1, 1)
     path = out / scenario.name

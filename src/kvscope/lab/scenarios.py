@@ -162,7 +162,7 @@ def _with_processor(model: Any, s: LabSettings, rec: Any, make: Callable[[Any], 
 
 
 def _copied_keys(model: Any, s: LabSettings, rec: Any) -> None:
-    full = [i for i, t in enumerate(model.config.layer_types or []) if t == "full_attention"][:4] or [0]
+    full = [i for i, t in enumerate(_layer_types(model)) if t == "full_attention"][:4] or [0]
     _with_processor(model, s, rec, lambda cache: _KeepKeys(cache, full, values=False))
 
 
@@ -242,7 +242,7 @@ def _store_in_float32(layer: Any) -> Any:
 def _float32_layer(model: Any, s: LabSettings, rec: Any) -> dict[str, Any]:
     from transformers import DynamicCache
 
-    full = [i for i, t in enumerate(model.config.layer_types or []) if t == "full_attention"]
+    full = [i for i, t in enumerate(_layer_types(model)) if t == "full_attention"]
     odd = full[len(full) // 2] if full else 0
     for i, tokens in enumerate(s.prompt_tokens):
         cache = DynamicCache(config=model.config)
@@ -265,14 +265,54 @@ def _window_not_honoured(model: Any, s: LabSettings, rec: Any) -> None:
         rec.settle()
 
 
+def _layer_types(model: Any) -> list[str]:
+    """The config's declared layer types ([] for a model that declares none, e.g. GPT-NeoX)."""
+    return list(getattr(model.config, "layer_types", None) or [])
+
+
+def _kv_rows(model: Any, layer: int, head: int) -> list[tuple[Any, slice]] | None:
+    """The output rows of the projections that make kv head `head` of `layer`: separate k/v
+    projections (Llama-style, gpt-oss, Gemma), or GPT-NeoX's fused query_key_value (per head: q, k,
+    v, each head_dim rows). None for attention without per-head K/V projections (MLA's latents)."""
+    from kvscope.recorder.model_layout import attention_modules
+
+    attn = next((m for i, m in attention_modules(model) if i == layer), None)
+    if attn is None:
+        return None
+    dim = getattr(attn, "head_dim", None) or getattr(attn, "head_size", None)
+    if not isinstance(dim, int):
+        return None
+    if isinstance(getattr(attn, "k_proj", None), torch.nn.Linear) and isinstance(getattr(attn, "v_proj", None),
+                                                                                 torch.nn.Linear):
+        rows = slice(head * dim, (head + 1) * dim)
+        return [(attn.k_proj, rows), (attn.v_proj, rows)]
+    fused = getattr(attn, "query_key_value", None)
+    if isinstance(fused, torch.nn.Linear):
+        start = head * 3 * dim
+        return [(fused, slice(start + dim, start + 3 * dim))]
+    return None
+
+
 def zero_head(model: Any, layer: int, head: int) -> None:
-    attn = model.model.layers[layer].self_attn
-    dim = attn.head_dim
+    """Zero the key and value projections of one kv head: its cached K and V are then all zeros."""
+    rows = _kv_rows(model, layer, head)
+    if rows is None:
+        raise ValueError(f"layer {layer} of {type(model).__name__} has no per-head k/v projections to zero")
     with torch.no_grad():
-        for proj in (attn.k_proj, attn.v_proj):
-            proj.weight[head * dim:(head + 1) * dim].zero_()
+        for proj, part in rows:
+            proj.weight[part].zero_()
             if proj.bias is not None:
-                proj.bias[head * dim:(head + 1) * dim].zero_()
+                proj.bias[part].zero_()
+
+
+def unfit(scenario: str, model: Any) -> str | None:
+    """Why `scenario` cannot be planted in this model (the lab skips it and says so), or None."""
+    if scenario == "window_not_honoured" and "sliding_attention" not in _layer_types(model):
+        return f"{scenario} needs declared sliding-window layers; {model.config.model_type} declares none"
+    if scenario in ("dead_head", "healthy_dead_head_control") and _kv_rows(model, 1, 1) is None:
+        return (f"{scenario} needs per-head k/v projections in layer 1; {model.config.model_type}'s attention "
+                "has none (MLA caches latents)")
+    return None
 
 
 def _dead_head(model: Any, s: LabSettings, rec: Any) -> dict[str, Any]:
