@@ -147,3 +147,18 @@ def test_zero_head_zeroes_the_k_and_v_rows_of_a_fused_projection_only() -> None:
     rows = fused.weight.abs().sum(dim=1).reshape(-1, 3, dim)  # per head: q, k, v rows
     assert (rows[1, 1:] == 0).all() and (rows[1, 0] > 0).all()  # head 1's K and V zero, its Q kept
     assert (rows[0] > 0).all() and (rows[2:] > 0).all()  # every other head untouched
+
+
+def test_an_unhonoured_window_is_planted_only_where_the_context_outgrows_the_window() -> None:
+    from types import SimpleNamespace
+
+    from kvscope.lab.scenarios import unfit
+
+    gemma = SimpleNamespace(config=SimpleNamespace(model_type="gemma3", sliding_window=1024,
+                                                   layer_types=["sliding_attention"] * 5 + ["full_attention"]))
+    short = LabSettings(prompt_tokens=(48, 80, 112), new_tokens=96)
+    assert unfit("window_not_honoured", gemma, short) == (
+        "window_not_honoured needs a context longer than the 1024-token window; the longest here is 208 tokens "
+        "(raise --prompt-tokens or --new-tokens)")
+    assert unfit("window_not_honoured", gemma, LabSettings(prompt_tokens=(1000,), new_tokens=64)) is None
+    assert unfit("healthy_dynamic", gemma, short) is None

@@ -63,7 +63,7 @@ def run_scenario(scenario: Scenario, out: Path, settings: LabSettings) -> LabRes
         return result
     started = time.perf_counter()
     model = build_model(settings, scenario.attn_implementation)
-    result.skipped = unfit(scenario.name, model)
+    result.skipped = unfit(scenario.name, model, settings)
     if result.skipped is not None:
         del model
         return result

@@ -305,10 +305,16 @@ def zero_head(model: Any, layer: int, head: int) -> None:
                 proj.bias[part].zero_()
 
 
-def unfit(scenario: str, model: Any) -> str | None:
+def unfit(scenario: str, model: Any, settings: LabSettings) -> str | None:
     """Why `scenario` cannot be planted in this model (the lab skips it and says so), or None."""
-    if scenario == "window_not_honoured" and "sliding_attention" not in _layer_types(model):
-        return f"{scenario} needs declared sliding-window layers; {model.config.model_type} declares none"
+    if scenario == "window_not_honoured":
+        if "sliding_attention" not in _layer_types(model):
+            return f"{scenario} needs declared sliding-window layers; {model.config.model_type} declares none"
+        window = getattr(model.config, "sliding_window", None)
+        longest = max(settings.prompt_tokens) + settings.new_tokens
+        if isinstance(window, int) and longest <= window:
+            return (f"{scenario} needs a context longer than the {window}-token window; the longest here is "
+                    f"{longest} tokens (raise --prompt-tokens or --new-tokens)")
     if scenario in ("dead_head", "healthy_dead_head_control") and _kv_rows(model, 1, 1) is None:
         return (f"{scenario} needs per-head k/v projections in layer 1; {model.config.model_type}'s attention "
                 "has none (MLA caches latents)")
