@@ -23,6 +23,9 @@ from kvscope.lab import LAB_DETECTORS
 CORRECTIONS: dict[str, dict[str, object]] = {
     "0983649448b14ebe": {"scenario": "static_kept_by_kwargs", "add": ("post_eos",)},  # recorded as healthy_static
     "5a2e2afb0023408d": {"add": ("post_eos",)},  # preallocated
+    # interleaved_growth: its buffer, 1 MiB larger at every step, is memory outside the cache that
+    # grows 1 MiB per token, 29-43x this twin's cache rate: growth_curve's linear rule is right to flag it
+    "441343dbe877436b": {"add": ("growth_curve",)},
 }
 
 

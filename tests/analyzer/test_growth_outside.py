@@ -160,3 +160,24 @@ def test_a_sliding_layers_pinned_prefill_is_not_read_as_curvature(tmp_path: Path
                     "sliding_attention" if i % 2 == 0 else "full_attention") for i in range(LAYERS)}
     trace = _trace(tmp_path, seq, kv, np.full(seq.size, 3 * MIB), layer_kv=layer_kv)
     assert [f for f in detect(trace, "growth_curve") if f.severity != "info"] == []
+
+
+def test_copies_kept_each_step_of_a_long_prompt_grow_linearly_far_faster_than_the_cache(tmp_path: Path) -> None:
+    # H200, gemma-3-4b twin, 1,000-token prompt: a logits processor keeping four full layers' keys
+    # each step; the context grows 6% over the generation, so the copies grow linearly (8 MiB a step)
+    # while the cache, its sliding layers full, grows 20 KiB a token: 400x
+    prompt, new = 1000, 64
+    seq = np.arange(prompt, prompt + new)
+    kv = 137 * MIB + (seq - prompt) * 20 * 1024
+    outside = 40 * MIB + np.cumsum(_blocks(4 * seq * 2048))
+    (f,) = detect(_trace(tmp_path, seq, kv, outside), "growth_curve")
+    assert (f.severity, f.metric, f.threshold) == ("warning", "outside_linear_rate_ratio", 20.0)
+    assert f.value == pytest.approx(8 * 1024 * 1024 / (20 * 1024), rel=0.05)
+    assert f.message.startswith("the cache grows linearly (20.00 KiB per token); something outside it grows "
+                                "linearly, 8.")
+    # a requested per-step output (scores and logits, 250 KiB a token) next to a cache of 24 KiB a
+    # token (gpt-oss-20b twin, 48-token prompt): 10x, not flagged
+    seq = np.arange(48, 48 + 96)
+    kv = seq * 24 * 1024
+    scores = 2 * MIB + (seq - 48) * 250 * 1024
+    assert detect(_trace(tmp_path / "scores", seq, kv, scores), "growth_curve") == []

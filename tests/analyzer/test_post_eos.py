@@ -74,6 +74,26 @@ def test_live_tensors_on_most_generations_are_a_systematic_critical_leak(tmp_pat
     assert findings[0].evidence["growing"] is True
 
 
+def test_a_small_retention_repeated_every_generation_is_a_leak(tmp_path: Path) -> None:
+    # H200, gemma-3-4b twin, output_scores/output_logits kept after 1,000- and 1,100-token prompts:
+    # +15.61 MiB after each generation, 9.3% and 8.3% of peaks of 168 and 180 MiB (below live_threshold)
+    w, kept = 300 * MIB, int(15.61 * MIB)
+    gens = [_gen(w, w + 168 * MIB, w + kept), _gen(w + kept, w + kept + 188 * MIB, w + 2 * kept)]
+    (finding,) = detect(_trace(tmp_path, gens), "post_eos")
+    assert (finding.severity, finding.gen_id, finding.metric, finding.threshold) == ("warning", None, "live_retention", 0.02)
+    assert finding.evidence["repeated"] is True and finding.evidence["generations"] == [0, 1]
+    assert finding.message.startswith("repeated leak: live tensors stay allocated after 2 of 2 generations "
+                                      "(15.61 MiB each, 31.22 MiB in all;")
+    # the first generation's workspace and a later small rise that is not repeated: warm-up, no leak
+    ws = 32 * MIB
+    warm = [_gen(w, w + 200 * MIB, w + ws), _gen(w + ws, w + ws + 200 * MIB, w + ws + 2 * MIB),
+            _gen(w + ws + 2 * MIB, w + ws + 200 * MIB, w + ws + 2 * MIB)]
+    assert [(f.severity, f.gen_id) for f in detect(_trace(tmp_path / "warm", warm), "post_eos")] == [("info", 0)]
+    # the same repeated rise under the byte floor is allocator noise, not a leak
+    tiny = [_gen(w, w + 20 * MIB, w + MIB // 2), _gen(w + MIB // 2, w + 20 * MIB, w + MIB)]
+    assert detect(_trace(tmp_path / "tiny", tiny), "post_eos") == []
+
+
 def test_pools_that_keep_growing_are_a_warning(tmp_path: Path) -> None:
     w, gens = 2 * GIB, []
     for i in range(7):

@@ -122,7 +122,7 @@ def test_precision_and_recall_at_default_thresholds() -> None:
     # warning on the OOM run (retries are the step before an OOM) and nothing else
     assert {n: fn for n, (_, _, fn) in scores.items()} == dict.fromkeys(LAB_DETECTORS, 0)
     assert {n: fp for n, (_, fp, _) in scores.items() if fp} == {"fragmentation": 1}
-    assert scores["post_eos"][0] == 4 and scores["growth_curve"][0] == 3
+    assert scores["post_eos"][0] == 4 and scores["growth_curve"][0] == 4
 
 
 # What each planted run's headline must name (the words a user reads first).
@@ -130,7 +130,7 @@ HEADLINE_NAMES = {
     "cache_copy_callback": "outside cache: grows superlinearly, +", "copied_keys": "outside cache: grows superlinearly, +",
     "kept_attentions": "outside cache: grows superlinearly, +", "dead_head": "KV cache: dead KV heads in layer 1",
     "float32_layer": "KV cache: odd layer 13", "window_not_honoured": "KV cache: sliding window not honoured",
-    "interleaved_growth": "fragmentation: high", "kept_caches": "retention: leak: live tensors",
+    "interleaved_growth": "fragmentation: high, 67%, outside cache: grows linearly, +126.00 MiB", "kept_caches": "retention: leak: live tensors",
     "kept_scores": "retention: leak: live tensors", "static_kept_by_kwargs": "retention: leak: live tensors",
     "preallocated": "KV cache: static, 6.6x the tokens held", "oom_fraction": "OOM forecast: ran out",
 }

@@ -31,10 +31,18 @@ def test_tune_says_when_the_parameter_changes_nothing(pair: dict[str, Path], tmp
            "predictions (tp 1, fp 0, fn 0, tn 1)" in out
     assert main([*base, "--param", "info_threshold", "--range", "0.05:0.5:0.15", "--format", "json"]) == 0
     assert json.loads(capsys.readouterr().out)["changes_nothing"] is True
-    assert main([*base, "--param", "live_threshold", "--range", "0.1:0.5:0.2"]) == 0
+    # live_threshold decides a single generation's retention (a leak repeated over generations is
+    # flagged by the repeated rule at any live_threshold, so r40's predictions would not move)
+    single = build_synthetic_trace(tmp_path / "single", SynthSpec(run_id="r40one", retention=0.4, generations=1))
+    one_labels = tmp_path / "one.csv"
+    one_labels.write_text("run_id,expected\nr0,0\nr40one,1\n")
+    one = ["tune", str(pair["r0"]), str(single), "--labels", str(one_labels), "-d", "post_eos"]
+    assert main([*one, "--param", "live_threshold", "--range", "0.1:0.5:0.2"]) == 0
     assert "changes nothing" not in capsys.readouterr().out
-    assert main([*base, "--param", "live_threshold", "--range", "0.1:0.5:0.2", "--format", "json"]) == 0
+    assert main([*one, "--param", "live_threshold", "--range", "0.1:0.5:0.2", "--format", "json"]) == 0
     assert json.loads(capsys.readouterr().out)["changes_nothing"] is False
+    assert main([*base, "--param", "live_threshold", "--range", "0.1:0.5:0.2"]) == 0
+    assert "post_eos.live_threshold changes nothing here" in " ".join(capsys.readouterr().out.split())
 
 
 def test_diff_fail_on_gates_on_new_findings_in_b(pair: dict[str, Path], capsys: pytest.CaptureFixture[str]) -> None:

@@ -99,7 +99,8 @@ def test_python_api_takes_plain_dicts(named_traces: dict[str, Path]) -> None:
     leaking = named_traces["leaking"]
     result = kvscope.analyze(leaking)
     assert not result.healthy and [f.detector for f in result.at_least("critical")] == ["post_eos"]
-    relaxed = kvscope.analyze(str(leaking), config={"post_eos": {"live_threshold": 0.6}})
+    relaxed = kvscope.analyze(str(leaking), config={"post_eos": {"live_threshold": 0.6,
+                                                                  "repeat_threshold": 0.6}})
     assert relaxed.healthy and relaxed.verdict.worst.headline == "healthy"
     only = kvscope.analyze([leaking], detectors=["post_eos"])
     assert {f.detector for f in only.findings} == {"post_eos"}
@@ -202,3 +203,14 @@ def test_a_warning_about_the_cache_is_named_in_the_headline_not_hidden_behind_it
     assert kv.text.endswith("; odd layer(s) 3, 5; sliding window not honoured")
     healthy = build_verdict([Finding("dead_heads", "info", "r", None, 1, "dead_kv_heads", 0, 0.05, "none.")], [facts])
     assert healthy.worst.aspect("kv_cache").label == "healthy linear" and healthy.worst.headline == "healthy"
+
+
+def test_a_gpu_run_without_steps_is_not_called_a_cpu_run() -> None:
+    # an OOM in the prefill: no step, so no allocator readings, on a GPU
+    oom = Finding("oom_event", "critical", "r", 0, None, "oom_step", 0, None, "ran out in the prefill.")
+    gpu = build_verdict([oom], [RunFacts("r", "m", gpu_name="NVIDIA H200", device="cuda:0")]).worst
+    assert gpu.aspect("fragmentation").text == "not measured: no allocator readings (no step was recorded on the GPU)"
+    assert gpu.aspect("outside_cache").text == "not measured: no allocator readings (no step was recorded on the GPU)"
+    assert gpu.aspect("kv_cache").status == "n/a"  # nothing recorded is not "ok"
+    cpu = build_verdict([], [RunFacts("r", "m", device="cpu")]).worst
+    assert cpu.aspect("fragmentation").text == "not measured: no allocator readings (CPU run)"

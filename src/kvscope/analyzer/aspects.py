@@ -66,6 +66,13 @@ class Aspect:
         return ASPECT_TITLES.get(self.name, self.name)
 
 
+def no_readings(facts: RunFacts | None, what: str = "allocator readings") -> str:
+    """Why a measure is missing: a CPU run has none; a GPU run has none when no step was recorded
+    (an OOM in the prefill, a generation that raised before its first step)."""
+    on_gpu = facts is not None and (bool(facts.gpu_name) or "cuda" in str(facts.device or ""))
+    return f"no {what} ({'no step was recorded on the GPU' if on_gpu else 'CPU run'})"
+
+
 def _plural(n: int, word: str) -> str:
     return f"{n} {word}" if n == 1 else f"{n} {word}s"
 
@@ -152,7 +159,7 @@ def _kv_aspect(facts: RunFacts, fs: list[Finding]) -> Aspect:
     else:
         label = "no data"
         text = "no KV growth recorded (fewer than two steps per generation)"
-        status = _worst([status, "n/a"]) if status == "ok" else status
+        status = "n/a" if status == "ok" else status
     warn_density = [f for f in density if f.at_least("warning")]
     if warn_density:
         f = max(warn_density, key=lambda f: f.evidence.get("ratio") or 0)
@@ -259,7 +266,7 @@ def _fragmentation_aspect(facts: RunFacts, fs: list[Finding]) -> Aspect:
     mine = [f for f in fs if f.detector == "fragmentation"]
     status = _status_of(mine)
     if facts.mean_fragmentation is None:
-        return Aspect("fragmentation", "n/a", "not measured", "not measured: no allocator readings (CPU run)")
+        return Aspect("fragmentation", "n/a", "not measured", f"not measured: {no_readings(facts)}")
     ratio = facts.mean_fragmentation
     retries = facts.alloc_retries or 0
     text = (f"{_pct(ratio)} of reserved memory unused on average ({human_bytes(facts.max_unused_bytes)} at most, "
@@ -292,7 +299,7 @@ def _outside_aspect(facts: RunFacts, fs: list[Finding]) -> Aspect:
     if facts.non_kv_allocated_bytes is None:
         if mine:
             return Aspect("outside_cache", status, "see findings", mine[0].message)
-        return Aspect("outside_cache", "n/a", "not measured", "not measured: no allocator readings (CPU run)")
+        return Aspect("outside_cache", "n/a", "not measured", f"not measured: {no_readings(facts)}")
     parts = [f"{human_bytes(facts.non_kv_allocated_bytes)} allocated beside the cache (weights, activations)"]
     if facts.unused_reserved_bytes is not None:
         parts.append(f"{human_bytes(facts.unused_reserved_bytes)} reserved unused")
@@ -308,7 +315,8 @@ def _outside_aspect(facts: RunFacts, fs: list[Finding]) -> Aspect:
         worst = max(flagged, key=lambda f: f.rank)
         grown = [f.evidence["outside_grown_bytes"] for f in flagged if f.evidence.get("outside_grown_bytes")]
         # what grew during a generation, not the memory beside the cache at the peak (weights included)
-        label = f"grows superlinearly, +{human_bytes(max(grown))} in a generation" if grown else f"grows: {label}"
+        how = "superlinearly" if any(f.metric == "outside_marginal_rate_ratio" for f in flagged) else "linearly"
+        label = f"grows {how}, +{human_bytes(max(grown))} in a generation" if grown else f"grows: {label}"
         text = f"{worst.message} ({text})"
     return Aspect("outside_cache", status, label, text)
 

@@ -16,6 +16,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from kvscope.analyzer.aspects import no_readings
 from kvscope.analyzer.findings import human_bytes
 from kvscope.analyzer.geometry import dtype_bytes, geometry
 from kvscope.analyzer.load import LoadedTraces
@@ -281,7 +282,7 @@ def run_charts(t: LoadedTraces, verdict: Verdict) -> list[RunCharts]:
     for i, rv in enumerate(verdict.runs):
         rc = RunCharts(i, rv)
         for key, fig, why in (("kv", _kv_figure(t, rv.run_id), "the trace has no layers rows"),
-                              ("memory", _memory_figure(t, rv.run_id), "no allocator readings (CPU run)")):
+                              ("memory", _memory_figure(t, rv.run_id), no_readings(rv.facts))):
             if fig:
                 rc.figures[key] = fig
             else:
@@ -290,7 +291,7 @@ def run_charts(t: LoadedTraces, verdict: Verdict) -> list[RunCharts]:
         if readings and retention:
             rc.figures["gens"], rc.figures["retention"] = readings, retention
         else:
-            rc.notes["gens"] = "no memory readings around generations (CPU run)"
+            rc.notes["gens"] = no_readings(rv.facts, "memory readings around generations")
         bpt = _bpt_figure(t, rv.run_id)
         if bpt:
             rc.figures["bpt"] = bpt

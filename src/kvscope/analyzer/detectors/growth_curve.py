@@ -67,6 +67,13 @@ class Config:
     # Fraction of decode steps on which the outside bytes must rise: growth accumulates step after
     # step, a workspace allocated once (cuBLAS's 32 MiB on first use) is a single step up.
     min_rising_fraction: float = 0.5
+    # Memory outside the cache that grows linearly (a long prompt: each step keeps a copy of about
+    # the same size) is flagged, past the same floor, when it grows at least this many times faster
+    # per token than the cache itself. Requested per-step outputs stay below: output_scores and
+    # output_logits add 250 KiB per token with a 32,000-word vocabulary, 1.3-12x the twins' cache
+    # rates on the H200; a logits processor keeping four layers' keys of a 1,000-token context adds
+    # 8 MiB per token, 148-458x a gemma-3-4b twin's (its sliding layers full, its cache barely grows).
+    linear_outside_rate_ratio: float = 20.0
 
 
 _FIT_COLUMNS = "n, slope, r2_lin, r2_quad, quad_b2, slope_first, slope_last, vyy, x_lo, x_hi"
@@ -220,8 +227,8 @@ def _outside(m: Measured, cfg: Config) -> list[Finding]:
         judged = classify(r, cfg)
         cache_rows[(r["run_id"], r["gen_id"])] = {**r, "verdict": judged["verdict"] if judged else None}
     findings = []
-    for r in _judged(m.outside, cfg):
-        if r["verdict"] != "superlinear":
+    for r in (classify(row, cfg) for row in m.outside):
+        if r is None or r["verdict"] == "saturated":
             continue
         grown = r["y_last"] - r["y_first"]
         relative = cfg.min_outside_cache_fraction * max(r["kv_last"] or 0, 0)
@@ -230,6 +237,10 @@ def _outside(m: Measured, cfg: Config) -> list[Finding]:
                 else cfg.min_outside_device_fraction * r["device_bytes"]
         floor = max(float(cfg.min_outside_bytes), relative)
         if grown < floor or (r["rising_fraction"] or 0.0) < cfg.min_rising_fraction:
+            continue
+        if r["verdict"] is None:
+            linear = _linear_outside(r, cache_rows.get((r["run_id"], r["gen_id"])), grown, floor, cfg)
+            findings.extend([linear] if linear is not None else [])
             continue
         ratio = r["ratio"]
         severity = "critical" if ratio is not None and ratio >= cfg.critical_ratio else "warning"
@@ -255,6 +266,32 @@ def _outside(m: Measured, cfg: Config) -> list[Finding]:
              "points": r["n"]},
         ))
     return findings
+
+
+def _linear_outside(r: dict[str, Any], cache: dict | None, grown: float, floor: float, cfg: Config) -> Finding | None:
+    """Memory outside the cache growing linearly, many times faster per token than the cache."""
+    slope = r["slope"] or 0.0
+    cache_slope = (cache or {}).get("slope") or 0.0
+    if slope <= 0:
+        return None
+    rate_ratio = slope / cache_slope if cache_slope > 0 else math.inf
+    if rate_ratio < cfg.linear_outside_rate_ratio:
+        return None
+    _, cache_text = _cache_growth(cache)
+    times = f"{rate_ratio:,.0f}x the cache's rate" if math.isfinite(rate_ratio) else "while the cache does not grow"
+    tokens = r["x_hi"] - r["x_lo"]
+    return Finding(
+        NAME, "warning", r["run_id"], r["gen_id"], None, "outside_linear_rate_ratio",
+        rate_ratio if math.isfinite(rate_ratio) else float(slope), cfg.linear_outside_rate_ratio,
+        f"{cache_text}; something outside it grows linearly, {human_bytes(slope)} per token ({times}, "
+        f"+{human_bytes(grown)} over {tokens:,.0f} tokens): every step keeps tensors that outlive it; drop "
+        "per-step outputs you do not need (output_attentions, output_scores, output_hidden_states) or find "
+        "the callback or logits processor that keeps them.",
+        {"outside_grown_bytes": grown, "floor_bytes": floor, "slope_bytes_per_token": slope,
+         "cache_slope_bytes_per_token": cache_slope, "rate_ratio": rate_ratio if math.isfinite(rate_ratio) else None,
+         "outside_first_bytes": r["y_first"], "outside_last_bytes": r["y_last"], "cache_last_bytes": r["kv_last"],
+         "r2_linear": r["r2_lin"], "rising_fraction": r["rising_fraction"], "points": r["n"]},
+    )
 
 
 DETECTOR = Detector(NAME, Config, summary="superlinear KV growth (R² gain and marginal-rate ratio); saturation",
