@@ -3,7 +3,7 @@ that detector should warn (1) or not (0) — the truth `kvscope tune` and tests/
 score against. It starts from each run's own labels (run.labels, written by `kvscope lab`) and
 applies the corrections below, each explained in traces/lab/README.md.
 
-    python scripts/make_lab_labels.py [traces/lab]
+    python scripts/make_lab_labels.py [traces/lab | traces/lab-gpu]
 """
 
 from __future__ import annotations
@@ -26,12 +26,23 @@ CORRECTIONS: dict[str, dict[str, object]] = {
     # interleaved_growth: its buffer, 1 MiB larger at every step, is memory outside the cache that
     # grows 1 MiB per token, 29-43x this twin's cache rate: growth_curve's linear rule is right to flag it
     "441343dbe877436b": {"add": ("growth_curve",)},
+    # traces/lab-gpu: oom_fraction in the pythia-1.4b and gemma-3-4b twins ran out in the prefill
+    # (the twin's prefill needs more than the lab's 256 MiB above what was reserved): no step was
+    # recorded, so there is no growth to forecast from; oom_event is the finding
+    "b7b21d2091144d20": {"drop": ("oom_forecast",)},
+    "4325fa1610ac45ee": {"drop": ("oom_forecast",)},
 }
 
 
 def main(argv: list[str] | None = None) -> int:
     root = Path((argv or sys.argv[1:] or ["traces/lab"])[0])
-    paths = [root, root / "twins"] if (root / "twins").is_dir() else [root]
+    folders = sorted(d for d in root.iterdir() if d.is_dir())
+    if (root / "twins").is_dir():
+        paths = [root, root / "twins"]
+    elif folders and not any((d / "run").is_dir() for d in folders):  # traces/lab-gpu: a lab per twin
+        paths = folders
+    else:
+        paths = [root]
     with load_traces(paths) as tables:
         runs = tables.rows("SELECT run_id, labels FROM run ORDER BY run_id")
     rows = []
@@ -43,6 +54,7 @@ def main(argv: list[str] | None = None) -> int:
             fix = CORRECTIONS.get(run_id, {})
             scenario = str(fix.get("scenario", scenario))
             expected |= set(fix.get("add", ()))  # type: ignore[arg-type]
+            expected -= set(fix.get("drop", ()))  # type: ignore[arg-type]
             kind = "planted" if expected else "control"
         else:
             scenario, expected, kind = f"twin:{labels.get('twin', run_id)}", set(), "twin"

@@ -1,0 +1,57 @@
+"""`kvscope analyze` over the fault lab recorded on the H200 in two more twins (traces/lab-gpu):
+pythia-1.4b (GPT-NeoX: fused query_key_value, no sliding layers) with 48/80/112-token prompts, and
+gemma-3-4b (29 sliding layers of a 1,024-token window, 5 full) after 1,000/1,100-token prompts, where
+kept copies grow linearly rather than quadratically. Every planted condition is flagged by the
+detector its label names and its headline says what it is; no control is flagged.
+Labels: traces/lab-gpu/labels.csv (scripts/make_lab_labels.py traces/lab-gpu)."""
+
+from __future__ import annotations
+
+import csv
+from collections import defaultdict
+from pathlib import Path
+
+import pytest
+
+import kvscope
+
+LAB = Path(__file__).resolve().parents[2] / "traces" / "lab-gpu"
+pytestmark = pytest.mark.skipif(not (LAB / "labels.csv").is_file(), reason="no shipped GPU lab traces")
+
+HEADLINES = {
+    "cache_copy_callback": "outside cache: grows", "copied_keys": "outside cache: grows",
+    "kept_attentions": "outside cache: grows", "dead_head": "KV cache: dead KV heads in layer 1",
+    "float32_layer": "KV cache: odd layer", "window_not_honoured": "KV cache: sliding window not honoured",
+    "interleaved_growth": "fragmentation: high", "kept_caches": "retention: leak: live tensors",
+    "kept_scores": "retention: leak: live tensors", "preallocated": "KV cache: static",
+    "oom_fraction": "OOM forecast: ran out",
+}
+
+
+def _labels() -> dict[str, dict]:
+    runs: dict[str, dict] = defaultdict(lambda: {"expected": set()})
+    with (LAB / "labels.csv").open() as fh:
+        for row in csv.DictReader(fh):
+            runs[row["run_id"]].update(scenario=row["scenario"], kind=row["kind"])
+            if row["expected"] == "1":
+                runs[row["run_id"]]["expected"].add(row["detector"])
+    return dict(runs)
+
+
+def test_every_planted_condition_is_flagged_and_named_and_no_control_is() -> None:
+    labels = _labels()
+    twins = sorted(d for d in LAB.iterdir() if d.is_dir())
+    result = kvscope.analyze(twins)
+    flagged: dict[str, set[str]] = defaultdict(set)
+    for f in result.findings:
+        if f.severity in ("warning", "critical"):
+            flagged[f.run_id].add(f.detector)
+    headlines = {r.run_id: r.headline for r in result.verdict.runs}
+    assert set(headlines) == set(labels)
+    assert sorted(r["kind"] for r in labels.values()).count("planted") == 21
+    for run_id, run in labels.items():
+        if run["kind"] == "planted":
+            assert run["expected"] <= flagged[run_id], (run["scenario"], flagged[run_id])
+            assert HEADLINES[run["scenario"]] in headlines[run_id], (run["scenario"], headlines[run_id])
+        else:
+            assert not flagged[run_id] and headlines[run_id] == "healthy", (run["scenario"], flagged[run_id])
