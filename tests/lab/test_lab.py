@@ -162,3 +162,26 @@ def test_an_unhonoured_window_is_planted_only_where_the_context_outgrows_the_win
         "(raise --prompt-tokens or --new-tokens)")
     assert unfit("window_not_honoured", gemma, LabSettings(prompt_tokens=(1000,), new_tokens=64)) is None
     assert unfit("healthy_dynamic", gemma, short) is None
+
+
+def test_twins_cut_to_fewer_layers_keep_a_valid_geometry_and_the_lab_plants_where_it_can() -> None:
+    from types import SimpleNamespace
+
+    from kvscope.lab.scenarios import _layer_with_peers, _shared_layers_kept, _twin, build_model, unfit
+
+    # gemma-4-e2b: 20 of 35 layers reuse an earlier layer's cache; cut to 6 ([s, s, s, s, f, s]) the
+    # layers before the shared ones must hold both types: one shared layer is left
+    assert _shared_layers_kept({"num_kv_shared_layers": 20, "num_hidden_layers": 6,
+                                "layer_types": ["sliding_attention"] * 4 + ["full_attention", "sliding_attention"]}) == 1
+    settings = LabSettings(device="cpu", twin="gemma-4-e2b", layers=8, dtype="float32")
+    cfg = _twin(settings).config
+    assert cfg["vocab_size"] == cfg["vocab_size_per_layer_input"] == 32000  # the per-layer embeddings read the ids
+    model = build_model(settings)
+    assert unfit("dead_head", model, settings) == ("dead_head needs a second kv head with its own k/v projections "
+                                                   "in layer 1; gemma4_text's has none (one kv head, or MLA latents)")
+    # layer_anomaly needs peers of the odd layer's type: one full layer among sliding ones has none
+    one_full = SimpleNamespace(config=SimpleNamespace(layer_types=["sliding_attention"] * 5 + ["full_attention"],
+                                                      num_hidden_layers=6))
+    assert _layer_with_peers(one_full) == 2
+    pythia = SimpleNamespace(config=SimpleNamespace(layer_types=None, num_hidden_layers=24))
+    assert _layer_with_peers(pythia) == 12

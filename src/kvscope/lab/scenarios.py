@@ -54,11 +54,23 @@ def _twin(settings: LabSettings) -> Any:
     spec = shrink_config(load_twin(settings.twin))
     cfg = dict(spec.config)
     cfg["vocab_size"] = LAB_VOCAB
+    if "vocab_size_per_layer_input" in cfg:  # Gemma 3n/4's per-layer embeddings read the same ids
+        cfg["vocab_size_per_layer_input"] = LAB_VOCAB
     if settings.layers is not None:
         cfg["num_hidden_layers"] = settings.layers
         if isinstance(cfg.get("layer_types"), list):
             cfg["layer_types"] = cfg["layer_types"][: settings.layers]
+        if cfg.get("num_kv_shared_layers"):
+            cfg["num_kv_shared_layers"] = _shared_layers_kept(cfg)
     return TwinSpec(spec.name, spec.source, spec.dtype, cfg, spec.notes, shrunk=True)
+
+
+def _shared_layers_kept(cfg: dict[str, Any]) -> int:
+    """KV-shared layers (Gemma 3n/4: the last N reuse an earlier layer's cache of their type) left
+    in a twin cut to fewer layers: the layers before them must still hold every type they use."""
+    types = cfg.get("layer_types") or []
+    first_all = next((k for k in range(1, len(types) + 1) if set(types[:k]) == set(types)), len(types))
+    return max(0, min(int(cfg["num_kv_shared_layers"]), cfg["num_hidden_layers"] - first_all))
 
 
 def build_model(settings: LabSettings, attn_implementation: str | None = None) -> Any:
@@ -239,11 +251,22 @@ def _store_in_float32(layer: Any) -> Any:
     return layer
 
 
+def _layer_with_peers(model: Any) -> int:
+    """The middle full-attention layer when there are at least three (layer_anomaly compares a
+    layer with its peers of one type), else the middle layer of the largest type."""
+    types = _layer_types(model) or ["full_attention"] * model.config.num_hidden_layers
+    groups: dict[str, list[int]] = {}
+    for i, layer_type in enumerate(types):
+        groups.setdefault(layer_type, []).append(i)
+    full = groups.get("full_attention", [])
+    layers = full if len(full) >= 3 else max(groups.values(), key=len)
+    return layers[len(layers) // 2]
+
+
 def _float32_layer(model: Any, s: LabSettings, rec: Any) -> dict[str, Any]:
     from transformers import DynamicCache
 
-    full = [i for i, t in enumerate(_layer_types(model)) if t == "full_attention"]
-    odd = full[len(full) // 2] if full else 0
+    odd = _layer_with_peers(model)
     for i, tokens in enumerate(s.prompt_tokens):
         cache = DynamicCache(config=model.config)
         _store_in_float32(cache.layers[odd])
@@ -282,12 +305,14 @@ def _kv_rows(model: Any, layer: int, head: int) -> list[tuple[Any, slice]] | Non
     dim = getattr(attn, "head_dim", None) or getattr(attn, "head_size", None)
     if not isinstance(dim, int):
         return None
-    if isinstance(getattr(attn, "k_proj", None), torch.nn.Linear) and isinstance(getattr(attn, "v_proj", None),
-                                                                                 torch.nn.Linear):
+    k_proj, v_proj = getattr(attn, "k_proj", None), getattr(attn, "v_proj", None)
+    if isinstance(k_proj, torch.nn.Linear) and isinstance(v_proj, torch.nn.Linear):
+        if (head + 1) * dim > min(k_proj.out_features, v_proj.out_features):
+            return None  # fewer kv heads than that (a shrunk twin may keep one)
         rows = slice(head * dim, (head + 1) * dim)
-        return [(attn.k_proj, rows), (attn.v_proj, rows)]
+        return [(k_proj, rows), (v_proj, rows)]
     fused = getattr(attn, "query_key_value", None)
-    if isinstance(fused, torch.nn.Linear):
+    if isinstance(fused, torch.nn.Linear) and (head + 1) * 3 * dim <= fused.out_features:
         start = head * 3 * dim
         return [(fused, slice(start + dim, start + 3 * dim))]
     return None
@@ -316,8 +341,8 @@ def unfit(scenario: str, model: Any, settings: LabSettings) -> str | None:
             return (f"{scenario} needs a context longer than the {window}-token window; the longest here is "
                     f"{longest} tokens (raise --prompt-tokens or --new-tokens)")
     if scenario in ("dead_head", "healthy_dead_head_control") and _kv_rows(model, 1, 1) is None:
-        return (f"{scenario} needs per-head k/v projections in layer 1; {model.config.model_type}'s attention "
-                "has none (MLA caches latents)")
+        return (f"{scenario} needs a second kv head with its own k/v projections in layer 1; "
+                f"{model.config.model_type}'s has none (one kv head, or MLA latents)")
     return None
 
 
