@@ -20,6 +20,7 @@ from kvscope.lab.scenarios import (
     Scenario,
     build_model,
     oom_under_fraction,
+    prefill_bytes,
     scenario_names,
     unfit,
     zero_head,
@@ -76,7 +77,10 @@ def run_scenario(scenario: Scenario, out: Path, settings: LabSettings) -> LabRes
     if scenario.name in ("oom_fraction", "healthy_fraction") and settings.cuda:
         gc.collect()
         torch.cuda.empty_cache()
-        extra = (256 << 20) if scenario.name == "oom_fraction" else (2 << 30)
+        extra = 2 << 30  # healthy_fraction: room to spare
+        if scenario.name == "oom_fraction":  # room for the prefill and 256 MiB of decoding (gpt-oss-20b twin: 29 steps)
+            lab["prefill_bytes"] = prefill_bytes(model)
+            extra = lab["prefill_bytes"] + (256 << 20)
         fraction, limit = _fraction_for(extra, model.device)
         torch.cuda.set_per_process_memory_fraction(fraction, model.device)
         fraction_set = True

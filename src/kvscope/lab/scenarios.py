@@ -202,11 +202,35 @@ def _interleaved(model: Any, s: LabSettings, rec: Any) -> None:
     _with_processor(model, s, rec, lambda cache: _GrowingBuffer(model.device, 1 << 20))
 
 
+OOM_BATCH, OOM_PROMPT = 32, 64  # the OOM scenario's batch: 32 sequences of 64 tokens
+
+
+def oom_batch(model: Any) -> torch.Tensor:
+    return _ids(model, OOM_PROMPT, 0).repeat(OOM_BATCH, 1)
+
+
+def prefill_bytes(model: Any) -> int:
+    """What the OOM batch's prefill allocates at its peak, measured by running it once (outside any
+    recording): the cap leaves room for it, so the run runs out in the decode loop, not the prefill."""
+    index = model.device.index if model.device.index is not None else torch.cuda.current_device()
+    before = torch.cuda.memory_allocated(index)
+    torch.cuda.reset_peak_memory_stats(index)
+    with torch.no_grad():
+        try:  # generate's prefill computes the last position's logits only
+            out = model(oom_batch(model), use_cache=True, logits_to_keep=1)
+        except TypeError:  # a model without logits_to_keep: all positions' logits, more room than needed
+            out = model(oom_batch(model), use_cache=True)
+    del out
+    gc.collect()
+    torch.cuda.empty_cache()
+    return max(torch.cuda.max_memory_allocated(index) - before, 0)
+
+
 def oom_under_fraction(model: Any, s: LabSettings, rec: Any, lab: dict[str, Any]) -> dict[str, Any]:
-    notes: dict[str, Any] = {"limit_bytes": lab.get("limit_bytes")}
+    notes: dict[str, Any] = {"limit_bytes": lab.get("limit_bytes"), "prefill_bytes": lab.get("prefill_bytes")}
     rec.next_prompt("lab-oom")
     try:  # a batch of 32 long sequences under the cap: the cache outgrows it
-        out = _generate(model, _ids(model, 64, 0).repeat(32, 1), s, max_new_tokens=2048)
+        out = _generate(model, oom_batch(model), s, max_new_tokens=2048)
         del out
         notes["oom"] = False
     except torch.cuda.OutOfMemoryError as exc:
