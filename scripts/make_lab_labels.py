@@ -26,11 +26,6 @@ CORRECTIONS: dict[str, dict[str, object]] = {
     # interleaved_growth: its buffer, 1 MiB larger at every step, is memory outside the cache that
     # grows 1 MiB per token, 29-43x this twin's cache rate: growth_curve's linear rule is right to flag it
     "441343dbe877436b": {"add": ("growth_curve",)},
-    # traces/lab-gpu: oom_fraction in the pythia-1.4b and gemma-3-4b twins ran out in the prefill
-    # (the twin's prefill needs more than the lab's 256 MiB above what was reserved): no step was
-    # recorded, so there is no growth to forecast from; oom_event is the finding
-    "b7b21d2091144d20": {"drop": ("oom_forecast",)},
-    "4325fa1610ac45ee": {"drop": ("oom_forecast",)},
 }
 
 
