@@ -12,20 +12,13 @@ from collections import defaultdict
 from pathlib import Path
 
 import pytest
+from lab_headlines import HEADLINES
 
 import kvscope
 
 LAB = Path(__file__).resolve().parents[2] / "traces" / "lab-gpu"
 pytestmark = pytest.mark.skipif(not (LAB / "labels.csv").is_file(), reason="no shipped GPU lab traces")
 
-HEADLINES = {
-    "cache_copy_callback": "outside cache: grows", "copied_keys": "outside cache: grows",
-    "kept_attentions": "outside cache: grows", "dead_head": "KV cache: dead KV heads in layer 1",
-    "float32_layer": "KV cache: odd layer", "window_not_honoured": "KV cache: sliding window not honoured",
-    "interleaved_growth": "fragmentation: high", "kept_caches": "retention: leak: live tensors",
-    "kept_scores": "retention: leak: live tensors", "preallocated": "KV cache: static",
-    "oom_fraction": "OOM forecast: ran out",
-}
 
 
 def _labels() -> dict[str, dict]:
