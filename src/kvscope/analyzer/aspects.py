@@ -116,6 +116,7 @@ def _kv_aspect(facts: RunFacts, fs: list[Finding]) -> Aspect:
     # dynamic generations is said to, never "static whatever the context"
     prealloc = bool(static_gens) and len(static_gens) >= max(facts.generations, 1)
     mixed = bool(static_gens) and not prealloc
+    label_says = {"growth_curve"}  # detectors the label speaks for (its growth: superlinear, saturated)
     unseen = [f for f in fs if f.detector == "cache_seen" and f.metric == "no_cache_steps"]
     if unseen and len({f.gen_id for f in unseen}) >= max(facts.generations, 1):
         # Nothing was found to count: a "0 B" cache would read as healthy (or static) here.
@@ -136,6 +137,7 @@ def _kv_aspect(facts: RunFacts, fs: list[Finding]) -> Aspect:
         text = f"static: preallocated, {human_bytes(facts.peak_kv_bytes)} whatever the context; {types}"
         waste = [f for f in fs if f.detector == "preallocation_waste" and f.at_least("warning")]
         if waste:
+            label_says.add("preallocation_waste")
             worst = max(waste, key=lambda f: f.value)
             label = f"static, {worst.value:.1f}x the tokens held"
             text += (f"; capacity for {worst.value:.1f}x the tokens it holds "
@@ -169,12 +171,12 @@ def _kv_aspect(facts: RunFacts, fs: list[Finding]) -> Aspect:
     odd = [f for f in fs if f.detector == "layer_anomaly" and f.at_least("warning")]
     if odd:
         text += f"; odd layer(s) {span_text([f.layer for f in odd if f.layer is not None])}"
-    causes = _kv_causes(fs, label)
+    causes = _kv_causes(fs, label_says)
     if causes:
-        # The shape of the growth is not what needs action: the flagged cause leads, the shape follows.
-        shape = "linear" if label == "healthy linear" else label
-        label = f"{label}, {', '.join(causes)}" if superlinear or "x the tokens" in label else \
-            f"{', '.join(causes)} ({shape})"
+        if superlinear or "preallocation_waste" in label_says:  # a label that is a fault itself leads
+            label = f"{label}, {', '.join(causes)}"
+        else:  # the shape of the growth is not what needs action: the cause leads, the shape follows
+            label = f"{', '.join(causes)} ({'linear' if label == 'healthy linear' else label})"
         if text.startswith("healthy linear"):
             text = text.removeprefix("healthy ")
         said = ("odd ", "x the geometry's", "capacity ")  # the text above already says these
@@ -187,16 +189,16 @@ def _layers_of(found: list[Finding]) -> str:
     return f" in layer{'s' if len(layers) > 1 else ''} {span_text(layers)}" if layers else ""
 
 
-def _kv_causes(fs: list[Finding], label: str) -> list[str]:
-    """Short names of the warnings about the cache that its growth label does not already say
-    (a dead head, an odd layer, a window not honoured...), so the headline names what needs action."""
+def _kv_causes(fs: list[Finding], label_says: set[str]) -> list[str]:
+    """Short names of the warnings about the cache from detectors its label does not already speak
+    for (`label_says`): a dead head, an odd layer, a window not honoured..., so the headline names
+    what needs action."""
     flagged = [f for f in fs if aspect_of(f) == "kv_cache" and f.at_least("warning")]
     causes: dict[str, None] = {}
     for f in sorted(flagged, key=lambda f: -f.rank):
         key = (f.detector, f.metric)
-        if f.detector == "growth_curve" or (f.detector == "preallocation_waste" and "x the tokens" in label) or \
-                (f.detector == "cache_seen" and label == "no cache seen"):
-            continue  # the label says it
+        if f.detector in label_says:
+            continue
         mine = [g for g in flagged if (g.detector, g.metric) == key]
         if key == ("dead_heads", "dead_kv_heads"):
             cause = f"dead KV heads{_layers_of(mine)}"
