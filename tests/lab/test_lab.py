@@ -97,6 +97,13 @@ def test_the_lab_command_lists_scenarios_and_refuses_unknown_ones(tmp_path: Path
     assert "unknown lab scenario(s) no_such_thing" in capsys.readouterr().err
     assert main(["lab", "-o", str(tmp_path / "z"), "--device", "cuda:0", "-s", "healthy_dynamic"]) == (
         0 if __import__("torch").cuda.is_available() else 2)
+    capsys.readouterr()
+    for bad, says in ((["--layers", "0"], "--layers 0: keep at least 1 layer"),
+                      (["--new-tokens", "0"], "--new-tokens 0: generate at least 1 token."),
+                      (["--prompt-tokens", "0,48"], "give one or more lengths of at least 1 token.")):
+        assert main(["lab", "-o", str(tmp_path / "bad"), "-s", "healthy_dynamic", *bad]) == 2
+        assert says in capsys.readouterr().err
+        assert not (tmp_path / "bad").exists()  # refused before anything was made
 
 
 def test_every_planted_scenario_names_a_registered_detector() -> None:

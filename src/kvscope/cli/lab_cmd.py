@@ -37,11 +37,17 @@ def lab_command(output: str | None, device: str, twin: str, dtype: str, layers: 
         return EXIT_OK
     if output is None:
         raise UsageError("give an output directory: kvscope lab -o DIR (or --list).")
-    check_output_folder(output)
     try:
         lengths = tuple(int(x) for x in prompt_tokens.split(",") if x.strip())
     except ValueError as exc:
         raise UsageError(f"--prompt-tokens {prompt_tokens!r}: give comma-separated integers.") from exc
+    if not lengths or min(lengths) < 1:
+        raise UsageError(f"--prompt-tokens {prompt_tokens!r}: give one or more lengths of at least 1 token.")
+    if layers is not None and layers < 1:
+        raise UsageError(f"--layers {layers}: keep at least 1 layer (or leave it out for the twin's own).")
+    if new_tokens < 1:
+        raise UsageError(f"--new-tokens {new_tokens}: generate at least 1 token.")
+    check_output_folder(output)
     settings = LabSettings(device=device, twin=twin, dtype=dtype, layers=layers, prompt_tokens=lengths,
                            new_tokens=new_tokens)
 
