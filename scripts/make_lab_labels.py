@@ -26,6 +26,7 @@ CORRECTIONS: dict[str, dict[str, object]] = {
     # interleaved_growth: its buffer, 1 MiB larger at every step, is memory outside the cache that
     # grows 1 MiB per token, 29-43x this twin's cache rate: growth_curve's linear rule is right to flag it
     "441343dbe877436b": {"add": ("growth_curve",)},
+    "bf9abd5eb7294d88": {"add": ("growth_curve",)},  # traces/lab-gpu, gemma-3-4b: 51x its cache's rate
 }
 
 
