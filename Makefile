@@ -79,7 +79,7 @@ compat: $(VENV)/.installed
 	    $$env/bin/python -m pip install -q -e ".[test]" && touch $$env/.installed || exit 1; \
 	  fi; \
 	  echo "== recorder tests with transformers $$v"; \
-	  $(TEST_ENV) $$env/bin/python -m pytest -q $(XDIST) -m "not gpu" tests/recorder || exit 1; \
+	  $(TEST_ENV) $$env/bin/python -m pytest -q $(XDIST) -m "not gpu and not any_transformers" tests/recorder || exit 1; \
 	done
 
 demo: $(VENV)/.ppl-installed

@@ -252,6 +252,7 @@ def test_record_cli_native_on_and_off(native: object, tmp_path: Path) -> None:
         trace_rows(tmp_path / "off", "layers", ["gen_id", "step", "layer"])
 
 
+@pytest.mark.any_transformers  # the build cache and its hint: the same on every release
 def test_auto_on_cuda_uses_a_cached_build_and_never_compiles(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     if native_fast_path.find_ninja() is None or shutil.which("c++") is None:
         pytest.skip("no C++ toolchain")
@@ -267,6 +268,7 @@ def test_auto_on_cuda_uses_a_cached_build_and_never_compiles(tmp_path: Path, mon
     assert module is not None and why == "cached build" and module.capture([_Layer(None, None)]) == b""
 
 
+@pytest.mark.any_transformers  # the build cache and its hint: the same on every release
 def test_a_broken_cached_build_and_a_stale_lock_are_replaced(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     if native_fast_path.find_ninja() is None or shutil.which("c++") is None:
         pytest.skip("no C++ toolchain")
@@ -285,6 +287,7 @@ def test_a_broken_cached_build_and_a_stale_lock_are_replaced(tmp_path: Path, mon
     assert module.capture([_Layer(None, None)]) == b"" and not lock.exists()
 
 
+@pytest.mark.any_transformers  # the build cache and its hint: the same on every release
 def test_cuda_without_a_cached_build_hints_the_build_once(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
                                                          caplog: pytest.LogCaptureFixture) -> None:
     import logging
