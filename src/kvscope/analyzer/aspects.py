@@ -173,37 +173,43 @@ def _kv_aspect(facts: RunFacts, fs: list[Finding]) -> Aspect:
         text += f"; odd layer(s) {span_text([f.layer for f in odd if f.layer is not None])}"
     causes = _kv_causes(fs, label_says)
     if causes:
+        named = ", ".join(dict.fromkeys(causes.values()))
         if superlinear or "preallocation_waste" in label_says:  # a label that is a fault itself leads
-            label = f"{label}, {', '.join(causes)}"
+            label = f"{label}, {named}"
         else:  # the shape of the growth is not what needs action: the cause leads, the shape follows
-            label = f"{', '.join(causes)} ({'linear' if label == 'healthy linear' else label})"
+            label = f"{named} ({'linear' if label == 'healthy linear' else label})"
         if text.startswith("healthy linear"):
             text = text.removeprefix("healthy ")
-        said = ("odd ", "x the geometry's", "capacity ")  # the text above already says these
-        text += "".join(f"; {c}" for c in causes if not any(w in c for w in said))
+        text += "".join(f"; {cause}" for (detector, _), cause in causes.items() if detector not in _KV_TEXT_SAYS)
     return Aspect("kv_cache", status, label, text)
 
 
-def _layers_of(found: list[Finding]) -> str:
+# Detectors whose finding the KV line's text already states (odd layers, density, capacity).
+_KV_TEXT_SAYS = frozenset({"layer_anomaly", "cache_density", "preallocation_waste"})
+
+
+def _layers_text(found: list[Finding]) -> str:
+    """`layer 1`, `layers 3, 5`; empty for whole-model findings."""
     layers = sorted({f.layer for f in found if f.layer is not None})
-    return f" in layer{'s' if len(layers) > 1 else ''} {span_text(layers)}" if layers else ""
+    return f"layer{'s' if len(layers) > 1 else ''} {span_text(layers)}" if layers else ""
 
 
-def _kv_causes(fs: list[Finding], label_says: set[str]) -> list[str]:
-    """Short names of the warnings about the cache from detectors its label does not already speak
-    for (`label_says`): a dead head, an odd layer, a window not honoured..., so the headline names
-    what needs action."""
+def _kv_causes(fs: list[Finding], label_says: set[str]) -> dict[tuple[str, str], str]:
+    """Per (detector, metric), most serious first, a short name of its warnings about the cache, for the
+    detectors its label does not already speak for (`label_says`): a dead head, an odd layer, a
+    window not honoured..., so the headline names what needs action."""
     flagged = [f for f in fs if aspect_of(f) == "kv_cache" and f.at_least("warning")]
-    causes: dict[str, None] = {}
+    causes: dict[tuple[str, str], str] = {}
     for f in sorted(flagged, key=lambda f: -f.rank):
         key = (f.detector, f.metric)
-        if f.detector in label_says:
+        if f.detector in label_says or key in causes:
             continue
         mine = [g for g in flagged if (g.detector, g.metric) == key]
+        layers = _layers_text(mine)
         if key == ("dead_heads", "dead_kv_heads"):
-            cause = f"dead KV heads{_layers_of(mine)}"
+            cause = f"dead KV heads in {layers}" if layers else "dead KV heads"
         elif f.detector == "layer_anomaly":
-            cause = f"odd{_layers_of(mine).removeprefix(' in')}"
+            cause = f"odd {layers}" if layers else "odd layer"
         elif key == ("layer_uniformity", "unsaturated_sliding_layers"):
             cause = "sliding window not honoured"
         elif f.detector == "cache_density":
@@ -220,8 +226,8 @@ def _kv_causes(fs: list[Finding], label_says: set[str]) -> list[str]:
             cause = "one device holds more of the cache"
         else:
             cause = f"{f.detector} {f.metric}"
-        causes[cause] = None
-    return list(causes)
+        causes[key] = cause
+    return causes
 
 
 def _positive_sum(values: Iterable[int | None]) -> int:
