@@ -13,7 +13,9 @@ DEMO_DIR ?= demo-trace
 # One torch thread each: two processes of two threads on two cores only contend.
 TEST_WORKERS ?= 2
 XDIST := -n $(TEST_WORKERS) --dist loadfile
-TEST_ENV := OMP_NUM_THREADS=1 MKL_NUM_THREADS=1
+# The recorder's C++ extension depends on torch and Python only (the same in every test environment):
+# its tests compile it once into this cache, not once per environment.
+TEST_ENV := OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 KVSCOPE_TEST_NATIVE_CACHE=$(CURDIR)/build/native-test-cache
 
 .PHONY: demo test lint unit compat browser-test spark-test bench-smoke docs clean
 

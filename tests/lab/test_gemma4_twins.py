@@ -43,10 +43,15 @@ def test_gemma4_geometry_survives_shrinking(name: str) -> None:
     assert small.config.get("top_k_experts", 2) <= 2 and small.config.get("num_experts", 4) <= 4
 
 
-def _record(name: str, out: Path, new: int = 40) -> Path:
+def _record(name: str, out: Path, new: int = 40, layers: int | None = None) -> Path:
+    import dataclasses
+
     from kvscope.twins.build import build_twin
 
-    model = build_twin(shrink_config(load_twin(name)), dtype="bfloat16", device="cpu")
+    spec = shrink_config(load_twin(name))
+    if layers is not None:  # the first layers only (no layer types to cut: the MLA twin)
+        spec = dataclasses.replace(spec, config={**spec.config, "num_hidden_layers": layers})
+    model = build_twin(spec, dtype="bfloat16", device="cpu")
     with Recording(model, out, writer="thread", model_name=name) as rec:
         ids = torch.randint(3, 500, (1, 24), generator=torch.Generator().manual_seed(0))
         output = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new, min_new_tokens=new,
@@ -88,7 +93,8 @@ def test_gemma4_e2b_kv_shared_layers_hold_no_cache_and_are_reported(tmp_path: Pa
 def test_glm_4_7_flash_caches_the_1152_byte_latent(tmp_path: Path) -> None:
     import transformers
 
-    trace = _record("glm-4.7-flash", tmp_path / "glm", new=16)
+    # 4 of its 47 layers (one dense, three MoE): every layer caches the same latent
+    trace = _record("glm-4.7-flash", tmp_path / "glm", new=16, layers=4)
     with load_traces([trace]) as tables:
         per_token = tables.rows("""SELECT DISTINCT kv_bytes / stored_tokens, layer_type FROM layers
                                   WHERE step = (SELECT max(step) FROM layers)""")

@@ -1,7 +1,8 @@
 """The recorder's C++ fast path: the same facts and rows as the Python path, and clear failures.
 
-The extension is compiled once per test session (a C++ compiler and ninja are on the CI machine;
-without them these tests skip, and the Python path they are compared with is tested elsewhere).
+The extension is compiled once per test session, or once per `make test` (its environments share
+a cache: $KVSCOPE_TEST_NATIVE_CACHE); a C++ compiler and ninja are on the CI machine; without them
+these tests skip, and the Python path they are compared with is tested elsewhere.
 """
 
 from __future__ import annotations
@@ -42,7 +43,10 @@ def native(tmp_path_factory: pytest.TempPathFactory) -> object:
     if native_fast_path.find_ninja() is None:
         pytest.skip("no ninja")
     patch = pytest.MonkeyPatch()
-    patch.setenv("KVSCOPE_NATIVE_DIR", str(tmp_path_factory.mktemp("native")))
+    # `make test` gives every environment one cache (the build depends on torch and Python only,
+    # the same in each): one compile instead of one per environment
+    shared = os.environ.get("KVSCOPE_TEST_NATIVE_CACHE")
+    patch.setenv("KVSCOPE_NATIVE_DIR", shared or str(tmp_path_factory.mktemp("native")))
     module = native_fast_path.build()
     yield module
     patch.undo()
@@ -253,29 +257,31 @@ def test_record_cli_native_on_and_off(native: object, tmp_path: Path) -> None:
 
 
 @pytest.mark.any_transformers  # the build cache and its hint: the same on every release
-def test_auto_on_cuda_uses_a_cached_build_and_never_compiles(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    if native_fast_path.find_ninja() is None or shutil.which("c++") is None:
-        pytest.skip("no C++ toolchain")
+def test_auto_on_cuda_uses_a_cached_build_and_never_compiles(native: object, tmp_path: Path,
+                                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    built = native_fast_path.build_directory()  # the module's build: its objects and ninja files
     monkeypatch.setenv("KVSCOPE_NATIVE_DIR", str(tmp_path / "cache"))
     monkeypatch.setattr(native_fast_path, "_loaded", {})
     module, why = native_fast_path.resolve("auto", on_cuda=True)  # nothing cached: Python, and it says so
     assert module is None and "python -m kvscope.recorder.native" in why
     assert not (tmp_path / "cache").exists()  # nothing was built or started
+    shutil.copytree(built, native_fast_path.build_directory(), ignore=shutil.ignore_patterns("*.so"))
     path_before = os.environ.get("PATH")
-    native_fast_path.build()  # what `python -m kvscope.recorder.native` does, in a process of its own
+    native_fast_path.build()  # what `python -m kvscope.recorder.native` does, in a process of its own (links
+    # the copied objects: the fixture compiled them)
     assert os.environ.get("PATH") == path_before  # the recording process's PATH is never rewritten
     module, why = native_fast_path.resolve("auto", on_cuda=True)  # the next recording uses the cached build
     assert module is not None and why == "cached build" and module.capture([_Layer(None, None)]) == b""
 
 
 @pytest.mark.any_transformers  # the build cache and its hint: the same on every release
-def test_a_broken_cached_build_and_a_stale_lock_are_replaced(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    if native_fast_path.find_ninja() is None or shutil.which("c++") is None:
-        pytest.skip("no C++ toolchain")
+def test_a_broken_cached_build_and_a_stale_lock_are_replaced(native: object, tmp_path: Path,
+                                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    built = native_fast_path.build_directory()  # the module's build: its objects and ninja files
     monkeypatch.setenv("KVSCOPE_NATIVE_DIR", str(tmp_path / "cache"))
     monkeypatch.setattr(native_fast_path, "_loaded", {})
     directory = native_fast_path.build_directory()
-    directory.mkdir(parents=True)
+    shutil.copytree(built, directory)  # so the rebuild below links again instead of compiling again
     broken = directory / f"{native_fast_path.module_name()}.so"
     broken.write_bytes(b"not a shared library")
     assert native_fast_path.load_built() is None and not broken.exists()  # auto: Python now, rebuilt later
@@ -285,6 +291,7 @@ def test_a_broken_cached_build_and_a_stale_lock_are_replaced(tmp_path: Path, mon
     os.utime(lock, (0, 0))
     module = native_fast_path.build()
     assert module.capture([_Layer(None, None)]) == b"" and not lock.exists()
+    assert broken.read_bytes()[:4] == b"\x7fELF"  # built again (this process keeps the module it loaded)
 
 
 @pytest.mark.any_transformers  # the build cache and its hint: the same on every release
