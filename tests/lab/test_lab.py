@@ -176,10 +176,10 @@ def test_twins_cut_to_fewer_layers_keep_a_valid_geometry_and_the_lab_plants_wher
 
     from kvscope.lab.scenarios import _layer_with_peers, _shared_layers_kept, _twin, build_model, unfit
 
-    # gemma-4-e2b: 20 of 35 layers reuse an earlier layer's cache; cut to 6 ([s, s, s, s, f, s]) the
+    # gemma-4-e2b: 20 of 35 layers reuse an earlier layer's cache; cut to 6 ([s, s, s, s, f, f]) the
     # layers before the shared ones must hold both types: one shared layer is left
     assert _shared_layers_kept({"num_kv_shared_layers": 20, "num_hidden_layers": 6,
-                                "layer_types": ["sliding_attention"] * 4 + ["full_attention", "sliding_attention"]}) == 1
+                                "layer_types": ["sliding_attention"] * 4 + ["full_attention"] * 2}) == 1
     settings = LabSettings(device="cpu", twin="gemma-4-e2b", layers=8, dtype="float32")
     cfg = _twin(settings).config
     assert cfg["vocab_size"] == cfg["vocab_size_per_layer_input"] == 32000  # the per-layer embeddings read the ids
@@ -192,3 +192,10 @@ def test_twins_cut_to_fewer_layers_keep_a_valid_geometry_and_the_lab_plants_wher
     assert _layer_with_peers(one_full) == 2
     pythia = SimpleNamespace(config=SimpleNamespace(layer_types=None, num_hidden_layers=24))
     assert _layer_with_peers(pythia) == 12
+    # gemma-4-e4b cut to 4 layers: transformers forces the last one to full attention, so the cut
+    # says so and no layer is left KV-shared (one reading a full layer's cache that none produced
+    # failed to build: "The set of layer types producing a cache is different ...")
+    e4b = LabSettings(device="cpu", twin="gemma-4-e4b", layers=4, dtype="float32")
+    cfg = _twin(e4b).config
+    assert cfg["layer_types"] == ["sliding_attention"] * 3 + ["full_attention"] and cfg["num_kv_shared_layers"] == 0
+    assert build_model(e4b).config.layer_types == cfg["layer_types"]

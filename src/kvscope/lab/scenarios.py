@@ -58,8 +58,12 @@ def _twin(settings: LabSettings) -> Any:
         cfg["vocab_size_per_layer_input"] = LAB_VOCAB
     if settings.layers is not None:
         cfg["num_hidden_layers"] = settings.layers
-        if isinstance(cfg.get("layer_types"), list):
-            cfg["layer_types"] = cfg["layer_types"][: settings.layers]
+        types = cfg.get("layer_types")
+        if isinstance(types, list):
+            cut = types[: settings.layers]
+            if types[-1] == "full_attention":  # Gemma 3/4 force their last layer to full attention: say so
+                cut[-1] = "full_attention"
+            cfg["layer_types"] = cut
         if cfg.get("num_kv_shared_layers"):
             cfg["num_kv_shared_layers"] = _shared_layers_kept(cfg)
     return TwinSpec(spec.name, spec.source, spec.dtype, cfg, spec.notes, shrunk=True)
