@@ -8,6 +8,7 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 
 from kvscope.analyzer import analyze, load_traces
 from kvscope.analyzer.registry import get_detector
@@ -199,3 +200,26 @@ def test_twins_cut_to_fewer_layers_keep_a_valid_geometry_and_the_lab_plants_wher
     cfg = _twin(e4b).config
     assert cfg["layer_types"] == ["sliding_attention"] * 3 + ["full_attention"] and cfg["num_kv_shared_layers"] == 0
     assert build_model(e4b).config.layer_types == cfg["layer_types"]
+
+
+def test_the_whole_cache_copy_keeps_every_layer_the_cache_fills_on_a_kv_sharing_twin() -> None:
+    """cache_copy_callback on Gemma 4 (its last layers read an earlier layer's cache and fill none):
+    the copy takes each filled layer's K and V per step, and never indexes past the cache's list
+    (at full depth on the H200 it raised IndexError when it walked num_hidden_layers)."""
+    from transformers import DynamicCache, LogitsProcessorList
+
+    from kvscope.lab.scenarios import _ids, _KeepKeys, build_model
+
+    settings = LabSettings(device="cpu", twin="gemma-4-e2b", layers=8, dtype="float32")
+    model = build_model(settings)
+    cache = DynamicCache(config=model.config)
+    keep = _KeepKeys(cache, None, values=True)
+    model.generate(_ids(model, 12, 0), max_new_tokens=3, min_new_tokens=3, do_sample=False, past_key_values=cache,
+                   logits_processor=LogitsProcessorList([keep]))
+    filled = [layer for layer in cache.layers if isinstance(getattr(layer, "keys", None), torch.Tensor)]
+    assert model.config.num_kv_shared_layers == 3 and len(filled) == 5
+    assert len(keep.kept) == 3 * 2 * len(filled)  # 3 steps, K and V of each filled layer
+    # layers named past the cache's list are skipped, not an IndexError
+    beyond = _KeepKeys(cache, [0, 40], values=False)
+    beyond(torch.zeros(1, 1, dtype=torch.long), torch.zeros(1, 4))
+    assert len(beyond.kept) == 1

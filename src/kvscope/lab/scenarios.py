@@ -150,14 +150,20 @@ def _kept_attentions(model: Any, s: LabSettings, rec: Any) -> None:
 
 
 class _KeepKeys:
-    """A logits processor that keeps a copy of some layers' keys (and values) at every step."""
+    """A logits processor that keeps a copy of some layers' keys (and values) at every step.
 
-    def __init__(self, cache: Any, layers: list[int], values: bool) -> None:
+    `layers` None: every layer the cache holds (a KV-sharing model such as Gemma 3n/4 caches fewer
+    layers than it has, so the cache's own list is what "the whole cache" means)."""
+
+    def __init__(self, cache: Any, layers: list[int] | None, values: bool) -> None:
         self.cache, self.layers, self.values, self.kept = cache, layers, values, []
 
     def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
-        for i in self.layers:
-            layer = self.cache.layers[i]
+        held = self.cache.layers
+        for i in range(len(held)) if self.layers is None else self.layers:
+            layer = held[i] if i < len(held) else None
+            if not isinstance(getattr(layer, "keys", None), torch.Tensor):
+                continue  # not filled (a layer the model shares from another)
             self.kept.append(layer.keys.clone())
             if self.values:
                 self.kept.append(layer.values.clone())
@@ -183,8 +189,7 @@ def _copied_keys(model: Any, s: LabSettings, rec: Any) -> None:
 
 
 def _cache_copy(model: Any, s: LabSettings, rec: Any) -> None:
-    layers = list(range(model.config.num_hidden_layers))
-    _with_processor(model, s, rec, lambda cache: _KeepKeys(cache, layers, values=True))
+    _with_processor(model, s, rec, lambda cache: _KeepKeys(cache, None, values=True))
 
 
 class _GrowingBuffer:
