@@ -124,3 +124,21 @@ def test_offline_statistics_use_the_recorded_scaling_and_softcap() -> None:
     plain = ref.attention_entropy(q, k)[0].mean(dim=(0, 2))
     torch.testing.assert_close(torch.tensor(got), want, rtol=1e-4, atol=1e-5)
     assert float((want - plain).abs().max()) > 1e-2  # 1/sqrt(D) without the cap would read otherwise
+
+
+@pytest.mark.parametrize("preallocated", [False, True])
+def test_mla_compression_of_a_static_latent_cache_counts_its_capacity(tmp_path: Path, preallocated: bool) -> None:
+    """A preallocated latent cache's bytes cover its capacity (4x the tokens used here): the compression
+    is per token of capacity, the same as a dynamic cache's, not 4x weaker (on the H200 a static
+    deepseek-v2-lite cache of 8.1x its use read 'decompressed keys and values', 1.1x of 8.9x)."""
+    pytest.importorskip("duckdb")
+    from kvscope.analyzer import analyze, load_traces
+
+    spec = SynthSpec(num_layers=2, layer_types=("latent", "latent"), kv_lora_rank=32, qk_rope_head_dim=8,
+                     num_attention_heads=4, steps=3, device="cpu", model_type="deepseek_v3", preallocated=preallocated)
+    trace = build_synthetic_trace(tmp_path / "mla", spec)
+    _patch_config(trace, {"qk_nope_head_dim": 16, "v_head_dim": 16, "num_attention_heads": 4})
+    with load_traces([trace]) as t:
+        (finding,) = [f for f in analyze(t, ["mla_latent"]) if f.metric == "mla_compression"]
+    # per head and token: 4 heads x (16 + 8 + 16) = 160 elements; the latent: 32 + 8 = 40
+    assert finding.severity == "info" and finding.value == pytest.approx(4.0)
