@@ -27,6 +27,8 @@ CORRECTIONS: dict[str, dict[str, object]] = {
     # grows 1 MiB per token, 29-43x this twin's cache rate: growth_curve's linear rule is right to flag it
     "441343dbe877436b": {"add": ("growth_curve",)},
     "bf9abd5eb7294d88": {"add": ("growth_curve",)},  # traces/lab-gpu, gemma-3-4b: 51x its cache's rate
+    "b752cb2627684c68": {"add": ("growth_curve",)},  # traces/lab-gpu, deepseek-v2-lite: 34x (glm-4.5-air's: 5.6x)
+    "2f0707b1c8584538": {"add": ("growth_curve",)},  # traces/lab-gpu, gemma-4-e4b: 64x
 }
 
 
