@@ -29,6 +29,7 @@ CORRECTIONS: dict[str, dict[str, object]] = {
     "bf9abd5eb7294d88": {"add": ("growth_curve",)},  # traces/lab-gpu, gemma-3-4b: 51x its cache's rate
     "b752cb2627684c68": {"add": ("growth_curve",)},  # traces/lab-gpu, deepseek-v2-lite: 34x (glm-4.5-air's: 5.6x)
     "2f0707b1c8584538": {"add": ("growth_curve",)},  # traces/lab-gpu, gemma-4-e4b: 64x
+    "ba22fef7b80043dd": {"add": ("growth_curve",)},  # traces/lab-gpu, gemma-4-26b-a4b: 46x (glm-4.7-flash's: 19x)
 }
 
 
