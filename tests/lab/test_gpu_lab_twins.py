@@ -4,8 +4,8 @@ gemma-3-4b (29 sliding layers of a 1,024-token window, 5 full) after 1,000/1,100
 kept copies grow linearly rather than quadratically, gemma-4-e4b (KV-shared layers that cache
 nothing, 512-token windows) after 600/700-token prompts, gemma-4-26b-a4b (MoE, 1,024-token windows)
 after 1,100/1,200-token prompts, and three MoE twins with 48/112-token prompts: deepseek-v2-lite and
-glm-4.7-flash (MLA latents cached) and glm-4.5-air (46 full layers). Every planted condition is flagged by the
-detector its label names and its headline says what it is; no control is flagged.
+glm-4.7-flash (MLA latents cached) and glm-4.5-air (46 full layers). Every planted condition is
+flagged by the detector its label names and its headline says what it is; no control is flagged.
 Labels: traces/lab-gpu/labels.csv (scripts/make_lab_labels.py traces/lab-gpu)."""
 
 from __future__ import annotations

@@ -4,10 +4,11 @@ Expected compression per token and layer (from run.model_config):
 (H·(qk_nope + qk_rope) + H·v_head_dim) / (kv_lora_rank + qk_rope). Achieved: the per-head cache's
 bytes per token over the measured bytes per token (layers: kv_bytes / (batch · tokens) at the last
 step, median over layers; tokens are the capacity of a preallocated layer, whose bytes cover it,
-else the stored tokens: a static cache sized 8x its use is not an 8x weaker compression). A cache that stores decompressed per-head K/V (older
-transformers) achieves about 1x: warning. With head_stats `latent_effective_rank` (from
-`kvscope kernels`), a latent whose Roy–Vetterli effective rank is a small part of its width is
-reported (info): a smaller kv_lora_rank or low-rank compression of the latent could shrink it.
+else the stored tokens: a static cache sized 8x its use is not an 8x weaker compression). A cache
+that stores decompressed per-head K/V (older transformers) achieves about 1x: warning. With
+head_stats `latent_effective_rank` (from `kvscope kernels`), a latent whose Roy–Vetterli effective
+rank is a small part of its width is reported (info): a smaller kv_lora_rank or low-rank
+compression of the latent could shrink it.
 """
 
 from __future__ import annotations
@@ -34,7 +35,8 @@ class Config:
 
 
 _BYTES = """
-    SELECT run_id, layer, arg_max(kv_bytes, step) AS kv_bytes, arg_max(coalesce(capacity_tokens, stored_tokens), step) AS tokens,
+    SELECT run_id, layer, arg_max(kv_bytes, step) AS kv_bytes,
+      arg_max(coalesce(capacity_tokens, stored_tokens), step) AS tokens,
       arg_max(k_shape[1], step) AS batch, arg_max(k_dtype, step) AS k_dtype
     FROM layers GROUP BY run_id, layer ORDER BY run_id, layer
 """
