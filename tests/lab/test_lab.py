@@ -193,6 +193,13 @@ def test_twins_cut_to_fewer_layers_keep_a_valid_geometry_and_the_lab_plants_wher
     assert _layer_with_peers(one_full) == 2
     pythia = SimpleNamespace(config=SimpleNamespace(layer_types=None, num_hidden_layers=24))
     assert _layer_with_peers(pythia) == 12
+    # the whole gemma-4-e2b (35 layers, full at 4, 9, ..., 34; the last 20 KV-shared): the odd layer
+    # is one of the 15 that own a cache (on the H200, layer 19 raised IndexError in DynamicCache.layers)
+    full = _twin(LabSettings(device="cpu", twin="gemma-4-e2b")).config
+    whole = SimpleNamespace(config=SimpleNamespace(**{k: full[k] for k in (
+        "layer_types", "num_hidden_layers", "num_kv_shared_layers")}))
+    assert (full["num_hidden_layers"], full["num_kv_shared_layers"]) == (35, 20)
+    assert _layer_with_peers(whole) == 9
     # gemma-4-e4b cut to 4 layers: transformers forces the last one to full attention, so the cut
     # says so and no layer is left KV-shared (one reading a full layer's cache that none produced
     # failed to build: "The set of layer types producing a cache is different ...")

@@ -286,8 +286,11 @@ def _store_in_float32(layer: Any) -> Any:
 
 def _layer_with_peers(model: Any) -> int:
     """The middle full-attention layer when there are at least three (layer_anomaly compares a
-    layer with its peers of one type), else the middle layer of the largest type."""
-    types = _layer_types(model) or ["full_attention"] * model.config.num_hidden_layers
+    layer with its peers of one type), else the middle layer of the largest type. Only layers that
+    hold a cache of their own: Gemma 3n/4's last `num_kv_shared_layers` reuse an earlier one's and
+    have no entry in the cache (gemma-4-e2b: 15 of 35 layers own one)."""
+    count = model.config.num_hidden_layers - int(getattr(model.config, "num_kv_shared_layers", 0) or 0)
+    types = (_layer_types(model) or ["full_attention"] * model.config.num_hidden_layers)[:count]
     groups: dict[str, list[int]] = {}
     for i, layer_type in enumerate(types):
         groups.setdefault(layer_type, []).append(i)
