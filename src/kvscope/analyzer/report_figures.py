@@ -195,22 +195,17 @@ def _generation_figures(t: LoadedTraces, run_id: str) -> tuple[dict[str, Any] | 
     readings = {"data": bars, "layout": _layout("allocated memory per generation", "generation", "MiB allocated",
                                                 barmode="group")}
 
-    def diff(r: dict[str, Any], post: str, base: str) -> float | None:
-        return None if r[post] is None or r[base] is None else r[post] - r[base]
+    def retained(r: dict[str, Any], high: str, low: str) -> float | None:
+        """(high - low) after the generation minus the same at its baseline; None where any reading is null."""
+        values = [r[f"post_empty_cache_{high}"], r[f"post_empty_cache_{low}"] if low else 0,
+                  r[f"baseline_{high}"], r[f"baseline_{low}"] if low else 0]
+        return None if any(v is None for v in values) else (values[0] - values[1]) - (values[2] - values[3])
 
     causes = []
     for name, colour, fn in (
-            ("live tensors", "#d62728", lambda r: diff(r, "post_empty_cache_allocated_bytes",
-                                                       "baseline_allocated_bytes")),
-            ("allocator pools", "#ff7f0e", lambda r: None if diff(r, "post_empty_cache_reserved_bytes",
-                                                                   "post_empty_cache_allocated_bytes") is None
-             or diff(r, "baseline_reserved_bytes", "baseline_allocated_bytes") is None else
-             (r["post_empty_cache_reserved_bytes"] - r["post_empty_cache_allocated_bytes"])
-             - (r["baseline_reserved_bytes"] - r["baseline_allocated_bytes"])),
-            ("outside PyTorch", "#9467bd", lambda r: None if r["post_empty_cache_nvml_used_bytes"] is None
-             or r["baseline_nvml_used_bytes"] is None else
-             (r["post_empty_cache_nvml_used_bytes"] - r["post_empty_cache_reserved_bytes"])
-             - (r["baseline_nvml_used_bytes"] - r["baseline_reserved_bytes"]))):
+            ("live tensors", "#d62728", lambda r: retained(r, "allocated_bytes", "")),
+            ("allocator pools", "#ff7f0e", lambda r: retained(r, "reserved_bytes", "allocated_bytes")),
+            ("outside PyTorch", "#9467bd", lambda r: retained(r, "nvml_used_bytes", "reserved_bytes"))):
         causes.append({"type": "bar", "x": gens, "y": _mib([fn(r) for r in rows]), "name": name,
                        "marker": {"color": colour},
                        "hovertemplate": f"{name}: %{{y:.2f}} MiB retained<extra></extra>"})

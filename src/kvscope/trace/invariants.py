@@ -118,6 +118,10 @@ def decode_part(part: PartInfo) -> str | None:
 
 
 def _check_values(part: PartInfo, name: str, column: pa.Array, target: pa.DataType) -> str | None:
+    spec = TABLES[part.table].column(name)
+    if column.null_count and spec.required and not spec.nullable:  # every reader may count on a value
+        return (f"{shown(part.path)}: column '{name}' of table '{part.table}' holds null values; the format "
+                "requires a value in every row.")
     values = column.dictionary if pa.types.is_dictionary(column.type) else column
     if pa.types.is_string(values.type) or pa.types.is_large_string(values.type) or (
             pa.types.is_binary(values.type) and not pa.types.is_binary(target)):
