@@ -80,10 +80,17 @@ def test_a_small_retention_repeated_every_generation_is_a_leak(tmp_path: Path) -
     w, kept = 300 * MIB, int(15.61 * MIB)
     gens = [_gen(w, w + 168 * MIB, w + kept), _gen(w + kept, w + kept + 188 * MIB, w + 2 * kept)]
     (finding,) = detect(_trace(tmp_path, gens), "post_eos")
-    assert (finding.severity, finding.gen_id, finding.metric, finding.threshold) == ("warning", None, "live_retention", 0.02)
+    assert (finding.severity, finding.gen_id, finding.metric, finding.threshold) == ("warning", None, "live_retention", 0.005)
     assert finding.evidence["repeated"] is True and finding.evidence["generations"] == [0, 1]
     assert finding.message.startswith("repeated leak: live tensors stay allocated after 2 of 2 generations "
                                       "(15.61 MiB each, 31.22 MiB in all;")
+    # H200, gemma-4-31b twin, the same kept scores after 1,100- and 1,200-token prompts: 15.6 MiB of
+    # peaks 1,160 and 1,282 MiB above baseline, 1.3% and 1.2% (under the 2% this rule first had)
+    w = 1649 * MIB
+    big = [_gen(w, w + 1160 * MIB, w + kept), _gen(w + kept, w + kept + 1282 * MIB, w + 2 * kept)]
+    (finding,) = detect(_trace(tmp_path / "big", big), "post_eos")
+    assert finding.severity == "warning" and finding.evidence["generations"] == [0, 1]
+    assert [round(v, 4) for v in finding.evidence["live_scores"]] == [0.0135, 0.0122]
     # the first generation's workspace and a later small rise that is not repeated: warm-up, no leak
     ws = 32 * MIB
     warm = [_gen(w, w + 200 * MIB, w + ws), _gen(w + ws, w + ws + 200 * MIB, w + ws + 2 * MIB),

@@ -1,10 +1,12 @@
-"""`kvscope analyze` over the fault lab recorded on the H200 in seven more twins (traces/lab-gpu):
+"""`kvscope analyze` over the fault lab recorded on the H200 in ten more twins (traces/lab-gpu):
 pythia-1.4b (GPT-NeoX: fused query_key_value, no sliding layers) with 48/80/112-token prompts,
 gemma-3-4b (29 sliding layers of a 1,024-token window, 5 full) after 1,000/1,100-token prompts, where
 kept copies grow linearly rather than quadratically, gemma-4-e4b (KV-shared layers that cache
 nothing, 512-token windows) after 600/700-token prompts, gemma-4-26b-a4b (MoE, 1,024-token windows)
 after 1,100/1,200-token prompts, and three MoE twins with 48/112-token prompts: deepseek-v2-lite and
-glm-4.7-flash (MLA latents cached) and glm-4.5-air (46 full layers). Every planted condition is
+glm-4.7-flash (MLA latents cached) and glm-4.5-air (46 full layers); gemma-4-e2b (20 of 35 layers
+KV-shared) after 600/700-token prompts, gemma-4-31b (60 layers) after 1,100/1,200 and gpt-oss-120b
+(128-token windows) after 200/300. Every planted condition is
 flagged by the detector its label names and its headline says what it is; no control is flagged.
 Labels: traces/lab-gpu/labels.csv (scripts/make_lab_labels.py traces/lab-gpu)."""
 
@@ -44,7 +46,7 @@ def test_every_planted_condition_is_flagged_and_named_and_no_control_is() -> Non
             flagged[f.run_id].add(f.detector)
     headlines = {r.run_id: r.headline for r in result.verdict.runs}
     assert set(headlines) == set(labels)
-    assert sorted(r["kind"] for r in labels.values()).count("planted") == 71
+    assert sorted(r["kind"] for r in labels.values()).count("planted") == 102
     for run_id, run in labels.items():
         if run["kind"] == "planted":
             assert run["expected"] <= flagged[run_id], (run["scenario"], flagged[run_id])
