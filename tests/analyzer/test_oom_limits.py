@@ -122,3 +122,31 @@ def test_a_generation_ended_by_an_exception_names_it(tmp_path: Path) -> None:
     assert (f.severity, f.metric, f.evidence["event"]) == ("info", "interrupted_steps", "error")
     assert "without finishing, by KeyboardInterrupt" in f.message
     assert detect(tmp_path, "oom_event", report_interrupted=False) == []
+
+
+def test_oom_and_cache_events_of_the_wrong_json_types_are_read_as_missing(tmp_path: Path) -> None:
+    """Someone else's trace may hold any JSON under the recorder's keys (found by mutating traces:
+    a dict as the OOM message, a string as failed_steps, a list as memory_limit raised TypeError)."""
+    _oom_trace(tmp_path)
+    for part in (tmp_path / "events").iterdir():
+        part.unlink()
+    for part in (tmp_path / "run").iterdir():
+        part.unlink()
+    run = _capped_run(CAP)
+    run["options"] = [json.dumps({"memory_limit": {"sources": ["per_process_memory_fraction", {"fraction": "x"}]},
+                                  "cache_seen": False, "cache_not_seen_generations": "all"})]
+    write_part(tmp_path, "run", run)
+    oom = {"message": {"a": 1}, "exception": ["x"], "last_step": {"seq_len": "1024", "kv_bytes": -5,
+                                                                 "allocator": {"allocated": 1e308, "reserved": [1]}},
+           "allocator_now": "none", "nvml_used_bytes": True}
+    walk = {"source": "cache_walk", "failed_steps": "abc", "model_type": 7}
+    write_part(tmp_path, "events", {"run_id": ["r1", "r1"], "gen_id": [2, 1], "step": [961, 5], "t_ns": [10**9, 10**8],
+                                    "kind": ["oom", "error"], "detail": [json.dumps(oom), json.dumps(walk)]})
+    (f,) = detect(tmp_path, "oom_event")
+    assert (f.severity, f.gen_id, f.value) == ("critical", 2, 961.0)
+    assert f.message.startswith("the run ran out of memory at step 961 of generation 2: no allocator reading under "
+                                "the 2.73 GiB memory limit;")
+    assert f.evidence["tried_to_allocate_bytes"] is None and f.evidence["exception"] is None
+    seen = detect(tmp_path, "cache_seen")
+    # cache_not_seen_generations not a list: the run's cache_seen false still says so, for the run
+    assert [(f.metric, f.gen_id, f.value) for f in seen] == [("no_cache_steps", None, 0), ("unreadable_cache_steps", 1, 1)]

@@ -55,3 +55,19 @@ def test_null_readings_where_the_format_allows_them_are_read_by_every_command(
         code, _out, err = cli(*args)
         assert code in (0, 1) and "internal error" not in err and "Traceback" not in err, (args, err)
     assert (tmp_path / "r.html").stat().st_size > 10_000
+
+
+def test_non_finite_doubles_reach_the_report_as_gaps(trace: Path, tmp_path: Path, cli: Cli) -> None:
+    """head_stats values of inf and NaN (the format allows any double): the report's figures show
+    them as gaps (JSON has no NaN; json.dumps(allow_nan=False) raised ValueError before)."""
+    from kvscope.trace.writer import TraceWriter
+
+    run_id = pq.read_table(next((trace / "run").glob("*.parquet")))["run_id"][0].as_py()
+    with TraceWriter(trace) as writer:
+        writer.extend("head_stats", {"run_id": [run_id] * 4, "gen_id": [0] * 4, "step": [0, 0, 16, 16],
+                                     "layer": [0] * 4, "head": [0, 1, 0, 1], "stat": ["key_norm_mean"] * 4,
+                                     "value": [float("inf"), 1.0, float("nan"), -float("inf")], "tokens": [64] * 4,
+                                     "source": ["online"] * 4})
+    code, _out, err = cli("report", trace, "-o", tmp_path / "r.html")
+    assert code in (0, 1) and "internal error" not in err, err
+    assert "Infinity" not in (tmp_path / "r.html").read_text()

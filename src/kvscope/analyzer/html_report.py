@@ -15,6 +15,7 @@ with <, > and & escaped, so nothing in a trace can close a tag or start a script
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Sequence
 from importlib import resources
 from typing import Any
@@ -87,9 +88,20 @@ DRAW_JS = """
 """
 
 
+def _finite(obj: Any) -> Any:
+    """`obj` with NaN and infinities as None (a trace's doubles may hold them; JSON has no such value)."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: _finite(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return [_finite(v) for v in obj]
+    return obj
+
+
 def _json_for_script(obj: Any) -> str:
     """JSON safe inside a <script> element: <, > and & escaped, so no string can close the tag."""
-    text = json.dumps(obj, separators=(",", ":"), allow_nan=False)
+    text = json.dumps(_finite(obj), separators=(",", ":"), allow_nan=False)
     return text.replace("&", "\\u0026").replace("<", "\\u003c").replace(">", "\\u003e")
 
 

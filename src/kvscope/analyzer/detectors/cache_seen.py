@@ -9,13 +9,13 @@ read (an `error` event from the cache walk) has no steps or layers row: a warnin
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from typing import Any
 
 from kvscope.analyzer.engine import Engine
 from kvscope.analyzer.findings import Finding
 from kvscope.analyzer.registry import Detector
+from kvscope.analyzer.untrusted import count, json_object, text
 
 NAME = "cache_seen"
 
@@ -24,14 +24,6 @@ NAME = "cache_seen"
 class Config:
     # Also report steps skipped because the cache could not be read.
     report_failed_reads: bool = True
-
-
-def _json(raw: Any) -> dict[str, Any]:
-    try:
-        value = json.loads(raw) if isinstance(raw, str) else None
-    except (ValueError, RecursionError):
-        return {}
-    return value if isinstance(value, dict) else {}
 
 
 @dataclass(frozen=True)
@@ -54,18 +46,18 @@ def judge(m: Measured, cfg: Config) -> list[Finding]:
     findings: list[Finding] = []
     seen: set[tuple[str, int | None]] = set()
     for e in m.events:
-        detail = _json(e["detail"])
+        detail = json_object(e["detail"])
         if e["kind"] == "no_cache":
             seen.add((e["run_id"], e["gen_id"]))
             findings.append(Finding(
-                NAME, "warning", e["run_id"], e["gen_id"], None, "no_cache_steps", detail.get("steps") or 0, None,
-                f"no cache seen in generation {e['gen_id']} ({detail.get('model_type', 'model')}): the recorder found "
+                NAME, "warning", e["run_id"], e["gen_id"], None, "no_cache_steps", count(detail.get("steps")) or 0, None,
+                f"no cache seen in generation {e['gen_id']} ({text(detail.get('model_type')) or 'model'}): the recorder found "
                 "no KV cache or recurrent state it can read, so its 0 KV bytes say nothing about the model's memory; "
                 "record with use_cache on, or report the cache class.",
                 {"cache_class": detail.get("cache_class"), "steps": detail.get("steps")},
             ))
         elif cfg.report_failed_reads and detail.get("source") == "cache_walk":
-            failed = int(detail.get("failed_steps") or 1)
+            failed = count(detail.get("failed_steps")) or 1
             findings.append(Finding(
                 NAME, "warning", e["run_id"], e["gen_id"], None, "unreadable_cache_steps", failed, None,
                 f"the recorder could not read the cache at {failed} step(s) of generation {e['gen_id']} (first "
@@ -74,7 +66,8 @@ def judge(m: Measured, cfg: Config) -> list[Finding]:
                 {k: detail.get(k) for k in ("first_step", "last_step", "failed_steps", "exception", "message")},
             ))
     for r in m.unseen_runs:
-        gens = _json(r["options"]).get("cache_not_seen_generations") or [None]
+        gens = json_object(r["options"]).get("cache_not_seen_generations") or [None]
+        gens = gens if isinstance(gens, list) else [None]
         for gen in gens:
             if (r["run_id"], gen) not in seen and isinstance(gen, int | None):
                 findings.append(Finding(

@@ -11,7 +11,6 @@ generation whose steps have no `generations` row ended without finishing: an exc
 
 from __future__ import annotations
 
-import json
 import re
 from dataclasses import dataclass
 from typing import Any
@@ -20,6 +19,7 @@ from kvscope.analyzer.detectors.oom_forecast import limit_name
 from kvscope.analyzer.engine import Engine
 from kvscope.analyzer.findings import Finding, human_bytes
 from kvscope.analyzer.registry import Detector
+from kvscope.analyzer.untrusted import count, json_object, obj, text
 
 NAME = "oom_event"
 _UNITS = {"B": 1, "BYTES": 1, "KIB": 1 << 10, "MIB": 1 << 20, "GIB": 1 << 30, "TIB": 1 << 40}
@@ -40,28 +40,21 @@ def tried_to_allocate(message: str | None) -> int | None:
     return int(float(match.group(1)) * _UNITS[match.group(2).upper()])
 
 
-def _json(text: str | None) -> dict[str, Any]:
-    try:
-        value = json.loads(text or "{}")
-    except ValueError:
-        return {}
-    return value if isinstance(value, dict) else {}
-
-
 def _oom(e: dict, cfg: Config) -> Finding:
-    detail = _json(e["detail"])
-    last = detail.get("last_step") or {}
-    alloc = last.get("allocator") or {}
-    seq = last.get("seq_len")
+    detail = json_object(e["detail"])  # written by the recorder, but any JSON in someone else's trace
+    last = obj(detail.get("last_step"))
+    raw_alloc = obj(last.get("allocator"))
+    alloc = {k: count(v) for k, v in raw_alloc.items() if count(v) is not None}
+    seq = count(last.get("seq_len"))
     step = e["step"]
     context = seq + 1 if seq and step else None  # a decode step adds one token to the last step's context
-    kv = last.get("kv_bytes")
+    kv = count(last.get("kv_bytes"))
     in_use = alloc.get("reserved") or alloc.get("allocated")
     outside = (alloc.get("allocated") - kv) if alloc.get("allocated") is not None and kv is not None else None
     per_token = kv / seq if kv and seq else None
     limit = e["cap"] or e["steps_total"] or e["nvml_total"]
     fitting = int((limit - outside) / per_token) if limit and outside is not None and per_token else None
-    tried = tried_to_allocate(detail.get("message"))
+    tried = tried_to_allocate(text(detail.get("message")))
     where = (f"at step {step} of generation {e['gen_id']} ({context:,} tokens of context)" if context
              else f"in the prefill of generation {e['gen_id']}" if step == 0 else
              f"at step {step} of generation {e['gen_id']}")
@@ -76,10 +69,10 @@ def _oom(e: dict, cfg: Config) -> Finding:
         f"the run ran out of memory {where}{', tried to allocate ' + human_bytes(tried) if tried else ''}: "
         f"{state}{fit_text}; lower the context or batch, free memory outside the cache, or quantise the cache.",
         {"step": step, "context_tokens": context, "last_step": last.get("step"), "allocator_last_step": alloc,
-         "allocator_now": detail.get("allocator_now"), "nvml_used_bytes": detail.get("nvml_used_bytes"),
+         "allocator_now": obj(detail.get("allocator_now")) or None, "nvml_used_bytes": count(detail.get("nvml_used_bytes")),
          "tried_to_allocate_bytes": tried, "kv_bytes": kv, "in_use_bytes": in_use, "outside_cache_bytes": outside,
          "kv_bytes_per_token": per_token, "limit_bytes": limit, "memory_limit_bytes": e["cap"],
-         "fitting_tokens": fitting, "exception": detail.get("exception")},
+         "fitting_tokens": fitting, "exception": text(detail.get("exception"))},
     )
 
 
@@ -124,8 +117,8 @@ def judge(m: Measured, cfg: Config) -> list[Finding]:
     if not cfg.report_interrupted:
         return findings
     for g in m.interrupted:
-        detail = _json(g["detail"])
-        why = (f"by {detail.get('exception', 'an exception')}: {str(detail.get('message', ''))[:120]}"
+        detail = json_object(g["detail"])
+        why = (f"by {text(detail.get('exception')) or 'an exception'}: {(text(detail.get('message')) or '')[:120]}"
                if g["kind"] == "error" else "with no event: the process was killed (OOM killer, kill -9) or the "
                "trace was cut")
         findings.append(Finding(

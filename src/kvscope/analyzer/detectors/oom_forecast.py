@@ -13,7 +13,6 @@ each device on its own.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from typing import Any
 
@@ -21,6 +20,7 @@ from kvscope.analyzer.engine import Engine
 from kvscope.analyzer.findings import Finding, human_bytes
 from kvscope.analyzer.registry import Detector
 from kvscope.analyzer.summaries import step_fits
+from kvscope.analyzer.untrusted import count, json_object, number, obj, text
 
 NAME = "oom_forecast"
 
@@ -36,19 +36,18 @@ class Config:
 
 def limit_name(options: str | None, limit: float) -> str:
     """What capped the run, from run.options' memory_limit (written by the recorder)."""
-    try:
-        info: dict[str, Any] = json.loads(options or "{}").get("memory_limit") or {}
-    except (ValueError, AttributeError):
-        info = {}
-    sources = info.get("sources") or [{}]
-    kind = sources[0].get("kind")
-    if kind == "per_process_memory_fraction":
+    info = obj(json_object(options).get("memory_limit"))
+    sources = info.get("sources")
+    source = obj(sources[0]) if isinstance(sources, list) and sources else {}
+    kind = source.get("kind")
+    fraction = number(source.get("fraction"))
+    if kind == "per_process_memory_fraction" and fraction is not None:
         return (f"the {human_bytes(limit)} allowed by torch.cuda.set_per_process_memory_fraction"
-                f"({sources[0].get('fraction'):.3g}) of {human_bytes(sources[0].get('device_bytes'))}")
+                f"({fraction:.3g}) of {human_bytes(count(source.get('device_bytes')))}")
     if kind == "mig_or_visible_memory":
-        return f"the {human_bytes(limit)} of the MIG slice (the GPU has {human_bytes(sources[0].get('nvml_total_bytes'))})"
-    if kind == "mps_pinned_device_mem_limit":
-        return f"the {human_bytes(limit)} of CUDA_MPS_PINNED_DEVICE_MEM_LIMIT={sources[0].get('value')}"
+        return f"the {human_bytes(limit)} of the MIG slice (the GPU has {human_bytes(count(source.get('nvml_total_bytes')))})"
+    if kind == "mps_pinned_device_mem_limit" and text(source.get("value")) is not None:
+        return f"the {human_bytes(limit)} of CUDA_MPS_PINNED_DEVICE_MEM_LIMIT={source.get('value')}"
     return f"the {human_bytes(limit)} memory limit"
 
 
