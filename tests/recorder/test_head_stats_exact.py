@@ -191,9 +191,11 @@ def test_head_stats_change_nothing_and_equal_eager_probabilities(name: str, attn
     sinks_of = {getattr(m, "layer_idx", None): m.sinks for m in model.modules() if hasattr(m, "sinks")}
     # Gemma 4 normalises q and k and does not scale logits (scaling 1.0): with random weights they
     # reach hundreds, and the fp32 rounding that separates a cached decode from a full forward
-    # moves entropy by up to ~3.5e-4 (0.16%) and a key's mass by up to ~1.2e-4 (0.13%, gemma-4-e4b) there:
-    # those models get a relative 5e-3 on top of 1e-4.
-    rtol = 5e-3 if any(getattr(m, "scaling", None) == 1.0 for m in model.modules()) else 0.0
+    # moves entropy by up to ~3.5e-4 (0.16%) and a key's mass by up to ~1.2e-4 (0.13%, gemma-4-e4b) there;
+    # with transformers 5.24.0 and torch 2.13 (CPU) one key's mass of the left-padded gemma-4-e4b moved
+    # 8.8e-4 (0.71%) while the generated ids stayed equal: those models get a relative 1e-2 on top of 1e-4
+    # (a wrong statistic is off by far more: a pad key's mass, a missed window, a wrong group).
+    rtol = 1e-2 if any(getattr(m, "scaling", None) == 1.0 for m in model.modules()) else 0.0
     compared = 0
     for (gen, step, layer), r in raw.items():
         assert gen == 0
