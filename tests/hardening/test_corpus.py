@@ -4,24 +4,18 @@ outside, within time. The corpus is built by scripts/make_hostile_traces.py in a
 
 from __future__ import annotations
 
-import importlib.util
 import os
 import resource
-import sys
 import time
 from pathlib import Path
 
 import pytest
+from hardening_helpers import load_script
 
 from kvscope.cli.main import main
 from kvscope.trace import duck
 
-SCRIPT = Path(__file__).resolve().parents[2] / "scripts" / "make_hostile_traces.py"
-_spec = importlib.util.spec_from_file_location("make_hostile_traces", SCRIPT)
-assert _spec is not None and _spec.loader is not None
-corpus = importlib.util.module_from_spec(_spec)
-sys.modules["make_hostile_traces"] = corpus
-_spec.loader.exec_module(corpus)
+corpus = load_script("make_hostile_traces")
 
 NAMES = [c.name for c, _ in corpus.CASES]
 

@@ -6,18 +6,12 @@ others are a spread of the mutations."""
 
 from __future__ import annotations
 
-import importlib.util
-import sys
 from pathlib import Path
 
 import pytest
+from hardening_helpers import load_script
 
-SCRIPT = Path(__file__).resolve().parents[2] / "scripts" / "fuzz_values.py"
-_spec = importlib.util.spec_from_file_location("fuzz_values", SCRIPT)
-assert _spec is not None and _spec.loader is not None
-fuzz = importlib.util.module_from_spec(_spec)
-sys.modules["fuzz_values"] = fuzz
-_spec.loader.exec_module(fuzz)
+fuzz = load_script("fuzz_values")
 
 SEEDS = [1, 48, 57, 63, 66, 102, 106, 116, 188, *range(2, 18)]
 

@@ -11,7 +11,6 @@ need action, then by retained bytes. A pure function of findings, facts and run 
 
 from __future__ import annotations
 
-import json
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
@@ -22,6 +21,7 @@ from kvscope.analyzer.engine import Engine
 from kvscope.analyzer.findings import SEVERITY_RANK, Finding
 from kvscope.analyzer.registry import Detector
 from kvscope.analyzer.run_facts import RunFacts, run_facts
+from kvscope.analyzer.untrusted import json_object
 from kvscope.analyzer.verdict import build_verdict
 
 # `--by` names of run metadata columns; any other name is a key of run.labels.
@@ -86,11 +86,7 @@ def run_meta(t: Engine, by: Sequence[str]) -> list[RunMeta]:
     select = ", ".join(["run_id", "labels", "started_at", *columns])
     out = []
     for r in t.records(f"SELECT {select} FROM run ORDER BY run_id"):
-        try:
-            labels = json.loads(r["labels"] or "{}")
-        except ValueError:
-            labels = {}
-        labels = labels if isinstance(labels, dict) else {}
+        labels = json_object(r["labels"])
         values = {}
         for b in by:
             raw = r.get(METADATA[b]) if b in METADATA else labels.get(b)

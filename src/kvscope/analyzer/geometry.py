@@ -9,10 +9,11 @@ decoder's keys under ``text_config``.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
+
+from kvscope.analyzer.untrusted import json_object
 
 DTYPE_BYTES: dict[str, float] = {
     "float64": 8, "float32": 4, "float": 4, "tfloat32": 4, "bfloat16": 2, "float16": 2, "half": 2,
@@ -77,16 +78,7 @@ def config_int(config: dict[str, Any], *keys: str) -> int | None:
 
 
 def parse_config(raw: str | dict[str, Any] | None) -> dict[str, Any]:
-    if isinstance(raw, dict):
-        config = raw
-    elif isinstance(raw, str) and raw.strip():
-        try:
-            loaded = json.loads(raw)
-        except json.JSONDecodeError:
-            return {}
-        config = loaded if isinstance(loaded, dict) else {}
-    else:
-        config = {}
+    config = json_object(raw)
     text = config.get("text_config")
     if isinstance(text, dict) and "num_attention_heads" not in config and "kv_lora_rank" not in config:
         merged = dict(text)

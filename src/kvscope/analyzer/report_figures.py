@@ -195,7 +195,7 @@ def _generation_figures(t: LoadedTraces, run_id: str) -> tuple[dict[str, Any] | 
     readings = {"data": bars, "layout": _layout("allocated memory per generation", "generation", "MiB allocated",
                                                 barmode="group")}
 
-    def retained(r: dict[str, Any], high: str, low: str) -> float | None:
+    def retained(r: dict[str, Any], high: str, low: str | None) -> float | None:
         """(high - low) after the generation minus the same at its baseline; None where any reading is null."""
         values = [r[f"post_empty_cache_{high}"], r[f"post_empty_cache_{low}"] if low else 0,
                   r[f"baseline_{high}"], r[f"baseline_{low}"] if low else 0]
@@ -203,7 +203,7 @@ def _generation_figures(t: LoadedTraces, run_id: str) -> tuple[dict[str, Any] | 
 
     causes = []
     for name, colour, fn in (
-            ("live tensors", "#d62728", lambda r: retained(r, "allocated_bytes", "")),
+            ("live tensors", "#d62728", lambda r: retained(r, "allocated_bytes", None)),
             ("allocator pools", "#ff7f0e", lambda r: retained(r, "reserved_bytes", "allocated_bytes")),
             ("outside PyTorch", "#9467bd", lambda r: retained(r, "nvml_used_bytes", "reserved_bytes"))):
         causes.append({"type": "bar", "x": gens, "y": _mib([fn(r) for r in rows]), "name": name,

@@ -17,7 +17,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from kvscope.schema.tables import TABLES
+from kvscope.schema.tables import TABLES, Column
 from kvscope.trace.reader import PartInfo, Trace, _first_line, shown
 from kvscope.trace.text import clean
 
@@ -105,7 +105,7 @@ def decode_part(part: PartInfo) -> str | None:
         for batch in parquet.iter_batches(batch_size=16 if binary else BATCH_ROWS, columns=known, use_threads=False):
             rows += batch.num_rows
             for name in batch.schema.names:
-                problem = _check_values(part, name, batch.column(name), spec.column(name).type)
+                problem = _check_values(part, batch.column(name), spec.column(name))
                 if problem:
                     return problem
         if rows != part.num_rows:
@@ -117,8 +117,8 @@ def decode_part(part: PartInfo) -> str | None:
     return None
 
 
-def _check_values(part: PartInfo, name: str, column: pa.Array, target: pa.DataType) -> str | None:
-    spec = TABLES[part.table].column(name)
+def _check_values(part: PartInfo, column: pa.Array, spec: Column) -> str | None:
+    name, target = spec.name, spec.type
     # every reader may count on a value (run_id's nulls are counted per table by the cross-row checks)
     if column.null_count and spec.required and not spec.nullable and name != "run_id":
         return (f"{shown(part.path)}: column '{name}' of table '{part.table}' holds null values; the format "

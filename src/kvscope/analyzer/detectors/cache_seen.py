@@ -66,8 +66,8 @@ def judge(m: Measured, cfg: Config) -> list[Finding]:
                 {k: detail.get(k) for k in ("first_step", "last_step", "failed_steps", "exception", "message")},
             ))
     for r in m.unseen_runs:
-        gens = json_object(r["options"]).get("cache_not_seen_generations") or [None]
-        gens = gens if isinstance(gens, list) else [None]
+        gens = json_object(r["options"]).get("cache_not_seen_generations")
+        gens = gens if isinstance(gens, list) and gens else [None]
         for gen in gens:
             if (r["run_id"], gen) not in seen and isinstance(gen, int | None):
                 findings.append(Finding(

@@ -43,8 +43,7 @@ def tried_to_allocate(message: str | None) -> int | None:
 def _oom(e: dict, cfg: Config) -> Finding:
     detail = json_object(e["detail"])  # written by the recorder, but any JSON in someone else's trace
     last = obj(detail.get("last_step"))
-    raw_alloc = obj(last.get("allocator"))
-    alloc = {k: count(v) for k, v in raw_alloc.items() if count(v) is not None}
+    alloc = {k: v for k, v in ((k, count(v)) for k, v in obj(last.get("allocator")).items()) if v is not None}
     seq = count(last.get("seq_len"))
     step = e["step"]
     context = seq + 1 if seq and step else None  # a decode step adds one token to the last step's context
