@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 # The CPU build of torch that lies on this machine's disk (a plain `torch` pulls a CUDA build).
 TORCH_SPEC ?= torch==2.13.0
 # transformers releases the recorder tests also run against (key_cache lists + HybridCache era,
-# late 4.5x with cache layers); the main environment has the 5.x pinned in constraints.txt.
+# late 4.5x with cache layers); the main environment has the 5.x pinned in constraints/transformers.txt.
 COMPAT_TRANSFORMERS ?= 4.46.3 4.57.6
 DEMO_DIR ?= demo-trace
 # Test processes (pytest-xdist; a file's tests stay in one process, so module fixtures are built once).
@@ -19,10 +19,12 @@ TEST_ENV := OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 KVSCOPE_TEST_NATIVE_CACHE=$(CURD
 
 .PHONY: demo test lint unit compat browser-test spark-test bench-smoke docs clean
 
-# Every install into the main environment is held to constraints.txt (the versions the tests were set against).
-PIN := -c constraints.txt
+# Every install into a test environment is held to the versions the tests were set against.
+COMMON_PINS := constraints/common.txt
+MAIN_PINS := constraints/transformers.txt
+PIN := -c $(COMMON_PINS) -c $(MAIN_PINS)
 
-$(VENV)/.installed: pyproject.toml constraints.txt
+$(VENV)/.installed: pyproject.toml $(COMMON_PINS) $(MAIN_PINS)
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q "$(TORCH_SPEC)"
@@ -78,10 +80,10 @@ browser-test: $(VENV)/.installed
 compat: $(VENV)/.installed
 	@for v in $(COMPAT_TRANSFORMERS); do \
 	  env=.venv-tf-$$v; \
-	  if [ ! -f $$env/.installed ]; then \
+	  if [ ! -f $$env/.installed ] || [ $(COMMON_PINS) -nt $$env/.installed ]; then \
 	    $(PYTHON) -m venv $$env && $$env/bin/python -m pip install -q --upgrade pip && \
-	    $$env/bin/python -m pip install -q "$(TORCH_SPEC)" "transformers==$$v" && \
-	    $$env/bin/python -m pip install -q -e ".[test]" && touch $$env/.installed || exit 1; \
+	    $$env/bin/python -m pip install -q -c $(COMMON_PINS) "$(TORCH_SPEC)" "transformers==$$v" && \
+	    $$env/bin/python -m pip install -q -c $(COMMON_PINS) -e ".[test]" && touch $$env/.installed || exit 1; \
 	  fi; \
 	  echo "== recorder tests with transformers $$v"; \
 	  $(TEST_ENV) $$env/bin/python -m pytest -q $(XDIST) -m "not gpu and not any_transformers" tests/recorder || exit 1; \

@@ -1,11 +1,12 @@
 """Traces written by today's recorder equal, row by row, those of the recorder before its
-simplification (issue 18): goldens recorded with the old code (commit 500f7cb) per transformers
-release, over several twins and cache layouts, through both writers.
+simplification (issue 18): goldens recorded with the old code (commit 500f7cb; 0a3e0e5 adds only
+this test) per transformers release, over several twins and cache layouts, through both writers.
 
 The golden files hold every row of steps, layers, generations and events (kinds and the detail
 keys that do not carry timings) without the clock columns. Regenerate them only for a change of
-meaning, never to make this test pass. A golden for a new transformers release (constraints.txt pins
-the one the tests run with) is recorded by the old recorder, in an environment with that release:
+meaning, never to make this test pass. A golden for a new transformers release (the tests run with
+the one constraints/transformers.txt pins) is recorded by the old recorder, in an environment with
+that release:
     git worktree add /tmp/old-recorder 0a3e0e5 && pip install -e /tmp/old-recorder
     python /tmp/old-recorder/tests/recorder/test_golden_traces.py   # writes golden/transformers-<version>.json.gz
 and copied here.
@@ -91,8 +92,8 @@ def record_all(workdir: Path, **options: Any) -> dict[str, Any]:
 @pytest.mark.parametrize("writer", ["process", "thread"])
 def test_traces_equal_the_goldens_of_the_old_recorder(tmp_path: Path, writer: str) -> None:
     if not GOLDEN.exists():
-        pytest.fail(f"no golden for transformers {TF_VERSION}: {GOLDEN} (constraints.txt pins the release the "
-                    "tests run with; this file's docstring says how a golden is recorded)")
+        pytest.fail(f"no golden for transformers {TF_VERSION}: {GOLDEN} (the tests run with the release "
+                    "constraints/transformers.txt pins; this file's docstring says how a golden is recorded)")
     golden = json.loads(gzip.decompress(GOLDEN.read_bytes()))
     recorded = record_all(tmp_path, writer=writer, native=False)
     assert sorted(recorded) == sorted(golden)
